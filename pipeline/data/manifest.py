@@ -1,0 +1,183 @@
+"""The dataset manifest: what ``data_prep`` wrote and what training checks before reading it.
+
+``manifest.json`` sits in the dataset directory beside ``tokenizer.model`` and ``shards/``.
+It records the tokenizer hash, vocabulary size, sequence length, token dtype and, per split,
+the shards with their sha256 and sample counts. Training refuses a dataset whose manifest
+disagrees with the tokenizer or the model config (:func:`verify_manifest`): a vocab or
+sequence-length mismatch otherwise trains on garbage without any error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.tokenizer import load_tokenizer
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class DatasetError(ValueError):
+    """A dataset directory, manifest or shard that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the dataset directory
+    sha256: str
+    bytes: int
+    samples: int
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    sequences: int
+    tokens: int
+    shards: list[ShardInfo]
+
+    @property
+    def samples_per_shard(self) -> int:
+        return self.shards[0].samples if self.shards else 0
+
+    def supported_world_sizes(self, num_workers: int = 1) -> list[int]:
+        """Data-parallel sizes W for which ``W * max(1, num_workers)`` divides the shard count."""
+        n = len(self.shards)
+        per = max(1, num_workers)
+        return [w for w in range(1, n + 1) if n % (w * per) == 0]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    seq_len: int
+    dtype: str  # numpy dtype of the stored token ids: "uint16" or "int32"
+    vocab_size: int
+    tokenizer_file: str
+    tokenizer_sha256: str
+    special_ids: dict[str, int | None]
+    splits: dict[str, SplitInfo]
+    seed: int
+    corpus: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise DatasetError(f"dataset has no '{name}' split (splits: {', '.join(self.splits) or 'none'})")
+        return self.splits[name]
+
+
+def _require(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise DatasetError(f"{where}: missing key '{key}'")
+    if not isinstance(obj[key], typ):
+        raise DatasetError(f"{where}: key '{key}' is {type(obj[key]).__name__}, expected {typ}")
+    return obj[key]
+
+
+def manifest_from_json(data: dict[str, Any], where: str) -> Manifest:
+    """Parse and structurally validate a manifest dict (``where`` names the file in errors)."""
+    version = _require(data, "format_version", int, where)
+    if version != FORMAT_VERSION:
+        raise DatasetError(f"{where}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+    splits = {}
+    for name, s in _require(data, "splits", dict, where).items():
+        shards = [
+            ShardInfo(
+                path=_require(sh, "path", str, f"{where} splits.{name}"),
+                sha256=_require(sh, "sha256", str, f"{where} splits.{name}"),
+                bytes=_require(sh, "bytes", int, f"{where} splits.{name}"),
+                samples=_require(sh, "samples", int, f"{where} splits.{name}"),
+            )
+            for sh in _require(s, "shards", list, f"{where} splits.{name}")
+        ]
+        if len({sh.samples for sh in shards}) > 1:
+            raise DatasetError(f"{where}: split '{name}' has shards of unequal sample counts")
+        splits[name] = SplitInfo(
+            sequences=_require(s, "sequences", int, f"{where} splits.{name}"),
+            tokens=_require(s, "tokens", int, f"{where} splits.{name}"),
+            shards=shards,
+        )
+    dtype = _require(data, "dtype", str, where)
+    if dtype not in ("uint16", "int32"):
+        raise DatasetError(f"{where}: dtype '{dtype}' not supported (expected uint16 or int32)")
+    return Manifest(
+        format_version=version,
+        seq_len=_require(data, "seq_len", int, where),
+        dtype=dtype,
+        vocab_size=_require(data, "vocab_size", int, where),
+        tokenizer_file=_require(data, "tokenizer_file", str, where),
+        tokenizer_sha256=_require(data, "tokenizer_sha256", str, where),
+        special_ids=_require(data, "special_ids", dict, where),
+        splits=splits,
+        seed=_require(data, "seed", int, where),
+        corpus=data.get("corpus", {}),
+        config=data.get("config", {}),
+    )
+
+
+def load_manifest(dataset_dir: str | Path) -> Manifest:
+    """Read ``<dataset_dir>/manifest.json``; errors name the file and the offending key."""
+    path = Path(dataset_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DatasetError(
+            f"{path}: no dataset manifest (prepare the dataset first: make data, or make pretrain CLUSTER=local)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object")
+    return manifest_from_json(data, str(path))
+
+
+def write_manifest(manifest: Manifest, dataset_dir: str | Path) -> Path:
+    """Write ``manifest.json`` atomically (temp file + rename): a reader never sees half of it."""
+    path = Path(dataset_dir) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def verify_manifest(
+    manifest: Manifest,
+    dataset_dir: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+) -> None:
+    """Check the dataset against the tokenizer and model config it will be used with.
+
+    ``tokenizer_path`` defaults to the tokenizer stored with the dataset. ``vocab_size`` is
+    the model's (it may be padded above the tokenizer's for tensor-parallel divisibility, never
+    below). Raises DatasetError naming what differs.
+    """
+    where = str(Path(dataset_dir) / MANIFEST_NAME)
+    tok_path = Path(tokenizer_path) if tokenizer_path is not None else Path(dataset_dir) / manifest.tokenizer_file
+    tok = load_tokenizer(tok_path)
+    if tok.sha256 != manifest.tokenizer_sha256:
+        raise DatasetError(
+            f"{where}: tokenizer mismatch: the dataset was tokenised with sha256 "
+            f"{manifest.tokenizer_sha256[:12]}…, but {tok_path} has {tok.sha256[:12]}…"
+        )
+    if tok.vocab_size != manifest.vocab_size:
+        raise DatasetError(f"{where}: vocab_size {manifest.vocab_size} != tokenizer {tok_path} ({tok.vocab_size})")
+    if vocab_size is not None and vocab_size < manifest.vocab_size:
+        raise DatasetError(
+            f"{where}: model vocab_size {vocab_size} is smaller than the dataset's {manifest.vocab_size}; "
+            "token ids would index past the embedding"
+        )
+    if seq_len is not None and seq_len != manifest.seq_len:
+        raise DatasetError(
+            f"{where}: model seq_len {seq_len} != dataset seq_len {manifest.seq_len} (re-prepare the dataset "
+            "with seq_len to match, or set the model's seq_len)"
+        )

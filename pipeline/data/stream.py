@@ -1,0 +1,303 @@
+"""Stream token batches from WebDataset shards, split by rank and worker, resumable mid-epoch.
+
+    loader = TokenBatchLoader(DataConfig(path="data/sample", batch_size=8), rank=0, world_size=1)
+    for batch in loader:            # endless: epoch after epoch
+        batch["tokens"]             # LongTensor [batch_size, seq_len]
+        state = loader.state_dict() # goes into the training checkpoint
+
+How the order is made deterministic (and therefore resumable):
+
+* Epoch ``e`` permutes the shard list with ``rng(seed, e)`` (the same permutation on every
+  rank); rank ``r`` of ``W`` takes ``shards[r::W]``; logical worker ``l`` of ``N`` takes
+  ``rank_shards[l::N]``. Each shard holds the same number of samples (data_prep guarantees
+  it), so every rank and worker sees the same number of batches and no collective hangs.
+* A worker streams its shards through a shuffle buffer seeded by ``(seed, e, r, l)`` and cuts
+  full batches. Global batch ``g`` of the epoch comes from logical worker ``g % N``: torch's
+  DataLoader serves workers round-robin, and workers finish in lock-step.
+* Resuming at batch ``T`` of epoch ``e``: logical worker ``l`` skips the ``T // N + (l < T % N)``
+  batches it already produced, and physical worker ``p`` plays logical worker ``(T + p) % N``
+  so the round-robin restarts at exactly the next batch. The state is a few integers.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import ConfigError
+from pipeline.data.manifest import DatasetError, Manifest, load_manifest, verify_manifest
+
+STATE_VERSION = 1
+
+
+class CorruptShardError(DatasetError):
+    """A shard that cannot be read or holds fewer/other samples than its manifest entry says."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how to batch them (the ``data`` section of a training config)."""
+
+    path: str = "data/sample"
+    batch_size: int = 8  # sequences per rank per micro-batch
+    num_workers: int = 1  # DataLoader worker processes per rank (0 = read in the training process)
+    shuffle_buffer: int = 1000  # samples; 0 = no sample shuffle (shard order is still permuted)
+    seed: int = 0
+    on_corrupt_shard: Literal["fail", "skip"] = "fail"
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"key 'data.batch_size': got {self.batch_size}, expected >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"key 'data.num_workers': got {self.num_workers}, expected >= 0")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"key 'data.shuffle_buffer': got {self.shuffle_buffer}, expected >= 0")
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs to reproduce its part of one epoch (picklable)."""
+
+    root: str
+    shards: tuple[tuple[str, int], ...]  # (relative path, samples) in manifest order
+    seq_len: int
+    dtype: str
+    batch_size: int
+    rank: int
+    world_size: int
+    num_workers: int  # logical workers (>= 1)
+    seed: int
+    shuffle: bool
+    shuffle_buffer: int
+    epoch: int
+    start_batch: int
+    on_corrupt_shard: str
+
+    def worker_shards(self, logical: int) -> list[tuple[str, int]]:
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            order = list(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards)))
+        rank_shards = order[self.rank :: self.world_size]
+        return [self.shards[i] for i in rank_shards[logical :: self.num_workers]]
+
+    def batches_per_worker(self) -> int:
+        samples = sum(n for _, n in self.worker_shards(0))
+        return samples // self.batch_size
+
+
+class _ShardStream(IterableDataset):
+    """One epoch of batches for one rank; each DataLoader worker plays one logical worker."""
+
+    def __init__(self, plan: _Plan):
+        super().__init__()
+        self.plan = plan
+
+    def _samples(self, logical: int, skipped: list[int]) -> Iterator[dict[str, Any]]:
+        p = self.plan
+        dtype = np.dtype(p.dtype)
+        for rel, expected in p.worker_shards(logical):
+            url = str(Path(p.root) / rel)
+            count = 0
+            try:
+                for sample in wds.tarfile_samples([{"url": url}]):
+                    raw = sample.get("tokens.npy")
+                    if raw is None:
+                        raise CorruptShardError(f"shard {url}: sample {sample.get('__key__')} has no tokens.npy")
+                    tokens = np.load(io.BytesIO(raw), allow_pickle=False)
+                    if tokens.shape != (p.seq_len,) or tokens.dtype != dtype:
+                        raise CorruptShardError(
+                            f"shard {url}: sample {sample['__key__']} has {tokens.dtype}{list(tokens.shape)}, "
+                            f"expected {dtype}[{p.seq_len}]"
+                        )
+                    count += 1
+                    yield {"tokens": tokens, "index": int(sample["__key__"][1:])}
+                if count != expected:
+                    raise CorruptShardError(f"shard {url}: truncated, {count} of {expected} samples")
+            except Exception as exc:
+                err = exc if isinstance(exc, CorruptShardError) else CorruptShardError(
+                    f"shard {url}: unreadable after {count} samples ({type(exc).__name__}: {exc})"
+                )
+                if p.on_corrupt_shard == "fail":
+                    raise err from None
+                skipped[0] += 1
+                warnings.warn(f"skipping corrupt shard ({err}); this rank now has fewer batches", stacklevel=1)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        p = self.plan
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (p.start_batch + physical) % p.num_workers
+        skip = p.start_batch // p.num_workers + (1 if logical < p.start_batch % p.num_workers else 0)
+        skipped = [0]
+        samples: Iterator[dict[str, Any]] = self._samples(logical, skipped)
+        if p.shuffle and p.shuffle_buffer > 1:
+            seed = _seed_of(p.seed, p.epoch, p.rank, logical)
+            samples = wds.shuffle(p.shuffle_buffer, initial=p.shuffle_buffer, seed=seed)(samples)
+        buf: list[dict[str, Any]] = []
+        made = 0
+        for sample in samples:
+            buf.append(sample)
+            if len(buf) < p.batch_size:
+                continue
+            if made >= skip:  # resumed: batches before `skip` were already consumed
+                yield {
+                    "tokens": torch.from_numpy(np.stack([s["tokens"] for s in buf]).astype(np.int64)),
+                    "index": torch.tensor([s["index"] for s in buf], dtype=torch.int64),
+                    "skipped_shards": torch.tensor(skipped[0]),
+                }
+            made += 1
+            buf = []
+
+
+class TokenBatchLoader:
+    """Endless, resumable stream of ``{"tokens": LongTensor[B, L], "index": LongTensor[B]}`` for one rank.
+
+    ``index`` is each sequence's position in the packed corpus (its shard key), useful for
+    checks. ``state_dict()`` / ``load_state_dict()`` carry the exact position (epoch and batch
+    within it); resuming continues with the batch the uninterrupted run would have produced.
+    With ``loop=False`` iteration stops at the end of the current epoch (evaluation).
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        loop: bool = True,
+        manifest: Manifest | None = None,
+        tokenizer_path: str | Path | None = None,
+        model_vocab_size: int | None = None,
+        model_seq_len: int | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.cfg = cfg
+        self.root = Path(cfg.path)
+        self.manifest = manifest or load_manifest(self.root)
+        if tokenizer_path is not None or model_vocab_size is not None or model_seq_len is not None:
+            verify_manifest(
+                self.manifest, self.root, tokenizer_path=tokenizer_path, vocab_size=model_vocab_size,
+                seq_len=model_seq_len,
+            )
+        info = self.manifest.split(split)
+        self.split = split
+        self.num_workers = cfg.num_workers
+        logical = max(1, cfg.num_workers)
+        n = len(info.shards)
+        if n % (world_size * logical):
+            worlds = info.supported_world_sizes(logical)
+            raise DatasetError(
+                f"{self.root}: split '{split}' has {n} shards, which {world_size} rank(s) x {logical} worker(s) "
+                f"cannot share equally (uneven ranks would hang collectives). With num_workers={cfg.num_workers} "
+                f"supported world sizes are {worlds}; or re-prepare the dataset with {split}_shards a multiple "
+                f"of {world_size * logical}"
+            )
+        self.rank, self.world_size, self.loop = rank, world_size, loop
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._skipped_per_worker = [0] * logical
+        self._plan_args = dict(
+            root=str(self.root),
+            shards=tuple((s.path, s.samples) for s in info.shards),
+            seq_len=self.manifest.seq_len,
+            dtype=self.manifest.dtype,
+            batch_size=cfg.batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_workers=logical,
+            seed=cfg.seed,
+            shuffle=shuffle,
+            shuffle_buffer=cfg.shuffle_buffer,
+            on_corrupt_shard=cfg.on_corrupt_shard,
+        )
+        self.batches_per_epoch = logical * self._plan(0, 0).batches_per_worker()
+        if self.batches_per_epoch == 0:
+            raise DatasetError(
+                f"{self.root}: split '{split}' gives a rank {info.samples_per_shard * n // (world_size * logical)} "
+                f"samples per worker, fewer than batch_size={cfg.batch_size}"
+            )
+
+    def _plan(self, epoch: int, start_batch: int) -> _Plan:
+        return _Plan(epoch=epoch, start_batch=start_batch, **self._plan_args)
+
+    @property
+    def skipped_shards(self) -> int:
+        """Corrupt shards skipped so far on this rank (``on_corrupt_shard: skip``)."""
+        return sum(self._skipped_per_worker)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            if self.batch_in_epoch >= self.batches_per_epoch:
+                if not self.loop:
+                    return
+                self.epoch += 1
+                self.batch_in_epoch = 0
+            stream = _ShardStream(self._plan(self.epoch, self.batch_in_epoch))
+            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+            logical = max(1, self.num_workers)
+            for batch in loader:
+                worker = self.batch_in_epoch % logical
+                self._skipped_per_worker[worker] = int(batch.pop("skipped_shards"))
+                self.batch_in_epoch += 1
+                yield batch
+            if self.batch_in_epoch < self.batches_per_epoch:
+                # Only skipped (corrupt) shards make an epoch end early; close it and go on.
+                self.batch_in_epoch = self.batches_per_epoch
+            if not self.loop:
+                return
+
+    def state_dict(self) -> dict[str, Any]:
+        """The exact stream position: JSON-serialisable, a few integers."""
+        logical = max(1, self.num_workers)
+        t = self.batch_in_epoch
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "epoch": self.epoch,
+            "batch_in_epoch": t,
+            "samples_consumed_per_worker": [
+                (t // logical + (1 if w < t % logical else 0)) * self.cfg.batch_size for w in range(logical)
+            ],
+            "seed": self.cfg.seed,
+            "num_workers": self.num_workers,
+            "batch_size": self.cfg.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "tokenizer_sha256": self.manifest.tokenizer_sha256,
+            "num_shards": len(self.manifest.split(self.split).shards),
+            "skipped_shards": self.skipped_shards,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; a stream that cannot be reproduced exactly is a clear error."""
+        if state.get("version") != STATE_VERSION:
+            raise DatasetError(f"data-loader state version {state.get('version')} is not {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("split", "seed", "num_workers", "batch_size", "rank", "world_size", "tokenizer_sha256", "num_shards"):
+            if state.get(key) != mine[key]:
+                raise DatasetError(
+                    f"cannot resume the data stream exactly: checkpoint has {key}={state.get(key)!r}, this run "
+                    f"has {key}={mine[key]!r} (the sample order depends on it; resume with the same value)"
+                )
+        if not 0 <= state["batch_in_epoch"] <= self.batches_per_epoch:
+            raise DatasetError(
+                f"data-loader state batch_in_epoch={state['batch_in_epoch']} outside 0..{self.batches_per_epoch}"
+            )
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])

@@ -1,0 +1,75 @@
+"""Shared fixtures: small seeded corpora and datasets built with the real data_prep code."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Two processes on two cores: one OpenMP thread each, or they oversubscribe (STACK-FACTS).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+WORDS = (
+    "the a of and to in is was he that it his for with as on be at by had not are but from or have an they "
+    "which one you were her all she there would their we him been has when who will more no if out so said "
+    "what up its about into than them can only other new some could time these two may then do first any my "
+    "now such like our over man me even most made after also did many before must through back years where "
+    "much your way well down should because each just those people river stone garden winter lamp castle "
+    "letter seven forty 1911 3.14 café naïve"
+).split()
+
+
+def make_text(rng: random.Random, lines: int) -> str:
+    """Seeded pseudo-prose: lines of words with punctuation, blank lines between paragraphs."""
+    out = []
+    for _ in range(lines):
+        if rng.random() < 0.1:
+            out.append("")
+            continue
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 14))]
+        out.append(" ".join(words).capitalize() + rng.choice([".", ",", "!", "?", ";"]))
+    return "\n".join(out) + "\n"
+
+
+def write_txt_corpus(root: Path, n_docs: int = 24, seed: int = 0, lines: tuple[int, int] = (20, 60)) -> Path:
+    """``n_docs`` .txt files under ``root/corpus``; returns that directory."""
+    rng = random.Random(seed)
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (corpus / f"doc{i:03d}.txt").write_text(make_text(rng, rng.randint(*lines)), encoding="utf-8")
+    return corpus
+
+
+def prep_config(out_dir: Path, corpus: list[str], **overrides):
+    from data_prep.config import PrepConfig, TokenizerConfig
+
+    tok = overrides.pop("tokenizer", {})
+    base = dict(
+        out_dir=str(out_dir),
+        corpus=corpus,
+        seq_len=32,
+        val_fraction=0.1,
+        train_shards=8,
+        val_shards=2,
+        seed=7,
+        workers=2,
+        tokenizer=TokenizerConfig(**{"vocab_size": 400, **tok}),
+    )
+    base.update(overrides)
+    cfg = PrepConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A prepared dataset (8 train shards of equal size, 2 val shards) shared by read-only tests."""
+    from data_prep.shard import prepare_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = write_txt_corpus(root, n_docs=40, seed=1)
+    prepare_dataset(prep_config(root / "ds", [str(corpus)]), progress=False)
+    return root / "ds"

@@ -1,0 +1,75 @@
+"""Typed config loading: unknown keys, wrong types and bad overrides are errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_prep.config import PrepConfig
+from pipeline.config import ConfigError, load_config, parse_overrides
+from pipeline.data.stream import DataConfig
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_dotted_overrides_build_typed_config(tmp_path):
+    p = _yaml(tmp_path, "out_dir: d\nseq_len: 64\ntokenizer:\n  vocab_size: 1000\n")
+    cfg = load_config(PrepConfig, p, ["tokenizer.model_type=unigram", "val_fraction=0", "corpus=[a.txt, b/]"])
+    assert cfg.seq_len == 64
+    assert cfg.tokenizer.vocab_size == 1000
+    assert cfg.tokenizer.model_type == "unigram"
+    assert cfg.val_fraction == 0.0 and isinstance(cfg.val_fraction, float)
+    assert cfg.corpus == ["a.txt", "b/"]
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    p = _yaml(tmp_path, "out_dir: d\ntokenizer:\n  vocab_sise: 1000\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"c\.yaml: key 'tokenizer\.vocab_sise': unknown key \(did you mean 'vocab_size'\?\)",
+    ):
+        load_config(PrepConfig, p)
+
+
+def test_wrong_type_and_bad_choice_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'seq_len': got 'long', expected an integer"):
+        load_config(PrepConfig, _yaml(tmp_path, "out_dir: d\nseq_len: long\n"))
+    with pytest.raises(
+        ConfigError, match=r"key 'tokenizer\.model_type': got 'wordpiece', expected one of 'bpe', 'unigram'"
+    ):
+        load_config(PrepConfig, None, ["out_dir=d", "tokenizer.model_type=wordpiece"])
+    with pytest.raises(
+        ConfigError, match=r"key 'on_corrupt_shard': got 'ignore', expected one of 'fail', 'skip'"
+    ):
+        load_config(DataConfig, None, ["on_corrupt_shard=ignore"])
+
+
+def test_missing_required_key_and_value_checks(tmp_path):
+    with pytest.raises(ConfigError, match=r"missing required key\(s\) out_dir"):
+        load_config(PrepConfig, _yaml(tmp_path, "seq_len: 64\n"))
+    with pytest.raises(ConfigError, match=r"key 'val_fraction': got 0\.7, expected 0 <= x < 0\.5"):
+        load_config(PrepConfig, None, ["out_dir=d", "val_fraction=0.7"])
+    with pytest.raises(ConfigError, match=r"key 'data\.batch_size': got 0"):
+        load_config(DataConfig, None, ["batch_size=0"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'seq_len': expected key=value"):
+        parse_overrides(["seq_len"])
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        load_config(PrepConfig, tmp_path / "nope.yaml")
+    with pytest.raises(
+        ConfigError, match=r"override 'tokenizer\.vocab_size\.x': 'vocab_size' is a value, not a section"
+    ):
+        parse_overrides(["tokenizer.vocab_size=3", "tokenizer.vocab_size.x=1"])
+
+
+def test_shipped_dataset_configs_load():
+    for path in sorted(Path("configs/data").glob("*.yaml")):
+        cfg = load_config(PrepConfig, path)
+        assert cfg.train_shards >= 1, path
