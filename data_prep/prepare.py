@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         "--config", default="configs/data/sample.yaml", help="dataset YAML (default: %(default)s)"
     )
     parser.add_argument(
-        "--corpus", help="comma-separated paths, directories or globs (quote globs); replaces the config's corpus"
+        "--corpus",
+        help="comma-separated paths, directories or globs (quote globs); replaces the config's corpus",
     )
     parser.add_argument("--out", help="output dataset directory; replaces the config's out_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -31,7 +31,9 @@ def available_clusters(cluster_dir: Path = CLUSTER_DIR) -> list[str]:
     return sorted(p.stem for p in cluster_dir.glob("*.yaml"))
 
 
-def load_cluster(name: str, overrides: list[str] | None = None, cluster_dir: Path = CLUSTER_DIR) -> ClusterConfig:
+def load_cluster(
+    name: str, overrides: list[str] | None = None, cluster_dir: Path = CLUSTER_DIR
+) -> ClusterConfig:
     """Resolve ``CLUSTER=<name>`` to its typed config; an unknown name lists the known ones."""
     path = cluster_dir / f"{name}.yaml"
     if not path.is_file():

@@ -22,7 +22,9 @@ from pipeline.data.stream import DataConfig, TokenBatchLoader
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cluster", default="local", help="name of configs/cluster/<name>.yaml")
     parser.add_argument("--config", default=None, help="training config YAML (arrives with the engine)")
     parser.add_argument("overrides", nargs="*", help="cluster key=value overrides")

@@ -162,7 +162,9 @@ def verify_manifest(
     below). Raises DatasetError naming what differs.
     """
     where = str(Path(dataset_dir) / MANIFEST_NAME)
-    tok_path = Path(tokenizer_path) if tokenizer_path is not None else Path(dataset_dir) / manifest.tokenizer_file
+    tok_path = (
+        Path(tokenizer_path) if tokenizer_path is not None else Path(dataset_dir) / manifest.tokenizer_file
+    )
     tok = load_tokenizer(tok_path)
     if tok.sha256 != manifest.tokenizer_sha256:
         raise DatasetError(
@@ -170,7 +172,9 @@ def verify_manifest(
             f"{manifest.tokenizer_sha256[:12]}…, but {tok_path} has {tok.sha256[:12]}…"
         )
     if tok.vocab_size != manifest.vocab_size:
-        raise DatasetError(f"{where}: vocab_size {manifest.vocab_size} != tokenizer {tok_path} ({tok.vocab_size})")
+        raise DatasetError(
+            f"{where}: vocab_size {manifest.vocab_size} != tokenizer {tok_path} ({tok.vocab_size})"
+        )
     if vocab_size is not None and vocab_size < manifest.vocab_size:
         raise DatasetError(
             f"{where}: model vocab_size {vocab_size} is smaller than the dataset's {manifest.vocab_size}; "

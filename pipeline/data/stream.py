@@ -115,7 +115,9 @@ class _ShardStream(IterableDataset):
                 for sample in wds.tarfile_samples([{"url": url}]):
                     raw = sample.get("tokens.npy")
                     if raw is None:
-                        raise CorruptShardError(f"shard {url}: sample {sample.get('__key__')} has no tokens.npy")
+                        raise CorruptShardError(
+                            f"shard {url}: sample {sample.get('__key__')} has no tokens.npy"
+                        )
                     tokens = np.load(io.BytesIO(raw), allow_pickle=False)
                     if tokens.shape != (p.seq_len,) or tokens.dtype != dtype:
                         raise CorruptShardError(
@@ -127,13 +129,19 @@ class _ShardStream(IterableDataset):
                 if count != expected:
                     raise CorruptShardError(f"shard {url}: truncated, {count} of {expected} samples")
             except Exception as exc:
-                err = exc if isinstance(exc, CorruptShardError) else CorruptShardError(
-                    f"shard {url}: unreadable after {count} samples ({type(exc).__name__}: {exc})"
+                err = (
+                    exc
+                    if isinstance(exc, CorruptShardError)
+                    else CorruptShardError(
+                        f"shard {url}: unreadable after {count} samples ({type(exc).__name__}: {exc})"
+                    )
                 )
                 if p.on_corrupt_shard == "fail":
                     raise err from None
                 skipped[0] += 1
-                warnings.warn(f"skipping corrupt shard ({err}); this rank now has fewer batches", stacklevel=1)
+                warnings.warn(
+                    f"skipping corrupt shard ({err}); this rank now has fewer batches", stacklevel=1
+                )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         p = self.plan
@@ -192,7 +200,10 @@ class TokenBatchLoader:
         self.manifest = manifest or load_manifest(self.root)
         if tokenizer_path is not None or model_vocab_size is not None or model_seq_len is not None:
             verify_manifest(
-                self.manifest, self.root, tokenizer_path=tokenizer_path, vocab_size=model_vocab_size,
+                self.manifest,
+                self.root,
+                tokenizer_path=tokenizer_path,
+                vocab_size=model_vocab_size,
                 seq_len=model_seq_len,
             )
         info = self.manifest.split(split)
@@ -249,7 +260,9 @@ class TokenBatchLoader:
                 self.epoch += 1
                 self.batch_in_epoch = 0
             stream = _ShardStream(self._plan(self.epoch, self.batch_in_epoch))
-            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+            loader = DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False
+            )
             logical = max(1, self.num_workers)
             for batch in loader:
                 worker = self.batch_in_epoch % logical
@@ -289,7 +302,16 @@ class TokenBatchLoader:
         if state.get("version") != STATE_VERSION:
             raise DatasetError(f"data-loader state version {state.get('version')} is not {STATE_VERSION}")
         mine = self.state_dict()
-        for key in ("split", "seed", "num_workers", "batch_size", "rank", "world_size", "tokenizer_sha256", "num_shards"):
+        for key in (
+            "split",
+            "seed",
+            "num_workers",
+            "batch_size",
+            "rank",
+            "world_size",
+            "tokenizer_sha256",
+            "num_shards",
+        ):
             if state.get(key) != mine[key]:
                 raise DatasetError(
                     f"cannot resume the data stream exactly: checkpoint has {key}={state.get(key)!r}, this run "

@@ -80,7 +80,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except (OSError, RuntimeError) as exc:
         raise TokenizerError(f"{path}: not a sentencepiece model ({exc})") from None
     unk = proc.unk_id()
-    missing = [name for name, i in (("PAD", proc.pad_id()), ("BOS", proc.bos_id()), ("EOS", proc.eos_id())) if i < 0]
+    missing = [
+        name for name, i in (("PAD", proc.pad_id()), ("BOS", proc.bos_id()), ("EOS", proc.eos_id())) if i < 0
+    ]
     mask_id = proc.piece_to_id(MASK_PIECE)
     if mask_id == unk:
         missing.append(MASK_PIECE)

@@ -1,0 +1,1 @@
+"""MemDLM parametric memory: fast weights and the anchor-consistent inner loop."""

@@ -1,0 +1,337 @@
+"""The anchor-consistent inner loop of MemDLM and the outer loss it conditions (spec sections 3-4).
+
+For one batch, with the anchor ``(t, M_t, x_t)`` drawn exactly as MDLM draws it:
+
+1. pre-anchor masks ``M_pre ⊇ M_t``: per sequence, ``ceil(scale * |M_t|)`` masked tokens
+   (capped at all maskable), the extra ones chosen at random among the still visible;
+2. stage 1 (pre-anchor -> clean): forward ``x_pre`` with ``phi0``; loss at all of ``M_pre``;
+   ``phi1 = phi0 - lr * clip_per_tensor(grad)``. The layers below the first memory layer run
+   without autograd: only the fast weights get gradients;
+3. stage 2 (anchor -> clean): the anchor's pass below the memory layers is computed once, with
+   autograd, and shared with the outer loss; stage 2 uses it detached, with ``phi1``;
+4. outer: the memory layers again from that shared hidden state, with ``phi2`` as a constant
+   (first-order), MDLM loss at ``M_t``, backward into the base weights only.
+
+A non-finite inner loss skips that update (per sample in ``sample`` scope) and is counted.
+Inner losses are divided by the number of loss positions (as the reference does), so they
+read about 1/t larger than the outer loss, which is divided by the maskable count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+from pipeline.config import ConfigError
+from pipeline.memory.fast_weights import TARGETS, FastWeights, FastWeightSpec
+from pipeline.model.parallel import tp_group, tp_size
+from pipeline.objectives.mdlm import (
+    Noise,
+    ObjectiveConfig,
+    global_count,
+    loss_weight,
+    position_ce,
+    time_of_mask_ratio,
+    weighted_loss,
+)
+
+
+@dataclass
+class MemoryConfig:
+    """MemDLM's parametric memory; ``enabled: false`` trains plain MDLM."""
+
+    enabled: bool = False
+    rank: int = 32
+    alpha: float = 64.0
+    layer_fraction: float = 0.1  # fast weights on the last 10 % of layers
+    targets: Literal["ffn", "ffn+attn"] = "ffn"
+    adapter: Literal["lora", "full"] = "lora"
+    # batch: one memory per global batch (inner grads summed over DP ranks when sync_dp);
+    # sample: one memory per sequence (batched low-rank products).
+    scope: Literal["batch", "sample"] = "batch"
+    sync_dp: bool = True
+    inner_lr: float = 0.1
+    clip_norm: float = 1.0  # per tensor (per sample in sample scope)
+    pre_anchor_scale: float = 1.5
+    pre_anchor_steps: int = 1  # stage-1 steps, most noisy first (scale**k x the anchor ratio)
+    anchor_step: bool = True  # stage 2
+    inner_loss: Literal["ce", "logit_kl", "reverse_kl", "hidden_cos", "hidden_mse"] = "ce"
+    inner_weighting: Literal["elbo", "uniform"] = "elbo"
+    checkpoint: bool = False  # recompute the memory layers in backward
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"key 'memory.rank': got {self.rank}, expected >= 1")
+        if not 0.0 < self.layer_fraction <= 1.0:
+            raise ConfigError(f"key 'memory.layer_fraction': got {self.layer_fraction}, expected 0 < x <= 1")
+        if self.pre_anchor_scale < 1.0:
+            raise ConfigError(f"key 'memory.pre_anchor_scale': got {self.pre_anchor_scale}, expected >= 1")
+        if self.pre_anchor_steps < 0:
+            raise ConfigError(f"key 'memory.pre_anchor_steps': got {self.pre_anchor_steps}, expected >= 0")
+        if self.clip_norm <= 0 or self.inner_lr < 0:
+            raise ConfigError("keys 'memory.clip_norm' (> 0) and 'memory.inner_lr' (>= 0) out of range")
+
+    def spec(self, n_layers: int, d_model: int, ffn_hidden: int) -> FastWeightSpec:
+        first = FastWeightSpec.first_memory_layer(n_layers, self.layer_fraction)
+        return FastWeightSpec(
+            layers=tuple(range(first, n_layers)),
+            targets=TARGETS[self.targets],
+            adapter=self.adapter,
+            rank=self.rank,
+            alpha=self.alpha,
+            d_model=d_model,
+            ffn_hidden=ffn_hidden,
+        )
+
+
+# ---------------------------------------------------------------- masks
+
+
+def expand_mask(
+    mask: torch.Tensor, maskable: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Add random still-visible maskable positions to ``mask`` [B, T] until ``target`` [B] are masked."""
+    candidates = maskable & ~mask
+    scores = torch.rand(mask.shape, generator=generator, device=mask.device).masked_fill(~candidates, 2.0)
+    order = scores.argsort(dim=1)
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(mask.shape[1], device=mask.device).expand_as(order)
+    )
+    need = (target - mask.sum(1)).clamp(min=0)
+    return mask | ((ranks < need[:, None]) & candidates)
+
+
+def pre_anchor_masks(
+    anchor: torch.Tensor, maskable: torch.Tensor, scale: float, steps: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Nested masks ``M_steps ⊇ ... ⊇ M_1 ⊇ M_t``, returned most noisy first.
+
+    ``M_j`` masks ``min(n, ceil(scale**j * |M_t|))`` tokens of each sequence (n = maskable).
+    """
+    k = anchor.sum(1).float()
+    n = maskable.sum(1)
+    masks, cur = [], anchor
+    for j in range(1, steps + 1):
+        target = torch.minimum(torch.ceil(k * scale**j).long(), n)
+        cur = expand_mask(cur, maskable, target, generator)
+        masks.append(cur)
+    return masks[::-1]
+
+
+# ---------------------------------------------------------------- inner losses
+
+
+def _vp_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax over a vocabulary split across TP ranks (logits [N, V/tp], float32)."""
+    m = logits.detach().max(-1, keepdim=True).values
+    if tp_size() > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group())
+    s = reduce_from_tensor_model_parallel_region(torch.exp(logits - m).sum(-1, keepdim=True))
+    return logits - m - torch.log(s)
+
+
+@dataclass
+class _Teacher:
+    """The clean sequence through the model without memory (for distillation-style inner losses)."""
+
+    hidden: torch.Tensor  # [B, T, D], final-normed
+
+
+def _position_losses(
+    model,
+    h_below: torch.Tensor,
+    start: int,
+    fast: FastWeights,
+    positions: torch.Tensor,
+    tokens: torch.Tensor,
+    kind: str,
+    teacher: _Teacher | None,
+    checkpoint: bool,
+) -> torch.Tensor:
+    """Per-position inner loss [N] at ``positions`` (row-major), float32."""
+    h = model.run_layers(h_below, start, model.cfg.n_layers, fast.by_layer, checkpoint)
+    hs = model.final_norm(h[positions])
+    if kind == "ce":
+        logits, _ = model.head(hs)
+        return position_ce(logits, tokens[positions])
+    assert teacher is not None
+    ht = teacher.hidden[positions]
+    if kind in ("hidden_cos", "hidden_mse"):
+        hs, ht = hs.float(), ht.float()
+        if kind == "hidden_cos":
+            return 1.0 - torch.nn.functional.cosine_similarity(hs, ht, dim=-1)
+        return (hs - ht).pow(2).mean(-1)
+    ls = _vp_log_softmax(model.head(hs)[0].float())
+    lt = _vp_log_softmax(model.head(ht)[0].float())
+    if kind == "logit_kl":  # KL(teacher || student)
+        part = (lt.exp() * (lt - ls)).sum(-1)
+    else:  # reverse KL(student || teacher)
+        part = (ls.exp() * (ls - lt)).sum(-1)
+    return reduce_from_tensor_model_parallel_region(part)
+
+
+# ---------------------------------------------------------------- one inner step
+
+
+@dataclass
+class InnerStats:
+    loss: torch.Tensor  # global inner loss (sum over samples in sample scope)
+    grad_norm: torch.Tensor  # norm of all fast-weight gradients before clipping
+    skipped: torch.Tensor  # updates skipped for a non-finite loss
+
+
+def inner_step(
+    fast: FastWeights,
+    per_position: torch.Tensor,
+    positions: torch.Tensor,
+    seq_weight: torch.Tensor,
+    cfg: MemoryConfig,
+    dp_group: dist.ProcessGroup | None,
+) -> tuple[FastWeights, InnerStats]:
+    """One SGD step on the fast weights with per-tensor clipping; returns new detached leaves."""
+    B = positions.shape[0]
+    seq_of = torch.arange(B, device=positions.device).unsqueeze(1).expand_as(positions)[positions]
+    weighted = per_position * seq_weight[seq_of]
+    sync = cfg.scope == "batch" and cfg.sync_dp and dp_group is not None and dist.get_world_size(dp_group) > 1
+    if cfg.scope == "batch":
+        # Divide by the global count, so summing gradients over DP gives the global-batch gradient.
+        count = global_count(positions.sum(), dp_group if sync else None).clamp(min=1.0)
+        loss = weighted.sum() / count
+        sample_loss = loss.detach().reshape(1)
+    else:
+        per_seq = torch.zeros(B, device=weighted.device, dtype=weighted.dtype).index_add(0, seq_of, weighted)
+        sample_loss_grad = per_seq / positions.sum(1).clamp(min=1)
+        loss = sample_loss_grad.sum()  # d loss / d phi_b involves sample b only
+        sample_loss = sample_loss_grad.detach()
+    leaves = fast.leaves()
+    grads = list(torch.autograd.grad(loss, leaves, allow_unused=False))
+    if sync:
+        # One all-reduce for every gradient and the loss: one memory per global batch.
+        flat = torch.cat([g.reshape(-1) for g in grads] + [sample_loss.reshape(-1)])
+        dist.all_reduce(flat, group=dp_group)
+        sizes = [g.numel() for g in grads] + [sample_loss.numel()]
+        parts = flat.split(sizes)
+        grads = [p.view_as(g) for p, g in zip(parts[:-1], grads, strict=True)]
+        sample_loss = parts[-1]
+    # Per-tensor squared norms ([B] each in sample scope); sharded tensors sum over TP.
+    dims = (lambda g: tuple(range(1, g.dim()))) if fast.per_sample else (lambda g: tuple(range(g.dim())))
+    sq = torch.stack([g.float().pow(2).sum(dim=dims(g)) for g in grads])  # [n_tensors] or [n_tensors, B]
+    sharded = torch.tensor([fast.sharded[n] for n in fast.names], device=sq.device)
+    if tp_size() > 1 and bool(sharded.any()):
+        part = sq * sharded.view(-1, *([1] * (sq.dim() - 1)))
+        dist.all_reduce(part, group=tp_group())
+        sq = torch.where(sharded.view(-1, *([1] * (sq.dim() - 1))), part, sq)
+    norms = sq.sqrt()
+    coef = (cfg.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+    finite = torch.isfinite(sample_loss) & torch.isfinite(norms).all(0)  # [1] or [B]
+    new = []
+    for i, (p, g) in enumerate(zip(leaves, grads, strict=True)):
+        shape = (-1,) + (1,) * (g.dim() - 1) if fast.per_sample else ()
+        c = coef[i].view(shape) if fast.per_sample else coef[i]
+        ok = finite.view(shape) if fast.per_sample else finite.reshape(())
+        stepped = p.detach() - cfg.inner_lr * c * torch.nan_to_num(g.detach())
+        new.append(torch.where(ok, stepped, p.detach()).requires_grad_(True))
+    stats = InnerStats(
+        loss=torch.where(finite, sample_loss, torch.zeros_like(sample_loss)).sum().detach(),
+        grad_norm=sq.sum(0).sqrt().max().detach(),
+        skipped=(~finite).sum().float(),
+    )
+    return fast.with_values(new), stats
+
+
+# ---------------------------------------------------------------- the whole MemDLM loss
+
+
+@dataclass
+class MemDLMOutput:
+    loss: torch.Tensor
+    fast: FastWeights  # the final memory (phi2), detached
+    stage_stats: list[InnerStats]
+
+
+def memdlm_loss(
+    model,
+    outer_forward: Callable[..., torch.Tensor],
+    tokens: torch.Tensor,
+    noise: Noise,
+    obj: ObjectiveConfig,
+    mem: MemoryConfig,
+    mask_id: int,
+    generator: torch.Generator,
+    dp_group: dist.ProcessGroup | None = None,
+) -> MemDLMOutput:
+    """MemDLM's outer loss for one batch, after the two-stage inner loop.
+
+    ``model`` is the unwrapped module (inner passes); ``outer_forward`` is the module or a
+    DeepSpeed engine around it and computes everything the outer gradient flows through.
+    tokens [B, T] clean; ``noise`` is the MDLM anchor draw.
+    """
+    cfg = model.cfg
+    spec = mem.spec(cfg.n_layers, cfg.d_model, cfg.ffn_hidden)
+    first = spec.layers[0]
+    B = tokens.shape[0]
+    fast = spec.reset(B if mem.scope == "sample" else None, generator, tokens.device)
+    teacher = None
+    if mem.inner_loss != "ce":
+        with torch.no_grad():
+            h = model.run_layers(model.embed(tokens), 0, cfg.n_layers)
+            teacher = _Teacher(hidden=model.final_norm(h))
+    n_maskable = noise.maskable.sum(1).clamp(min=1)
+    stats: list[InnerStats] = []
+
+    # 1.-2. stage 1: pre-anchor states (most noisy first) -> clean, no autograd below memory
+    for m_pre in pre_anchor_masks(
+        noise.mask, noise.maskable, mem.pre_anchor_scale, mem.pre_anchor_steps, generator
+    ):
+        x_pre = torch.where(m_pre, mask_id, tokens)
+        with torch.no_grad():
+            h_pre = model.run_layers(model.embed(x_pre), 0, first)
+        ratio = m_pre.sum(1) / n_maskable
+        w = loss_weight(time_of_mask_ratio(ratio, obj.schedule), obj.schedule, mem.inner_weighting)
+        losses = _position_losses(
+            model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, mem.checkpoint
+        )
+        fast, st = inner_step(fast, losses, m_pre, w, mem, dp_group)
+        stats.append(st)
+
+    # 3. the anchor's pass below the memory: once, with autograd, shared with the outer loss
+    h_anchor = outer_forward(tokens=noise.noisy, end_layer=first)
+    if mem.anchor_step:
+        w = loss_weight(noise.t, obj.schedule, mem.inner_weighting)
+        losses = _position_losses(
+            model, h_anchor.detach(), first, fast, noise.mask, tokens, mem.inner_loss, teacher, mem.checkpoint
+        )
+        fast, st = inner_step(fast, losses, noise.mask, w, mem, dp_group)
+        stats.append(st)
+
+    # 4. outer: memory layers with phi2 as a constant, MDLM loss at the anchor mask
+    final = fast.detached()
+    logits = outer_forward(
+        hidden=h_anchor,
+        start_layer=first,
+        fast=final.by_layer,
+        positions=noise.mask,
+        checkpoint_layers=mem.checkpoint,
+    )
+    ce = position_ce(logits, tokens[noise.mask])
+    w = loss_weight(noise.t, obj.schedule, obj.weighting)
+    loss = weighted_loss(ce, noise.mask, w, noise.maskable, obj.normalization, dp_group)
+    return MemDLMOutput(loss=loss, fast=final, stage_stats=stats)
+
+
+def fast_weight_bytes(spec: FastWeightSpec, batch: int | None, tp: int, bytes_per: int = 4) -> int:
+    """Memory of one set of fast weights per rank (for the memory model)."""
+    total = 0
+    for target in spec.targets:
+        out, inp = spec.global_shape(target)
+        n = (
+            out * inp / tp if spec.adapter == "full" else spec.rank * (inp + out)
+        )  # upper bound: unsharded halves
+        total += n
+    return int(math.ceil(total * len(spec.layers) * (batch or 1) * bytes_per))

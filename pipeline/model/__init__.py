@@ -1,0 +1,1 @@
+"""The DLM: megatron-core tensor-parallel transformer, process groups, FLOPs."""

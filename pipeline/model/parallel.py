@@ -1,0 +1,138 @@
+"""Process groups for tensor x data parallelism on megatron-core, on GPUs or on this CPU.
+
+    init_distributed(tp=2)   # after torch.distributed env vars (RANK, WORLD_SIZE, MASTER_*) are set
+
+megatron-core's tensor-parallel layers run unchanged on gloo, except for a few calls that
+assume CUDA (``torch.cuda.current_device()`` for buffers, the CUDA RNG tracker, and the
+autocast decorators of its linear autograd function, which only restore *CUDA* autocast in
+backward). :func:`apply_cpu_shim` patches exactly those, and only when CUDA is absent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_SHIM_APPLIED = False
+
+
+def apply_cpu_shim() -> bool:
+    """Make megatron-core's TP layers CPU-capable; a no-op (returns False) when CUDA is present."""
+    global _SHIM_APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _SHIM_APPLIED:
+        return True
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import layers, mappings, random
+
+    # Buffers megatron allocates "on the current device": on CPU that is device "cpu".
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
+    # The RNG tracker forks CUDA RNG state for TP-region dropout; fork the CPU state instead.
+    def _cpu_manual_seed(seed: int, *args, **kwargs) -> None:
+        tracker = random.get_cuda_rng_tracker()
+        tracker.reset()
+        torch.manual_seed(seed)
+
+    random.model_parallel_cuda_manual_seed = _cpu_manual_seed
+    tensor_parallel.model_parallel_cuda_manual_seed = _cpu_manual_seed
+
+    # custom_fwd/custom_bwd(device_type="cuda") leave CPU autocast off in backward, so a bf16
+    # grad_output meets an fp32 weight. Re-wrap for CPU autocast.
+    fn = layers.LinearWithGradAccumulationAndAsyncCommunication
+    for name, wrap in (("forward", torch.amp.custom_fwd), ("backward", torch.amp.custom_bwd)):
+        raw = getattr(fn, name)
+        raw = getattr(raw, "__wrapped__", raw)
+        setattr(fn, name, staticmethod(functools.wraps(raw)(wrap(raw, device_type="cpu"))))
+    del mappings  # imported so its module-level CUDA lookups resolve through the patched call
+    _SHIM_APPLIED = True
+    return True
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world: int
+    tp: int
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp
+
+
+def init_distributed(tp: int = 1, backend: str | None = None, timeout_s: int = 600) -> ParallelDims:
+    """Start torch.distributed from env vars (or a 1-process world) and megatron's TP/DP groups.
+
+    Uses nccl on CUDA and gloo on CPU. World = TP x DP; TP ranks are adjacent (megatron order).
+    """
+    from megatron.core import parallel_state
+
+    apply_cpu_shim()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % tp:
+        raise ValueError(f"tensor parallel size {tp} does not divide the world size {world}")
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tp:
+            raise ValueError("megatron parallel state is already initialised with another TP size")
+    else:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    return ParallelDims(world=world, tp=tp)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def tp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def dp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()

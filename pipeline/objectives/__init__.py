@@ -1,0 +1,1 @@
+"""Training objectives: the MDLM loss (schedules, masking, weighting)."""
