@@ -73,3 +73,30 @@ def tiny_dataset(tmp_path_factory) -> Path:
     corpus = write_txt_corpus(root, n_docs=40, seed=1)
     prepare_dataset(prep_config(root / "ds", [str(corpus)]), progress=False)
     return root / "ds"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def world1():
+    """A one-process gloo world with megatron's parallel state at TP=1 (shared by the session)."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
+    from pipeline.model.parallel import init_distributed
+
+    return init_distributed(tp=1)
+
+
+def tiny_model_config(**kw):
+    from pipeline.model.config import ModelConfig
+
+    base = dict(vocab_size=300, seq_len=24, d_model=64, n_layers=4, n_heads=4, ffn_hidden=96)
+    base.update(kw)
+    return ModelConfig(**base)

@@ -19,7 +19,6 @@ read about 1/t larger than the outer loss, which is divided by the maskable coun
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -169,10 +168,8 @@ def _position_losses(
         return (hs - ht).pow(2).mean(-1)
     ls = _vp_log_softmax(model.head(hs)[0].float())
     lt = _vp_log_softmax(model.head(ht)[0].float())
-    if kind == "logit_kl":  # KL(teacher || student)
-        part = (lt.exp() * (lt - ls)).sum(-1)
-    else:  # reverse KL(student || teacher)
-        part = (ls.exp() * (ls - lt)).sum(-1)
+    p, q = (lt, ls) if kind == "logit_kl" else (ls, lt)  # KL(teacher || student) or the reverse
+    part = (p.exp() * (p - q)).sum(-1)
     return reduce_from_tensor_model_parallel_region(part)
 
 
@@ -265,12 +262,14 @@ def memdlm_loss(
     mask_id: int,
     generator: torch.Generator,
     dp_group: dist.ProcessGroup | None = None,
+    pre_masks: list[torch.Tensor] | None = None,
 ) -> MemDLMOutput:
     """MemDLM's outer loss for one batch, after the two-stage inner loop.
 
     ``model`` is the unwrapped module (inner passes); ``outer_forward`` is the module or a
     DeepSpeed engine around it and computes everything the outer gradient flows through.
-    tokens [B, T] clean; ``noise`` is the MDLM anchor draw.
+    tokens [B, T] clean; ``noise`` is the MDLM anchor draw; ``pre_masks`` (most noisy first)
+    replaces the drawn pre-anchor masks (evaluation and tests).
     """
     cfg = model.cfg
     spec = mem.spec(cfg.n_layers, cfg.d_model, cfg.ffn_hidden)
@@ -286,9 +285,11 @@ def memdlm_loss(
     stats: list[InnerStats] = []
 
     # 1.-2. stage 1: pre-anchor states (most noisy first) -> clean, no autograd below memory
-    for m_pre in pre_anchor_masks(
-        noise.mask, noise.maskable, mem.pre_anchor_scale, mem.pre_anchor_steps, generator
-    ):
+    if pre_masks is None:
+        pre_masks = pre_anchor_masks(
+            noise.mask, noise.maskable, mem.pre_anchor_scale, mem.pre_anchor_steps, generator
+        )
+    for m_pre in pre_masks:
         x_pre = torch.where(m_pre, mask_id, tokens)
         with torch.no_grad():
             h_pre = model.run_layers(model.embed(x_pre), 0, first)
@@ -323,15 +324,3 @@ def memdlm_loss(
     w = loss_weight(noise.t, obj.schedule, obj.weighting)
     loss = weighted_loss(ce, noise.mask, w, noise.maskable, obj.normalization, dp_group)
     return MemDLMOutput(loss=loss, fast=final, stage_stats=stats)
-
-
-def fast_weight_bytes(spec: FastWeightSpec, batch: int | None, tp: int, bytes_per: int = 4) -> int:
-    """Memory of one set of fast weights per rank (for the memory model)."""
-    total = 0
-    for target in spec.targets:
-        out, inp = spec.global_shape(target)
-        n = (
-            out * inp / tp if spec.adapter == "full" else spec.rank * (inp + out)
-        )  # upper bound: unsharded halves
-        total += n
-    return int(math.ceil(total * len(spec.layers) * (batch or 1) * bytes_per))

@@ -1,0 +1,86 @@
+"""FLOPs of the DLM, for MFU: forward per token, the LM head per loss position, and MemDLM's extra.
+
+    est = estimate_flops(model_cfg, memory_cfg)
+    est.mdlm_step(tokens=B*T, head_positions=masked)            # fwd + bwd of one MDLM step
+    est.memdlm_extra(tokens=B*T, pre_positions=[...], anchor_positions=masked)
+
+Counts multiply-adds as 2 FLOPs, matmuls only (norms, softmax, RoPE are noise at these sizes).
+Attention is bidirectional, so every token attends to all T positions: 4*T*d per token per
+layer (scores and the weighted sum), not half of it as a causal count would give.
+Backward costs twice the forward; MemDLM's inner passes need input gradients only (base weights
+are frozen there), so their backward is counted as one forward (a lower bound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.memory.fast_weights import TARGETS
+from pipeline.memory.inner_loop import MemoryConfig
+from pipeline.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class FlopsEstimate:
+    layer_fwd_per_token: float  # one block at seq_len, attention included
+    head_fwd_per_position: float
+    embed_fwd_per_token: float  # a lookup: 0 FLOPs, kept for clarity
+    n_layers: int
+    first_memory_layer: int
+    adapter_fwd_per_token: float  # all fast-weight products of one memory layer
+
+    def forward(self, tokens: float, head_positions: float) -> float:
+        """One forward pass over ``tokens`` with the head at ``head_positions``."""
+        return tokens * self.n_layers * self.layer_fwd_per_token + head_positions * self.head_fwd_per_position
+
+    def mdlm_step(self, tokens: float, head_positions: float) -> float:
+        """Forward + backward (2x) of an MDLM step."""
+        return 3.0 * self.forward(tokens, head_positions)
+
+    def memdlm_extra(
+        self, tokens: float, pre_positions: list[float], anchor_positions: float, anchor_step: bool = True
+    ) -> float:
+        """Inner-loop work on top of the outer (MDLM-shaped) step; a lower bound.
+
+        Per stage-1 step: the layers below the memory forward without autograd, the memory
+        layers forward + input-gradient backward, the head at the pre-anchor positions likewise.
+        Stage 2 reuses the anchor's pass below the memory (computed once for the outer loss).
+        """
+        mem_layers = self.n_layers - self.first_memory_layer
+        mem = tokens * mem_layers * (self.layer_fwd_per_token + self.adapter_fwd_per_token)
+        below = tokens * self.first_memory_layer * self.layer_fwd_per_token
+        extra = sum(below + 2 * mem + 2 * p * self.head_fwd_per_position for p in pre_positions)
+        if anchor_step:
+            extra += 2 * mem + 2 * anchor_positions * self.head_fwd_per_position
+        # The outer pass also runs the adapters in the memory layers (fwd + bwd).
+        return extra + 3 * tokens * mem_layers * self.adapter_fwd_per_token
+
+
+def estimate_flops(
+    cfg: ModelConfig, memory: MemoryConfig | None = None, seq_len: int | None = None
+) -> FlopsEstimate:
+    """FLOPs per token / position for ``cfg`` at ``seq_len`` (default: the model's)."""
+    T = seq_len or cfg.seq_len
+    d, f, V = cfg.d_model, cfg.ffn_hidden, cfg.padded_vocab_size
+    layer = 2 * (4 * d * d + 3 * d * f) + 4 * T * d
+    adapter = 0.0
+    first = cfg.n_layers
+    if memory is not None and memory.enabled:
+        spec = memory.spec(cfg.n_layers, d, f)
+        first = spec.layers[0]
+        for target in TARGETS[memory.targets]:
+            out, inp = spec.global_shape(target)
+            adapter += 2 * (out * inp if memory.adapter == "full" else memory.rank * (inp + out))
+    return FlopsEstimate(
+        layer_fwd_per_token=float(layer),
+        head_fwd_per_position=float(2 * d * V),
+        embed_fwd_per_token=0.0,
+        n_layers=cfg.n_layers,
+        first_memory_layer=first,
+        adapter_fwd_per_token=adapter,
+    )
+
+
+def estimate_mfu(flops_per_s: float, peak_flops_per_s: float) -> float:
+    """Model FLOPs utilisation: achieved / peak."""
+    return flops_per_s / peak_flops_per_s
