@@ -19,7 +19,7 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     """x [B, T, H, hd]: pairs (x[j], x[j + hd/2]) rotated as complex numbers by pos * theta^(-2j/hd)."""
-    B, T, H, hd = x.shape
+    _, T, _, hd = x.shape
     half = hd // 2
     freqs = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
     angle = torch.arange(T, dtype=torch.float64)[:, None] * freqs[None]

@@ -82,7 +82,7 @@ def test_inner_lr_zero_gives_exactly_the_mdlm_loss_and_gradients(setup):
 
 
 def test_fresh_fast_weights_change_no_logit(setup):
-    model, tokens, noise = setup
+    model, _, noise = setup
     for adapter, targets, scope in (("lora", "ffn", None), ("full", "ffn+attn", 3), ("lora", "ffn+attn", 3)):
         spec = MemoryConfig(enabled=True, adapter=adapter, targets=targets).spec(4, 64, 96)
         fast = spec.reset(scope, torch.Generator().manual_seed(0))
@@ -97,7 +97,7 @@ def test_memory_sits_on_the_last_ten_percent_of_layers():
 
 
 def test_pre_anchor_mask_contains_anchor_with_ratio_min_one_one_point_five(setup):
-    _, tokens, noise = setup
+    del setup
     g = torch.Generator().manual_seed(3)
     anchor = torch.rand(64, 40, generator=g) < torch.rand(64, 1, generator=g)
     maskable = torch.rand(64, 40, generator=g) < 0.9
