@@ -19,7 +19,8 @@ read about 1/t larger than the outer loss, which is divided by the maskable coun
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -173,6 +174,25 @@ def _position_losses(
     return reduce_from_tensor_model_parallel_region(part)
 
 
+@contextmanager
+def frozen_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Base weights stop requiring grad for the inner loop, then resume.
+
+    The inner gradient is taken w.r.t. the fast weights only, but megatron's linear autograd
+    function computes the weight gradient whenever the weight requires grad (and discards it
+    here): about half of every inner backward. With the flag off it takes its frozen-weight
+    path (same forward, input gradient only).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 # ---------------------------------------------------------------- one inner step
 
 
@@ -295,20 +315,30 @@ def memdlm_loss(
             h_pre = model.run_layers(model.embed(x_pre), 0, first)
         ratio = m_pre.sum(1) / n_maskable
         w = loss_weight(time_of_mask_ratio(ratio, obj.schedule), obj.schedule, mem.inner_weighting)
-        losses = _position_losses(
-            model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, mem.checkpoint
-        )
-        fast, st = inner_step(fast, losses, m_pre, w, mem, dp_group)
+        with frozen_weights(model):
+            losses = _position_losses(
+                model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, mem.checkpoint
+            )
+            fast, st = inner_step(fast, losses, m_pre, w, mem, dp_group)
         stats.append(st)
 
     # 3. the anchor's pass below the memory: once, with autograd, shared with the outer loss
     h_anchor = outer_forward(tokens=noise.noisy, end_layer=first)
     if mem.anchor_step:
         w = loss_weight(noise.t, obj.schedule, mem.inner_weighting)
-        losses = _position_losses(
-            model, h_anchor.detach(), first, fast, noise.mask, tokens, mem.inner_loss, teacher, mem.checkpoint
-        )
-        fast, st = inner_step(fast, losses, noise.mask, w, mem, dp_group)
+        with frozen_weights(model):
+            losses = _position_losses(
+                model,
+                h_anchor.detach(),
+                first,
+                fast,
+                noise.mask,
+                tokens,
+                mem.inner_loss,
+                teacher,
+                mem.checkpoint,
+            )
+            fast, st = inner_step(fast, losses, noise.mask, w, mem, dp_group)
         stats.append(st)
 
     # 4. outer: memory layers with phi2 as a constant, MDLM loss at the anchor mask

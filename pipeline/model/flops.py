@@ -7,8 +7,8 @@
 Counts multiply-adds as 2 FLOPs, matmuls only (norms, softmax, RoPE are noise at these sizes).
 Attention is bidirectional, so every token attends to all T positions: 4*T*d per token per
 layer (scores and the weighted sum), not half of it as a causal count would give.
-Backward costs twice the forward; MemDLM's inner passes need input gradients only (base weights
-are frozen there), so their backward is counted as one forward (a lower bound).
+Backward costs twice the forward; MemDLM's inner passes need gradients for the fast weights
+only (base weights are frozen there), which :meth:`FlopsEstimate.memdlm_extra` counts exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class FlopsEstimate:
     n_layers: int
     first_memory_layer: int
     adapter_fwd_per_token: float  # all fast-weight products of one memory layer
+    lowest_memory_bwd_per_token: float  # inner backward inside the lowest memory layer
 
     def forward(self, tokens: float, head_positions: float) -> float:
         """One forward pass over ``tokens`` with the head at ``head_positions``."""
@@ -40,20 +41,29 @@ class FlopsEstimate:
     def memdlm_extra(
         self, tokens: float, pre_positions: list[float], anchor_positions: float, anchor_step: bool = True
     ) -> float:
-        """Inner-loop work on top of the outer (MDLM-shaped) step; a lower bound.
+        """Inner-loop work on top of the outer (MDLM-shaped) step.
 
-        Per stage-1 step: the layers below the memory forward without autograd, the memory
-        layers forward + input-gradient backward, the head at the pre-anchor positions likewise.
-        Stage 2 reuses the anchor's pass below the memory (computed once for the outer loss).
+        Per stage-1 step: the layers below the memory forward without autograd; the memory
+        layers forward; the backward w.r.t. the fast weights only: input gradients through the
+        head and every memory layer above the lowest, and in the lowest only through the FFN's
+        down projection (nothing below needs a gradient); the adapters forward and backward.
+        Stage 2 is the same minus the pass below the memory: the anchor's is shared with the
+        outer loss.
         """
         mem_layers = self.n_layers - self.first_memory_layer
-        mem = tokens * mem_layers * (self.layer_fwd_per_token + self.adapter_fwd_per_token)
+        fwd = tokens * mem_layers * (self.layer_fwd_per_token + self.adapter_fwd_per_token)
+        bwd = tokens * (
+            (mem_layers - 1) * self.layer_fwd_per_token
+            + self.lowest_memory_bwd_per_token
+            + 2 * mem_layers * self.adapter_fwd_per_token
+        )
         below = tokens * self.first_memory_layer * self.layer_fwd_per_token
-        extra = sum(below + 2 * mem + 2 * p * self.head_fwd_per_position for p in pre_positions)
+        stage = fwd + bwd
+        extra = sum(below + stage + 2 * p * self.head_fwd_per_position for p in pre_positions)
         if anchor_step:
-            extra += 2 * mem + 2 * anchor_positions * self.head_fwd_per_position
-        # The outer pass also runs the adapters in the memory layers (fwd + bwd).
-        return extra + 3 * tokens * mem_layers * self.adapter_fwd_per_token
+            extra += stage + 2 * anchor_positions * self.head_fwd_per_position
+        # The outer pass also runs the adapters in the memory layers (forward + input backward).
+        return extra + 2 * tokens * mem_layers * self.adapter_fwd_per_token
 
 
 def estimate_flops(
@@ -78,6 +88,8 @@ def estimate_flops(
         n_layers=cfg.n_layers,
         first_memory_layer=first,
         adapter_fwd_per_token=adapter,
+        # targets ffn: only the down projection's input gradient; ffn+attn: the whole block.
+        lowest_memory_bwd_per_token=float(2 * d * f if memory is None or memory.targets == "ffn" else layer),
     )
 
 

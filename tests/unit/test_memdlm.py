@@ -96,8 +96,7 @@ def test_memory_sits_on_the_last_ten_percent_of_layers():
     assert MemoryConfig(enabled=True, layer_fraction=0.5).spec(8, 64, 96).layers == (4, 5, 6, 7)
 
 
-def test_pre_anchor_mask_contains_anchor_with_ratio_min_one_one_point_five(setup):
-    del setup
+def test_pre_anchor_mask_contains_anchor_with_ratio_min_one_one_point_five():
     g = torch.Generator().manual_seed(3)
     anchor = torch.rand(64, 40, generator=g) < torch.rand(64, 1, generator=g)
     maskable = torch.rand(64, 40, generator=g) < 0.9

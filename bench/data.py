@@ -1,0 +1,99 @@
+"""Data-path throughput: tokenising (all cores) and the streaming loader vs what training consumes.
+
+    python -m bench.data
+
+Prepares the sample dataset if needed (configs/data/sample.yaml), then measures
+* ``tokenize_tokens_per_s``: data_prep's parallel encoder over the whole sample corpus;
+* ``loader_tokens_per_s_{1worker,2workers}``: one epoch of the train split through
+  TokenBatchLoader (batch 8 x 256), worker start-up included;
+* ``train_tokens_per_s_default``: the default CPU run (small preset, MemDLM, batch 8) stepping
+  on this machine (forward + backward + AdamW), which the loader must outpace by >= 20x.
+Writes bench/results/data.json.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import machine, write
+from data_prep.config import PrepConfig
+from data_prep.corpus import CorpusStats, iter_documents
+from data_prep.sample_corpus import fetch_sample_corpus
+from data_prep.shard import _encoded, prepare_dataset
+from pipeline.config import load_config
+from pipeline.data.stream import DataConfig, TokenBatchLoader
+from pipeline.data.tokenizer import load_tokenizer
+
+
+def tokenize_throughput(prep: PrepConfig) -> dict:
+    docs_path = (
+        fetch_sample_corpus(Path(os.environ.get("MEMDLM_SAMPLE_CORPUS_CACHE", ".cache/sample_corpus")))
+        / "documents.jsonl"
+    )
+    tok = load_tokenizer(Path(prep.out_dir) / "tokenizer.model")
+    workers = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    n = sum(
+        len(ids)
+        for _, ids in _encoded(
+            iter_documents([(docs_path, "text")], CorpusStats()), tok.path, np.dtype(np.uint16), workers
+        )
+    )
+    seconds = time.perf_counter() - t0
+    return {"tokenize_tokens_per_s": n / seconds, "tokenize_tokens": n, "tokenize_workers": workers}
+
+
+def loader_throughput(path: str, workers: int, batch: int = 8) -> float:
+    loader = TokenBatchLoader(DataConfig(path=path, batch_size=batch, num_workers=workers), loop=False)
+    t0 = time.perf_counter()
+    tokens = sum(b["tokens"].numel() for b in loader)
+    return tokens / (time.perf_counter() - t0)
+
+
+def train_throughput(batch: int = 8, steps: int = 5) -> dict:
+    from bench.step import StepBench
+    from pipeline.model.parallel import init_distributed
+
+    os.environ.setdefault("MASTER_PORT", "29733")
+    init_distributed(tp=1)
+    bench = StepBench("small", batch, "cpu")
+    out = {}
+    for method in ("memdlm", "mdlm"):
+        bench.step(method)
+        times = [bench.step(method)[0] for _ in range(steps)]
+        out[method] = batch * bench.cfg.seq_len / statistics.median(times)
+    return {"train_tokens_per_s_default": out["memdlm"], "train_tokens_per_s_mdlm": out["mdlm"]}
+
+
+def main() -> None:
+    prep = load_config(PrepConfig, "configs/data/sample.yaml")
+    prepare_dataset(prep)
+    result = {"dataset": prep.out_dir, **tokenize_throughput(prep)}
+    result["loader_tokens_per_s_1worker"] = loader_throughput(prep.out_dir, 1)
+    result["loader_tokens_per_s_2workers"] = loader_throughput(prep.out_dir, 2)
+    torch.set_num_threads(os.cpu_count() or 1)
+    result.update(train_throughput())
+    result["loader_over_train_1worker"] = (
+        result["loader_tokens_per_s_1worker"] / result["train_tokens_per_s_default"]
+    )
+    result["targets"] = {"tokenize_tokens_per_s": ">= 1.5e6", "loader_over_train": ">= 20"}
+    result["machine"] = machine()
+    for k in (
+        "tokenize_tokens_per_s",
+        "loader_tokens_per_s_1worker",
+        "loader_tokens_per_s_2workers",
+        "train_tokens_per_s_default",
+        "loader_over_train_1worker",
+    ):
+        print(f"{k:32s} {result[k]:.4g}")
+    write("data", result)
+
+
+if __name__ == "__main__":
+    main()
