@@ -272,6 +272,79 @@ class MemDLMOutput:
     stage_stats: list[InnerStats]
 
 
+def inner_loop(
+    model,
+    tokens: torch.Tensor,
+    noise: Noise,
+    obj: ObjectiveConfig,
+    mem: MemoryConfig,
+    mask_id: int,
+    generator: torch.Generator,
+    dp_group: dist.ProcessGroup | None = None,
+    pre_masks: list[torch.Tensor] | None = None,
+    h_anchor: torch.Tensor | None = None,
+) -> tuple[FastWeights, list[InnerStats]]:
+    """Reset the memory and run the stages (1. pre-anchor ..., 2. anchor); returns phi and stats.
+
+    ``h_anchor`` is the anchor's hidden state below the first memory layer when the caller
+    already has it (training shares it with the outer loss); otherwise it is computed without
+    autograd (inference-time adaptation).
+    """
+    cfg = model.cfg
+    spec = mem.spec(cfg.n_layers, cfg.d_model, cfg.ffn_hidden)
+    first = spec.layers[0]
+    fast = spec.reset(tokens.shape[0] if mem.scope == "sample" else None, generator, tokens.device)
+    teacher = None
+    if mem.inner_loss != "ce":
+        with torch.no_grad():
+            teacher = _Teacher(
+                hidden=model.final_norm(model.run_layers(model.embed(tokens), 0, cfg.n_layers))
+            )
+    n_maskable = noise.maskable.sum(1).clamp(min=1)
+    stats: list[InnerStats] = []
+
+    # 1. stage 1: pre-anchor states (most noisy first) -> clean; no autograd below the memory
+    if pre_masks is None:
+        pre_masks = pre_anchor_masks(
+            noise.mask, noise.maskable, mem.pre_anchor_scale, mem.pre_anchor_steps, generator
+        )
+    for m_pre in pre_masks:
+        x_pre = torch.where(m_pre, mask_id, tokens)
+        with torch.no_grad():
+            h_pre = model.run_layers(model.embed(x_pre), 0, first)
+        w = loss_weight(
+            time_of_mask_ratio(m_pre.sum(1) / n_maskable, obj.schedule), obj.schedule, mem.inner_weighting
+        )
+        with frozen_weights(model):
+            losses = _position_losses(
+                model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, mem.checkpoint
+            )
+            fast, st = inner_step(fast, losses, m_pre, w, mem, dp_group)
+        stats.append(st)
+
+    # 2. stage 2: the exact anchor state -> clean
+    if mem.anchor_step:
+        if h_anchor is None:
+            with torch.no_grad():
+                h_anchor = model.run_layers(model.embed(noise.noisy), 0, first)
+        w = loss_weight(noise.t, obj.schedule, mem.inner_weighting)
+        with frozen_weights(model):
+            losses = _position_losses(
+                model,
+                h_anchor.detach(),
+                first,
+                fast,
+                noise.mask,
+                tokens,
+                mem.inner_loss,
+                teacher,
+                mem.checkpoint,
+            )
+            fast, st = inner_step(fast, losses, noise.mask, w, mem, dp_group)
+        stats.append(st)
+    return fast.detached(), stats
+
+
 def memdlm_loss(
     model,
     outer_forward: Callable[..., torch.Tensor],
@@ -291,66 +364,21 @@ def memdlm_loss(
     tokens [B, T] clean; ``noise`` is the MDLM anchor draw; ``pre_masks`` (most noisy first)
     replaces the drawn pre-anchor masks (evaluation and tests).
     """
-    cfg = model.cfg
-    spec = mem.spec(cfg.n_layers, cfg.d_model, cfg.ffn_hidden)
-    first = spec.layers[0]
-    B = tokens.shape[0]
-    fast = spec.reset(B if mem.scope == "sample" else None, generator, tokens.device)
-    teacher = None
-    if mem.inner_loss != "ce":
-        with torch.no_grad():
-            h = model.run_layers(model.embed(tokens), 0, cfg.n_layers)
-            teacher = _Teacher(hidden=model.final_norm(h))
-    n_maskable = noise.maskable.sum(1).clamp(min=1)
-    stats: list[InnerStats] = []
-
-    # 1.-2. stage 1: pre-anchor states (most noisy first) -> clean, no autograd below memory
-    if pre_masks is None:
-        pre_masks = pre_anchor_masks(
-            noise.mask, noise.maskable, mem.pre_anchor_scale, mem.pre_anchor_steps, generator
-        )
-    for m_pre in pre_masks:
-        x_pre = torch.where(m_pre, mask_id, tokens)
-        with torch.no_grad():
-            h_pre = model.run_layers(model.embed(x_pre), 0, first)
-        ratio = m_pre.sum(1) / n_maskable
-        w = loss_weight(time_of_mask_ratio(ratio, obj.schedule), obj.schedule, mem.inner_weighting)
-        with frozen_weights(model):
-            losses = _position_losses(
-                model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, mem.checkpoint
-            )
-            fast, st = inner_step(fast, losses, m_pre, w, mem, dp_group)
-        stats.append(st)
-
-    # 3. the anchor's pass below the memory: once, with autograd, shared with the outer loss
+    first = mem.spec(model.cfg.n_layers, model.cfg.d_model, model.cfg.ffn_hidden).layers[0]
+    # The anchor's pass below the memory: once, with autograd, shared by stage 2 and the outer loss.
     h_anchor = outer_forward(tokens=noise.noisy, end_layer=first)
-    if mem.anchor_step:
-        w = loss_weight(noise.t, obj.schedule, mem.inner_weighting)
-        with frozen_weights(model):
-            losses = _position_losses(
-                model,
-                h_anchor.detach(),
-                first,
-                fast,
-                noise.mask,
-                tokens,
-                mem.inner_loss,
-                teacher,
-                mem.checkpoint,
-            )
-            fast, st = inner_step(fast, losses, noise.mask, w, mem, dp_group)
-        stats.append(st)
-
-    # 4. outer: memory layers with phi2 as a constant, MDLM loss at the anchor mask
-    final = fast.detached()
+    fast, stats = inner_loop(
+        model, tokens, noise, obj, mem, mask_id, generator, dp_group, pre_masks, h_anchor
+    )
+    # 3. outer: the memory layers with phi2 as a constant (first-order), MDLM loss at M_t
     logits = outer_forward(
         hidden=h_anchor,
         start_layer=first,
-        fast=final.by_layer,
+        fast=fast.by_layer,
         positions=noise.mask,
         checkpoint_layers=mem.checkpoint,
     )
     ce = position_ce(logits, tokens[noise.mask])
     w = loss_weight(noise.t, obj.schedule, obj.weighting)
     loss = weighted_loss(ce, noise.mask, w, noise.maskable, obj.normalization, dp_group)
-    return MemDLMOutput(loss=loss, fast=final, stage_stats=stats)
+    return MemDLMOutput(loss=loss, fast=fast, stage_stats=stats)

@@ -1,0 +1,1 @@
+"""The distributed engine: DeepSpeed ZeRO-3 over megatron-core TP, checkpoints, export."""

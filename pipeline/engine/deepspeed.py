@@ -1,0 +1,161 @@
+"""DeepSpeed ZeRO over megatron-core tensor parallelism.
+
+    engine = build_engine(cfg, model_fn)    # after init_distributed(tp)
+
+* ``MegatronMPU`` gives DeepSpeed the names it expects (``get_model_parallel_*``,
+  ``get_data_parallel_*``, ...) over megatron's ``parallel_state``. Without it
+  (``mpu=None`` with TP=2) ZeRO averages the TP shards across TP ranks: silently wrong.
+* ZeRO partitions over the data-parallel group only; ``zero.Init`` gets that group explicitly
+  (without ``data_parallel_group`` it partitions over the whole world: silently wrong).
+* A client ``torch.optim.AdamW`` (DeepSpeed's fused/CPU Adam would compile C++ first),
+  explicit ``gradient_clipping`` (0.19.8 defaults it to 1.0), warm-up + cosine LR, bf16.
+* The caller runs inner-loop forwards through ``engine.module`` and only the outer loss
+  through ``engine(...)`` / ``engine.backward`` / ``engine.step``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pipeline.train_config import TrainConfig
+
+
+class MegatronMPU:
+    """DeepSpeed's ``mpu`` interface over megatron-core's parallel_state (no pipeline stages)."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+
+    # tensor (= model) parallel
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    # data parallel
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        import torch.distributed as dist
+
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
+    # no pipeline parallelism
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_group(self):
+        return None
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine down to ``lr * min_lr_ratio``."""
+    o = cfg.optim
+    total = cfg.steps
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def ds_config(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
+    p = cfg.parallel
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage == 3:
+        zero.update(
+            stage3_param_persistence_threshold=p.param_persistence_threshold,
+            overlap_comm=False,  # nothing to overlap on gloo; keeps CPU runs deterministic
+            contiguous_gradients=True,
+        )
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.grad_accum * dp_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": p.bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }
+
+
+def quiet_deepspeed() -> None:
+    """Skip the inference-only shm op (a 2-minute C++ build on CPU) and the accelerator probe noise."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def build_engine(cfg: TrainConfig, model_fn: Callable[[], torch.nn.Module]):
+    """Build the model (inside ``zero.Init`` when configured) and wrap it in a DeepSpeed engine.
+
+    Returns ``(engine, optimizer, scheduler)``. Weights must be final before this call: ZeRO's
+    fp32 master copy overwrites later changes at the next step (load through the engine).
+    """
+    quiet_deepspeed()
+    import deepspeed
+
+    mpu = MegatronMPU()
+    if cfg.parallel.zero_init and cfg.parallel.zero_stage == 3:
+        with deepspeed.zero.Init(
+            data_parallel_group=mpu.get_data_parallel_group(),
+            mpu=mpu,
+            config_dict_or_path=ds_config(cfg, mpu.get_data_parallel_world_size()),
+        ):
+            model = model_fn()
+    else:
+        model = model_fn()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        mpu=mpu,
+        config=ds_config(cfg, mpu.get_data_parallel_world_size()),
+        dist_init_required=False,
+    )
+    return engine, optimizer, scheduler

@@ -1,0 +1,107 @@
+"""Consolidated export: TP=1 safetensors + model config + tokenizer, loadable without DeepSpeed.
+
+    export_model(engine, cfg, out_dir, tokenizer_path)   # collective, at the end of training
+    model, info = load_exported("runs/local/export")     # anywhere, one process, no DeepSpeed
+
+``out_dir/model.safetensors`` holds full (unsharded) fp32 weights under the module's parameter
+names; ``config.json`` the model config, the method and memory config, and the special ids;
+``tokenizer.model`` the tokenizer. Written into a temporary folder and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from pipeline.model.config import ModelConfig
+from pipeline.model.parallel import tp_group, tp_size
+
+
+def _gather_tp(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False) or tp_size() == 1:
+        return full.detach().float().cpu().clone()
+    parts = [torch.empty_like(full) for _ in range(tp_size())]
+    dist.all_gather(parts, full.detach().contiguous(), group=tp_group())
+    return torch.cat(parts, dim=param.partition_dim).float().cpu()
+
+
+def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on every rank: ZeRO-3 partitions gathered, TP shards concatenated."""
+    import deepspeed
+
+    out = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            out[name] = _gather_tp(p, p.data)
+    return out
+
+
+def export_model(
+    engine, cfg, out_dir: str | Path, tokenizer_path: str | Path, special_ids: dict[str, Any], step: int
+) -> Path:
+    """Collective; rank 0 writes ``out_dir`` atomically."""
+    state = consolidated_state_dict(engine.module)
+    out_dir = Path(out_dir)
+    if dist.get_rank() == 0:
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / "model.safetensors"))
+        info = {
+            "model": asdict(cfg.model),
+            "method": cfg.method,
+            "memory": asdict(cfg.memory),
+            "objective": asdict(cfg.objective),
+            "special_ids": special_ids,
+            "step": step,
+        }
+        (tmp / "config.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    dist.barrier()
+    return out_dir
+
+
+def load_exported(path: str | Path, device: str = "cpu"):
+    """Load an export as a TP=1 ``DLMTransformer`` in eval mode; returns ``(model, info)``.
+
+    Starts a one-process TP=1 group on its own if none exists (the megatron layers need one).
+    """
+    from pipeline.model.parallel import init_distributed
+    from pipeline.model.transformer import DLMTransformer
+
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: no model.safetensors (not an export directory)")
+    info = json.loads((path / "config.json").read_text())
+    if not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    init_distributed(tp=1)
+    cfg = ModelConfig(**info["model"])
+    with torch.device("meta"):
+        model = DLMTransformer(cfg)
+    state = load_file(str(path / "model.safetensors"), device=device)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rope_cos, model.rope_sin = (t.to(device) for t in _rope(cfg))
+    return model.eval(), info
+
+
+def _rope(cfg: ModelConfig):
+    from pipeline.model.transformer import rope_tables
+
+    return rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)

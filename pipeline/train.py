@@ -1,0 +1,351 @@
+"""The training loop: MDLM or MemDLM on DeepSpeed ZeRO over megatron-core TP.
+
+    torchrun --nproc_per_node 2 -m pipeline.train --config configs/train/local.yaml parallel.tp=2
+    python -m pipeline.train --config configs/train/local.yaml steps=50 memory.enabled=false
+
+Per step: stream a batch (its position is part of the checkpoint), draw the anchor noise from
+a generator seeded by (seed, step, micro-batch, data-parallel rank), compute the MDLM loss or
+MemDLM's outer loss (inner loop through ``engine.module``, outer loss through ``engine``),
+backward and step. A non-finite loss on any rank skips that micro-batch on every rank;
+``max_nonfinite_steps`` in a row stop the run with the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline.config import ConfigError
+from pipeline.data.manifest import DatasetError, load_manifest, verify_manifest
+from pipeline.data.stream import TokenBatchLoader
+from pipeline.engine.checkpoint import (
+    CheckpointError,
+    Layout,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pipeline.memory.inner_loop import MemoryConfig, inner_loop, memdlm_loss
+from pipeline.model.flops import estimate_flops
+from pipeline.model.parallel import ParallelDims, dp_group, dp_rank, dp_size, init_distributed
+from pipeline.model.transformer import DLMTransformer
+from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
+from pipeline.train_config import TrainConfig, load_train_config, resolve_train_dict
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+def _device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+def _generator(device: torch.device, *parts: int) -> torch.Generator:
+    seed = int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") & (
+        2**63 - 1
+    )
+    return torch.Generator(device).manual_seed(seed)
+
+
+def _peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Trainer:
+    """Holds the engine, the data stream and the counters; ``run()`` trains to ``cfg.steps``."""
+
+    def __init__(self, cfg: TrainConfig, resolved: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.resolved = resolved or asdict(cfg)
+        self.dims: ParallelDims = init_distributed(cfg.parallel.tp)
+        self.rank = dist.get_rank()
+        self.device = _device()
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.manifest = load_manifest(cfg.data.path)
+        verify_manifest(
+            self.manifest, cfg.data.path, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len
+        )
+        self.manifest_sha = hashlib.sha256((Path(cfg.data.path) / "manifest.json").read_bytes()).hexdigest()
+        ids = self.manifest.special_ids
+        self.mask_id, self.pad_id = int(ids["mask"]), int(ids["pad"])
+        from pipeline.engine.deepspeed import build_engine
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (and TP size)
+        self.engine, self.optimizer, self.scheduler = build_engine(cfg, lambda: DLMTransformer(cfg.model))
+        self.model = self.engine.module
+        self.loader = TokenBatchLoader(cfg.data, rank=dp_rank(), world_size=dp_size())
+        self.flops = estimate_flops(cfg.model, cfg.memory)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.inner_skipped_total = 0.0
+        self.history: list[dict[str, Any]] = []
+        if cfg.checkpoint.resume:
+            self._maybe_resume()
+        self.batches = iter(self.loader)
+
+    # ------------------------------------------------------------ checkpoints
+    def _layout(self) -> Layout:
+        return Layout(world=self.dims.world, tp=self.dims.tp, dp=self.dims.dp)
+
+    def _maybe_resume(self) -> None:
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return
+        state = load_checkpoint(self.engine, path, self._layout(), self.manifest_sha)
+        self.loader.load_state_dict(state["data"][self.rank][0])
+        self.step = state["step"]
+        self.nonfinite_total = state["counters"]["nonfinite_total"]
+        self.inner_skipped_total = state["counters"]["inner_skipped_total"]
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> Path:
+        state = {
+            "config": self.resolved,
+            "manifest_sha256": self.manifest_sha,
+            "layout": asdict(self._layout()),
+            "counters": {
+                "nonfinite_total": self.nonfinite_total,
+                "inner_skipped_total": self.inner_skipped_total,
+            },
+        }
+        return save_checkpoint(
+            self.engine, self.ckpt_dir, self.step, state, [self.loader.state_dict()], self.cfg.checkpoint.keep
+        )
+
+    # ------------------------------------------------------------ one step
+    def _micro_loss(self, tokens: torch.Tensor, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        g = _generator(self.device, cfg.seed, self.step, micro, dp_rank())
+        noise = draw_noise(tokens, maskable_positions(tokens, self.pad_id), cfg.objective, self.mask_id, g)
+        stats: dict[str, torch.Tensor] = {"masked": noise.mask.sum()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.parallel.bf16):
+            if cfg.memory.enabled:
+                out = memdlm_loss(
+                    self.model,
+                    self.engine,
+                    tokens,
+                    noise,
+                    cfg.objective,
+                    cfg.memory,
+                    self.mask_id,
+                    g,
+                    dp_group(),
+                )
+                for k, st in enumerate(out.stage_stats):
+                    stats[f"inner/stage{k + 1}_loss"] = st.loss
+                    stats[f"inner/stage{k + 1}_grad_norm"] = st.grad_norm
+                    stats[f"inner/stage{k + 1}_skipped"] = st.skipped
+                return out.loss, stats
+            return mdlm_loss(self.engine, tokens, noise, cfg.objective, dp_group()), stats
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        losses, extra, stepped = [], {}, 0
+        for micro in range(self.cfg.grad_accum):
+            tokens = next(self.batches)["tokens"].to(self.device, non_blocking=True)
+            loss, stats = self._micro_loss(tokens, micro)
+            finite = torch.isfinite(loss.detach()).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips together, or none does
+            if finite.item() < 1.0:
+                self.nonfinite_total += 1
+                self.nonfinite_run += 1
+                if self.nonfinite_run >= self.cfg.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"{self.nonfinite_run} consecutive non-finite losses at step {self.step}; stopping. The last "
+                        f"good checkpoint is {latest_checkpoint(self.ckpt_dir) or '(none yet)'}"
+                    )
+                continue
+            self.nonfinite_run = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            stepped += 1
+            losses.append(loss.detach())
+            for k, v in stats.items():
+                extra[k] = extra.get(k, 0.0) + v.detach().float()
+        self.step += 1
+        seconds = time.perf_counter() - t0
+        tokens_per_step = (
+            self.cfg.data.batch_size * self.cfg.model.seq_len * self.cfg.grad_accum * self.dims.dp
+        )
+        out = {"step": self.step, "seconds": seconds, "tokens_per_s": tokens_per_step / seconds}
+        if stepped:
+            mean_loss = torch.stack(losses).mean()
+            dist.all_reduce(mean_loss, group=dp_group())
+            out["loss"] = float(mean_loss) / self.dims.dp
+            out["lr"] = float(self.scheduler.get_last_lr()[0])
+            gn = self.engine.get_global_grad_norm()
+            out["grad_norm"] = float(gn) if gn is not None else float("nan")
+            for k, v in extra.items():
+                out[k] = float(v) / stepped
+            skipped = sum(v for k, v in out.items() if k.endswith("_skipped"))
+            self.inner_skipped_total += skipped * stepped
+            masked = out.pop("masked") * self.dims.dp
+            flops = self.flops.mdlm_step(tokens_per_step, masked)
+            if self.cfg.memory.enabled:
+                n = tokens_per_step
+                flops += self.flops.memdlm_extra(
+                    n, [min(n, 1.5 * masked)] * self.cfg.memory.pre_anchor_steps, masked
+                )
+            out["model_tflops_per_s"] = flops / seconds / 1e12 / self.dims.world
+        out["nonfinite_total"] = self.nonfinite_total
+        out["inner_skipped_total"] = self.inner_skipped_total
+        out["peak_memory_mib"] = _peak_memory_mib()
+        return out
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss with the memory off; with ``eval.adapt``, also the continuation loss
+        after inference-time adaptation on the context only (never on the scored tokens)."""
+        cfg, ev = self.cfg, self.cfg.eval
+        val = TokenBatchLoader(
+            cfg.data, split="val", rank=dp_rank(), world_size=dp_size(), shuffle=False, loop=False
+        )
+        C = int(cfg.model.seq_len * ev.context_fraction)
+        adapt_mem = replace(
+            cfg.memory,
+            scope="sample",
+            sync_dp=False,
+            inner_weighting="uniform",
+            pre_anchor_scale=ev.pre_anchor_ratio / ev.anchor_ratio,
+            pre_anchor_steps=1,
+            anchor_step=True,
+        )
+        sums = torch.zeros(4, dtype=torch.float64)
+        for i, batch in enumerate(val):
+            if i >= ev.batches:
+                break
+            tokens = batch["tokens"].to(self.device)
+            g = _generator(self.device, cfg.seed, 10**9, i, dp_rank())  # same draws at every evaluation
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.parallel.bf16):
+                with torch.no_grad():
+                    noise = draw_noise(
+                        tokens, maskable_positions(tokens, self.pad_id), cfg.objective, self.mask_id, g
+                    )
+                    sums[0] += float(mdlm_loss(self.model, tokens, noise, cfg.objective))
+                    cont = maskable_positions(tokens, self.pad_id) & (
+                        torch.arange(tokens.shape[1], device=tokens.device) >= C
+                    )
+                    cnoise = draw_noise(tokens, cont, cfg.objective, self.mask_id, g)
+                    sums[1] += float(mdlm_loss(self.model, tokens, cnoise, cfg.objective))
+                if ev.adapt and cfg.memory.enabled:
+                    ctx = tokens[:, :C]
+                    anchor = draw_noise(
+                        ctx,
+                        maskable_positions(ctx, self.pad_id),
+                        ObjectiveConfig(),
+                        self.mask_id,
+                        g,
+                        t=torch.full((ctx.shape[0],), ev.anchor_ratio, device=ctx.device),
+                    )
+                    fast, _ = inner_loop(self.model, ctx, anchor, cfg.objective, adapt_mem, self.mask_id, g)
+                    with torch.no_grad():
+                        adapted = lambda **kw: self.model(fast=fast.by_layer, **kw)  # noqa: E731
+                        sums[2] += float(mdlm_loss(adapted, tokens, cnoise, cfg.objective))
+            sums[3] += 1
+        dist.all_reduce(sums)
+        n = max(1.0, float(sums[3]))
+        out = {"eval/loss": float(sums[0]) / n, "eval/continuation_loss": float(sums[1]) / n}
+        if ev.adapt and cfg.memory.enabled:
+            out["eval/continuation_loss_adapted"] = float(sums[2]) / n
+        return out
+
+    # ------------------------------------------------------------ the loop
+    def run(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Train to ``cfg.steps`` (or ``stop_after`` more steps); returns the logged records."""
+        cfg = self.cfg
+        target = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
+        bar = tqdm(
+            total=target,
+            initial=self.step,
+            desc=cfg.method,
+            unit="step",
+            disable=self.rank != 0,
+            dynamic_ncols=True,
+        )
+        while self.step < target:
+            rec = self.train_step()
+            bar.update(1)
+            if "loss" in rec:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if cfg.eval.every and self.step % cfg.eval.every == 0:
+                rec.update(self.evaluate())
+            if (
+                self.step % cfg.log_every == 0
+                or self.step == target
+                or any(k.startswith("eval/") for k in rec)
+            ):
+                self.history.append(rec)
+                if self.rank == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < target:
+                self.save()
+        bar.close()
+        if self.step >= target:
+            self.save()
+        return self.history
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/train/local.yaml")
+    parser.add_argument("--export", action="store_true", help="write a consolidated export at the end")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
+    args = parser.parse_args(argv)
+    try:
+        resolved = resolve_train_dict(args.config, args.overrides)
+        cfg = load_train_config(args.config, args.overrides)
+        trainer = Trainer(cfg, resolved)
+        trainer.run()
+        if args.export:
+            from pipeline.engine.export import export_model
+
+            export_model(
+                trainer.engine,
+                cfg,
+                Path(cfg.run_dir) / "export",
+                Path(cfg.data.path) / trainer.manifest.tokenizer_file,
+                trainer.manifest.special_ids,
+                trainer.step,
+            )
+    except (ConfigError, DatasetError, CheckpointError, TrainingDiverged) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["MemoryConfig", "Trainer", "TrainingDiverged", "main"]
