@@ -13,6 +13,7 @@ backward and step. A non-finite loss on any rank skips that micro-batch on every
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import resource
@@ -260,7 +261,7 @@ class Trainer:
                     )
                     fast, _ = inner_loop(self.model, ctx, anchor, cfg.objective, adapt_mem, self.mask_id, g)
                     with torch.no_grad():
-                        adapted = lambda **kw: self.model(fast=fast.by_layer, **kw)  # noqa: E731
+                        adapted = functools.partial(self.model, fast=fast.by_layer)
                         sums[2] += float(mdlm_loss(adapted, tokens, cnoise, cfg.objective))
             sums[3] += 1
         dist.all_reduce(sums)
