@@ -74,6 +74,12 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
         (item_tp,) = get_args(tp)
         return [_convert(v, item_tp, source, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "3e-4" as a string; a float key takes it as the number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{_where(source, key)}: got {value!r}, expected a number")
         return float(value)

@@ -142,7 +142,10 @@ def build_engine(cfg: TrainConfig, model_fn: Callable[[], torch.nn.Module]):
         model = model_fn()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+        # Under zero.Init a parameter's data is already an empty 1-D partition: p.dim() says 1
+        # for every weight, and weight decay silently vanishes. ds_shape is the real shape.
+        shape = getattr(p, "ds_shape", p.shape)
+        (no_decay if len(shape) < 2 or "norm" in name else decay).append(p)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

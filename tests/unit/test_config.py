@@ -27,6 +27,15 @@ def test_yaml_and_dotted_overrides_build_typed_config(tmp_path):
     assert cfg.corpus == ["a.txt", "b/"]
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    cfg = load_config(
+        PrepConfig, _yaml(tmp_path, "out_dir: d\nval_fraction: 5e-3\n"), ["tokenizer.character_coverage=1e0"]
+    )
+    assert cfg.val_fraction == 0.005 and cfg.tokenizer.character_coverage == 1.0
+    with pytest.raises(ConfigError, match=r"key 'val_fraction': got 'lots', expected a number"):
+        load_config(PrepConfig, None, ["out_dir=d", "val_fraction=lots"])
+
+
 def test_unknown_key_names_file_key_and_suggestion(tmp_path):
     p = _yaml(tmp_path, "out_dir: d\ntokenizer:\n  vocab_sise: 1000\n")
     with pytest.raises(
