@@ -19,7 +19,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint format data sample-corpus pretrain bench bench-data bench-step clean
+.PHONY: help venv test test-fast lint format data sample-corpus pretrain bench bench-data bench-step bench-scale clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -58,10 +58,13 @@ data: venv ## tokenise + shard your corpus: make data CORPUS='texts/*.jsonl' OUT
 pretrain: venv ## prepare data and train: make pretrain CLUSTER=local [CONFIG=...] [ARGS='key=value ...']
 	$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-bench: bench-data bench-step ## all benchmarks (results in bench/results/)
+bench: bench-data bench-step bench-scale ## all benchmarks (results in bench/results/)
 
 bench-data: venv ## tokeniser + loader throughput vs training consumption -> bench/results/data.json
 	$(PY) -m bench.data
+
+bench-scale: venv ## per-rank memory + step time at world 1/2 (DP, TP), memory model -> bench/results/scale.json
+	$(PY) -m bench.scale
 
 bench-step: venv ## MemDLM vs MDLM step time, FLOP ratio, MFU (small preset) -> bench/results/step.json
 	$(PY) -m bench.step

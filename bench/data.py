@@ -6,8 +6,9 @@ Prepares the sample dataset if needed (configs/data/sample.yaml), then measures
 * ``tokenize_tokens_per_s``: data_prep's parallel encoder over the whole sample corpus;
 * ``loader_tokens_per_s_{1worker,2workers}``: one epoch of the train split through
   TokenBatchLoader (batch 8 x 256), worker start-up included;
-* ``train_tokens_per_s_default``: the default CPU run (small preset, MemDLM, batch 8) stepping
-  on this machine (forward + backward + AdamW), which the loader must outpace by >= 20x.
+* ``train_tokens_per_s_default``: the default CPU run (configs/train/local.yaml: small preset,
+  MemDLM, batch 8, DeepSpeed ZeRO-3, bf16) stepping through the real Trainer, which the loader
+  must outpace by >= 20x (``train_tokens_per_s_mdlm``: the same with the memory off).
 Writes bench/results/data.json.
 """
 
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bench.common import machine, write
 from data_prep.config import PrepConfig
@@ -56,18 +56,29 @@ def loader_throughput(path: str, workers: int, batch: int = 8) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
-def train_throughput(batch: int = 8, steps: int = 5) -> dict:
-    from bench.step import StepBench
-    from pipeline.model.parallel import init_distributed
+def train_throughput(steps: int = 6) -> dict:
+    """Tokens/s of the default run (configs/train/local.yaml: MemDLM, ZeRO-3, bf16) and of its MDLM twin."""
+    import tempfile
+
+    from pipeline.train import Trainer
+    from pipeline.train_config import load_train_config
 
     os.environ.setdefault("MASTER_PORT", "29733")
-    init_distributed(tp=1)
-    bench = StepBench("small", batch, "cpu")
     out = {}
-    for method in ("memdlm", "mdlm"):
-        bench.step(method)
-        times = [bench.step(method)[0] for _ in range(steps)]
-        out[method] = batch * bench.cfg.seq_len / statistics.median(times)
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("memdlm", "mdlm"):
+            cfg = load_train_config(
+                "configs/train/local.yaml",
+                [
+                    f"run_dir={tmp}/{method}",
+                    "checkpoint.resume=false",
+                    "eval.every=0",
+                    f"memory.enabled={'true' if method == 'memdlm' else 'false'}",
+                ],
+            )
+            trainer = Trainer(cfg)
+            records = [trainer.train_step() for _ in range(steps)]
+            out[method] = statistics.median(r["tokens_per_s"] for r in records[2:])
     return {"train_tokens_per_s_default": out["memdlm"], "train_tokens_per_s_mdlm": out["mdlm"]}
 
 
@@ -77,7 +88,6 @@ def main() -> None:
     result = {"dataset": prep.out_dir, **tokenize_throughput(prep)}
     result["loader_tokens_per_s_1worker"] = loader_throughput(prep.out_dir, 1)
     result["loader_tokens_per_s_2workers"] = loader_throughput(prep.out_dir, 2)
-    torch.set_num_threads(os.cpu_count() or 1)
     result.update(train_throughput())
     result["loader_over_train_1worker"] = (
         result["loader_tokens_per_s_1worker"] / result["train_tokens_per_s_default"]

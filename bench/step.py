@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from bench.common import bf16_matmul_peak, machine, sync, write
+from bench.common import machine, write
 from pipeline.config import load_config
 from pipeline.memory.inner_loop import MemoryConfig, memdlm_loss, pre_anchor_masks
 from pipeline.model.config import ModelConfig
-from pipeline.model.flops import estimate_flops
+from pipeline.model.flops import bf16_matmul_peak, estimate_flops, sync
 from pipeline.model.parallel import init_distributed
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss

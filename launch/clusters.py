@@ -15,6 +15,7 @@ CLUSTER_DIR = Path("configs/cluster")
 class ClusterConfig:
     executor: Literal["local", "slurm"]
     data: str = "configs/data/sample.yaml"  # dataset build config (data_prep), prepared before launch
+    train: str = "configs/train/local.yaml"  # training config (CONFIG= overrides it)
     nodes: int = 1
     tasks_per_node: int = 1  # one task per GPU (or per CPU process group locally)
 

@@ -19,6 +19,7 @@ import json
 import resource
 import sys
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,15 @@ from pipeline.engine.checkpoint import (
     save_checkpoint,
 )
 from pipeline.memory.inner_loop import MemoryConfig, inner_loop, memdlm_loss
-from pipeline.model.flops import estimate_flops
+from pipeline.model.flops import bf16_matmul_peak, estimate_flops
 from pipeline.model.parallel import ParallelDims, dp_group, dp_rank, dp_size, init_distributed
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
 from pipeline.train_config import TrainConfig, load_train_config, resolve_train_dict
+
+# DeepSpeed 0.19.8 calls torch.distributed collectives that torch 2.13 marks deprecated; the
+# warning repeats every step and buries the progress bar.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,6 +100,7 @@ class Trainer:
         self.model = self.engine.module
         self.loader = TokenBatchLoader(cfg.data, rank=dp_rank(), world_size=dp_size())
         self.flops = estimate_flops(cfg.model, cfg.memory)
+        self.peak_flops = cfg.peak_tflops * 1e12 or bf16_matmul_peak(self.device.type, seconds=0.6)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
@@ -209,6 +215,7 @@ class Trainer:
                     n, [min(n, 1.5 * masked)] * self.cfg.memory.pre_anchor_steps, masked
                 )
             out["model_tflops_per_s"] = flops / seconds / 1e12 / self.dims.world
+            out["mfu"] = flops / seconds / self.dims.world / self.peak_flops
         out["nonfinite_total"] = self.nonfinite_total
         out["inner_skipped_total"] = self.inner_skipped_total
         out["peak_memory_mib"] = _peak_memory_mib()

@@ -74,6 +74,9 @@ class TrainConfig:
     grad_accum: int = 1
     log_every: int = 10
     max_nonfinite_steps: int = 3  # consecutive non-finite losses before the run stops
+    # bf16 peak of one device in TFLOP/s for MFU (e.g. 989 for an H100 SXM); 0 = measure a bf16
+    # matmul at start-up (about a second)
+    peak_tflops: float = 0.0
     model_preset: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

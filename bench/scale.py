@@ -1,0 +1,105 @@
+"""Per-rank peak memory and step time of the small config at world 1 and 2 (DP and TP), and the
+memory model's predictions for the 1B and 7B presets on 8-256 GPUs.
+
+    python -m bench.scale [--steps 4]
+
+Each configuration runs MemDLM (ZeRO-3, bf16, global batch 8 x 256) in its own torchrun launch
+(gloo, OMP_NUM_THREADS = cores / world). The memory model (pipeline/engine/memory_model.py) is
+checked against what is measured: measured peak RSS minus the process's RSS before the model
+existed (interpreter + libraries) vs the predicted training-state + activation bytes.
+Writes bench/results/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import machine, write
+from pipeline.engine.memory_model import estimate_memory
+from pipeline.train_config import load_train_config
+
+LAYOUTS = [(1, 1, 1), (2, 1, 2), (2, 2, 1)]  # (world, tp, dp)
+GPU_COUNTS = [8, 16, 32, 64, 128, 256]
+
+
+def measure(world: int, tp: int, steps: int) -> list[dict]:
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "scale.json"
+        env = dict(
+            os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)), PYTHONPATH=str(root)
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={world}",
+            "--master_port=29741",
+            str(root / "bench" / "_scale_worker.py"),
+            str(tp),
+            str(steps),
+            str(out),
+        ]
+        subprocess.run(
+            cmd, env=env, check=True, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=4)
+    args = p.parse_args()
+    small = load_train_config("configs/train/local.yaml")
+    configs = []
+    for world, tp, dp in LAYOUTS:
+        recs = measure(world, tp, args.steps)
+        pred = estimate_memory(small.model, small.memory, micro_batch=8 // dp, tp=tp, dp=dp)
+        peak = max(r["peak_rss_mib"] for r in recs)
+        above_baseline = max(r["peak_rss_mib"] - r["baseline_rss_mib"] for r in recs)
+        configs.append(
+            {
+                "world": world,
+                "tp": tp,
+                "dp": dp,
+                "peak_rss_mib_per_rank": peak,
+                "rss_above_baseline_mib_per_rank": above_baseline,
+                "predicted_mib_per_rank": pred.total / 2**20,
+                "predicted_over_measured": pred.total / 2**20 / above_baseline,
+                "step_s": max(r["step_s"] for r in recs),
+                "per_rank": recs,
+            }
+        )
+        print(
+            f"world {world} tp {tp} dp {dp}: peak {peak:.0f} MiB/rank (+{above_baseline:.0f} over baseline, "
+            f"model {pred.total / 2**20:.0f}), step {configs[-1]['step_s']:.2f}s"
+        )
+    predictions = []
+    for preset, seq in (("1b", 2048), ("7b", 4096)):
+        cfg = load_train_config(None, [f"model_preset={preset}", "memory.enabled=true"])
+        for gpus in GPU_COUNTS:
+            for tp in (1, 8):
+                est = estimate_memory(cfg.model, cfg.memory, micro_batch=1, tp=tp, dp=gpus // tp, seq_len=seq)
+                predictions.append(
+                    {
+                        "preset": preset,
+                        "gpus": gpus,
+                        "tp": tp,
+                        "dp": gpus // tp,
+                        "micro_batch": 1,
+                        "seq_len": seq,
+                        "gib_per_gpu": round(est.total_gib, 2),
+                        "breakdown_gib": est.as_gib(),
+                    }
+                )
+    write("scale", {"configs": configs, "predictions": predictions, "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()
