@@ -20,7 +20,11 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(tp: int, steps: int, out: str) -> None:
+def device_mib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+def main(tp: int, steps: int, out: str, preset: str = "small", global_batch: int = GLOBAL_BATCH) -> None:
     init_distributed(tp=tp)
     from pipeline.engine.deepspeed import build_engine
     from pipeline.memory.inner_loop import memdlm_loss
@@ -28,19 +32,27 @@ def main(tp: int, steps: int, out: str) -> None:
     from pipeline.objectives.mdlm import draw_noise, maskable_positions
     from pipeline.train_config import load_train_config
 
-    per_rank = GLOBAL_BATCH // dp_size()
-    cfg = load_train_config("configs/train/local.yaml", [f"parallel.tp={tp}", f"data.batch_size={per_rank}"])
+    per_rank = global_batch // dp_size()
+    cfg = load_train_config(
+        "configs/train/local.yaml",
+        [f"parallel.tp={tp}", f"data.batch_size={per_rank}", f"model_preset={preset}"],
+    )
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     baseline = rss_mib()  # interpreter, torch, DeepSpeed, megatron: not part of the memory model
     torch.manual_seed(0)
     engine, _, _ = build_engine(cfg, lambda: DLMTransformer(cfg.model))
-    g = torch.Generator().manual_seed(dp_rank())
-    tokens = torch.randint(6, cfg.model.vocab_size, (per_rank, cfg.model.seq_len), generator=g)
+    g = torch.Generator(device).manual_seed(dp_rank())
+    tokens = torch.randint(6, cfg.model.vocab_size, (per_rank, cfg.model.seq_len), generator=g, device=device)
     times = []
     for step in range(steps + 2):
         noise = draw_noise(tokens, maskable_positions(tokens, 0), cfg.objective, 4, g)
         dist.barrier()
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = memdlm_loss(
                 engine.module, engine, tokens, noise, cfg.objective, cfg.memory, 4, g, dp_group()
             ).loss
@@ -53,6 +65,7 @@ def main(tp: int, steps: int, out: str) -> None:
         "rank": dist.get_rank(),
         "baseline_rss_mib": baseline,
         "peak_rss_mib": rss_mib(),
+        "peak_device_mib": device_mib(),  # torch.cuda.max_memory_allocated on GPUs
         "step_s": statistics.median(times),
     }
     recs = [None] * dist.get_world_size()
@@ -64,4 +77,4 @@ def main(tp: int, steps: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))

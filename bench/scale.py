@@ -28,13 +28,12 @@ LAYOUTS = [(1, 1, 1), (2, 1, 2), (2, 2, 1)]  # (world, tp, dp)
 GPU_COUNTS = [8, 16, 32, 64, 128, 256]
 
 
-def measure(world: int, tp: int, steps: int) -> list[dict]:
+def measure(world: int, tp: int, steps: int, preset: str = "small", global_batch: int = 8) -> list[dict]:
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "scale.json"
-        env = dict(
-            os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)), PYTHONPATH=str(root)
-        )
+        path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)), PYTHONPATH=path)
         cmd = [
             sys.executable,
             "-m",
@@ -45,24 +44,33 @@ def measure(world: int, tp: int, steps: int) -> list[dict]:
             str(tp),
             str(steps),
             str(out),
+            preset,
+            str(global_batch),
         ]
-        subprocess.run(
-            cmd, env=env, check=True, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--worlds", default="1,2", help="which world sizes to run (GPU machines: 1)")
+    p.add_argument("--out", default="scale")
     args = p.parse_args()
-    small = load_train_config("configs/train/local.yaml")
+    small = load_train_config("configs/train/local.yaml", [f"model_preset={args.preset}"])
+    worlds = {int(w) for w in args.worlds.split(",")}
     configs = []
-    for world, tp, dp in LAYOUTS:
-        recs = measure(world, tp, args.steps)
-        pred = estimate_memory(small.model, small.memory, micro_batch=8 // dp, tp=tp, dp=dp)
+    for world, tp, dp in (lay for lay in LAYOUTS if lay[0] in worlds):
+        recs = measure(world, tp, args.steps, args.preset, args.global_batch)
+        pred = estimate_memory(small.model, small.memory, micro_batch=args.global_batch // dp, tp=tp, dp=dp)
         peak = max(r["peak_rss_mib"] for r in recs)
         above_baseline = max(r["peak_rss_mib"] - r["baseline_rss_mib"] for r in recs)
+        if any(r["peak_device_mib"] for r in recs):  # on GPUs the allocator's peak is the comparable number
+            above_baseline = max(r["peak_device_mib"] for r in recs)
         configs.append(
             {
                 "world": world,
@@ -98,7 +106,7 @@ def main() -> None:
                         "breakdown_gib": est.as_gib(),
                     }
                 )
-    write("scale", {"configs": configs, "predictions": predictions, "machine": machine()})
+    write(args.out, {"configs": configs, "predictions": predictions, "machine": machine()})
 
 
 if __name__ == "__main__":

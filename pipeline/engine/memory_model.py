@@ -10,16 +10,18 @@ Model (bytes per rank; P = parameters, N = tp * dp for ZeRO-3, tp for stages 0-2
 * gradients: ``4 P / N`` (fp32 partition the optimizer reads) plus a bf16 bucket of one layer,
   and under ZeRO-3 the reduce and prefetch buckets (``d^2`` and ``0.9 d^2`` elements, bf16).
 * optimizer: fp32 master, Adam m and v: ``12 P / N`` (ZeRO >= 1), ``12 P / tp`` for stage 0.
-* activations kept for backward, per token per layer, bf16 (tensors this code saves):
-  attention: block input, norm output, q, k, v, rotated q, k, attention output -> ``2d + 6d/tp``;
-  FFN: block input, norm output, gate, up, silu(gate), product -> ``2d + 4f/tp``; RMSNorm's fp32
-  inputs ``2 x 2d`` (as bf16 element equivalents); times ``micro_batch * seq_len * n_layers``.
-  The LM head at the loss positions (``mask_fraction * tokens``): bf16 logits plus fp32 logits and
-  softmax for the cross-entropy: ``10 V / tp`` bytes each.
-* MemDLM: fast weights (fp32, LoRA: ``r (in + out)`` per target, sharded like the weight),
-  their gradients and one inner stage's activations of the memory layers (freed before the
-  outer backward; they peak together with the outer forward's saved tensors only in the
-  memory layers).
+* activations kept for backward, per token per layer, in bytes: ``20 d`` replicated (the two
+  RMSNorms keep fp32 inputs and outputs, the residual stream) plus ``(18 d + 10.25 f) / tp``
+  sharded with the heads and the FFN (q, k, v, rotated q/k, attention output and its
+  log-sum-exp; gate, up, silu, product). Coefficients measured with
+  ``torch.autograd.graph.saved_tensors_hooks`` on this model under bf16 autocast (a unit test
+  re-measures them); times ``micro_batch * seq_len * n_layers``. The LM head at the loss
+  positions (``mask_fraction * tokens``) keeps bf16 logits and the fp32 softmax: ``6 V / tp``
+  bytes each, and its backward briefly holds an fp32 gradient of the logits: ``4 V / tp``.
+* MemDLM: fast weights (fp32, LoRA: ``r (in + out)`` per target, sharded like the weight) and
+  their gradients; and, if larger than the outer forward's, the stage-2 peak: the anchor's pass
+  below the memory plus one inner stage's memory layers and head at the pre-anchor positions
+  (inner stages are freed before the outer forward, so the two never add up).
 """
 
 from __future__ import annotations
@@ -73,10 +75,10 @@ def estimate_memory(
     if zero_stage == 3:  # reduce bucket (d^2) and prefetch bucket (0.9 d^2), bf16 (engine/deepspeed.py)
         grads += 2 * 1.9 * d * d
     optimizer = 12 * P / (tp * dp if zero_stage >= 1 else tp)
-    per_token_layer = 2 * ((2 * d + 6 * d / tp) + (2 * d + 4 * f / tp) + 2 * 2 * d)
+    per_token_layer = 20 * d + (18 * d + 10.25 * f) / tp
     tokens = micro_batch * T
     activations = per_token_layer * tokens * L
-    head = 10 * V / tp * tokens * mask_fraction
+    head = (6 + 4) * V / tp * tokens * mask_fraction
     fast = 0.0
     if memory is not None and memory.enabled:
         spec = memory.spec(L, d, f)
@@ -90,10 +92,13 @@ def estimate_memory(
             else:  # row-parallel: A [r, in/tp], B [out, r] replicated
                 per_layer += memory.rank * (inp / tp + out)
         copies = micro_batch if memory.scope == "sample" else 1
-        fast = 4 * 2 * per_layer * len(spec.layers) * copies  # values + gradients
-        # one inner stage's memory-layer activations and its head at the pre-anchor positions
-        fast += (
-            per_token_layer * tokens * len(spec.layers) + head * min(1.0, 1.5 * mask_fraction) / mask_fraction
-        )
+        fast = 4 * 2 * per_layer * len(spec.layers) * copies  # fp32 values + gradients
+        # Stage 2 runs while the anchor's pass below the memory holds its activations: that pass,
+        # plus the memory layers and the head at the (larger) pre-anchor set of one inner stage,
+        # is the other candidate for the peak; the outer forward frees the inner stage first.
+        below = activations * spec.layers[0] / L
+        inner = below + per_token_layer * tokens * len(spec.layers) + head * min(1.0, 1.5 * mask_fraction) / mask_fraction
+        if inner > activations + head:
+            fast += inner - (activations + head)
     total = params + grads + optimizer + activations + head + fast
     return MemoryEstimate(params, grads, optimizer, activations, head, fast, total)

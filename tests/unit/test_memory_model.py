@@ -44,3 +44,30 @@ def test_memdlm_adds_fast_weights_and_one_inner_stage(seven_b):
     lora = 32 * (4096 + 11008 / 8) * 2 + 32 * (11008 / 8 + 4096)  # gate, up (column) + down (row), per layer
     assert mem.fast_weights > 4 * 2 * lora * 4  # values + grads over the 4 memory layers, plus activations
     assert mem.total - plain.total < 0.2 * plain.total
+
+
+def test_activation_term_matches_the_tensors_autograd_saves(world1):
+    """Re-measure the bytes one block saves for backward and compare with the model's term."""
+    import torch
+
+    from pipeline.model.config import ModelConfig
+    from pipeline.model.transformer import DLMTransformer
+
+    for d, f in ((128, 256), (128, 512), (192, 256)):
+        cfg = ModelConfig(vocab_size=1000, seq_len=128, d_model=d, n_layers=2, n_heads=d // 32, ffn_hidden=f)
+        torch.manual_seed(0)
+        model = DLMTransformer(cfg).to(torch.bfloat16)
+        tokens = torch.randint(6, 1000, (4, 128))
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        h = model.embed(tokens).detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.run_layers(h, 0, 2)
+        measured = sum(storages.values()) / tokens.numel() / 2  # per layer
+        est = estimate_memory(cfg, None, micro_batch=4, tp=1, dp=1, zero_stage=0)
+        modelled = est.activations / tokens.numel() / 2
+        assert modelled == pytest.approx(measured, rel=0.15), (d, f, measured, modelled)
