@@ -97,7 +97,11 @@ def estimate_memory(
         # plus the memory layers and the head at the (larger) pre-anchor set of one inner stage,
         # is the other candidate for the peak; the outer forward frees the inner stage first.
         below = activations * spec.layers[0] / L
-        inner = below + per_token_layer * tokens * len(spec.layers) + head * min(1.0, 1.5 * mask_fraction) / mask_fraction
+        inner = (
+            below
+            + per_token_layer * tokens * len(spec.layers)
+            + head * min(1.0, 1.5 * mask_fraction) / mask_fraction
+        )
         if inner > activations + head:
             fast += inner - (activations + head)
     total = params + grads + optimizer + activations + head + fast

@@ -63,7 +63,8 @@ class MemoryConfig:
     anchor_step: bool = True  # stage 2
     inner_loss: Literal["ce", "logit_kl", "reverse_kl", "hidden_cos", "hidden_mse"] = "ce"
     inner_weighting: Literal["elbo", "uniform"] = "elbo"
-    checkpoint: bool = False  # recompute the memory layers in backward
+    # Recompute the memory layers in backward; null = automatic: on for models of >= 1B parameters.
+    checkpoint: bool | None = None
 
     def validate(self) -> None:
         if self.rank < 1:
@@ -76,6 +77,9 @@ class MemoryConfig:
             raise ConfigError(f"key 'memory.pre_anchor_steps': got {self.pre_anchor_steps}, expected >= 0")
         if self.clip_norm <= 0 or self.inner_lr < 0:
             raise ConfigError("keys 'memory.clip_norm' (> 0) and 'memory.inner_lr' (>= 0) out of range")
+
+    def use_checkpoint(self, model_params: int) -> bool:
+        return self.checkpoint if self.checkpoint is not None else model_params >= 1_000_000_000
 
     def spec(self, n_layers: int, d_model: int, ffn_hidden: int) -> FastWeightSpec:
         first = FastWeightSpec.first_memory_layer(n_layers, self.layer_fraction)
@@ -294,6 +298,7 @@ def inner_loop(
     spec = mem.spec(cfg.n_layers, cfg.d_model, cfg.ffn_hidden)
     first = spec.layers[0]
     fast = spec.reset(tokens.shape[0] if mem.scope == "sample" else None, generator, tokens.device)
+    ckpt = mem.use_checkpoint(cfg.num_params())
     teacher = None
     if mem.inner_loss != "ce":
         with torch.no_grad():
@@ -316,9 +321,7 @@ def inner_loop(
             time_of_mask_ratio(m_pre.sum(1) / n_maskable, obj.schedule), obj.schedule, mem.inner_weighting
         )
         with frozen_weights(model):
-            losses = _position_losses(
-                model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, mem.checkpoint
-            )
+            losses = _position_losses(model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, ckpt)
             fast, st = inner_step(fast, losses, m_pre, w, mem, dp_group)
         stats.append(st)
 
@@ -338,7 +341,7 @@ def inner_loop(
                 tokens,
                 mem.inner_loss,
                 teacher,
-                mem.checkpoint,
+                ckpt,
             )
             fast, st = inner_step(fast, losses, noise.mask, w, mem, dp_group)
         stats.append(st)
@@ -376,7 +379,7 @@ def memdlm_loss(
         start_layer=first,
         fast=fast.by_layer,
         positions=noise.mask,
-        checkpoint_layers=mem.checkpoint,
+        checkpoint_layers=mem.use_checkpoint(model.cfg.num_params()),
     )
     ce = position_ce(logits, tokens[noise.mask])
     w = loss_weight(noise.t, obj.schedule, obj.weighting)

@@ -304,3 +304,10 @@ def test_schedules_and_weights():
     assert noise.t.min() >= 1e-3
     ratio = noise.mask.float().mean(1)
     assert abs(float((ratio - noise.t).mean())) < 0.01  # mask ratio tracks t
+
+
+def test_memory_layer_checkpointing_is_automatic_for_large_models():
+    assert MemoryConfig().use_checkpoint(20_000_000) is False
+    assert MemoryConfig().use_checkpoint(1_300_000_000) is True
+    assert MemoryConfig(checkpoint=False).use_checkpoint(7_000_000_000) is False
+    assert MemoryConfig(checkpoint=True).use_checkpoint(1) is True

@@ -60,12 +60,15 @@ def test_activation_term_matches_the_tensors_autograd_saves(world1):
         tokens = torch.randint(6, 1000, (4, 128))
         storages: dict[int, int] = {}
 
-        def pack(t):
+        def pack(t, storages=storages):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         h = model.embed(tokens).detach().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16),
+        ):
             model.run_layers(h, 0, 2)
         measured = sum(storages.values()) / tokens.numel() / 2  # per layer
         est = estimate_memory(cfg, None, micro_batch=4, tp=1, dp=1, zero_stage=0)
