@@ -38,7 +38,7 @@ from pipeline.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.memory.inner_loop import MemoryConfig, inner_loop, memdlm_loss
+from pipeline.memory.inner_loop import inner_loop, memdlm_loss
 from pipeline.model.flops import bf16_matmul_peak, estimate_flops
 from pipeline.model.parallel import ParallelDims, dp_group, dp_rank, dp_size, init_distributed
 from pipeline.model.transformer import DLMTransformer
@@ -354,6 +354,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["MemoryConfig", "Trainer", "TrainingDiverged", "main"]
