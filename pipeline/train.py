@@ -43,6 +43,7 @@ from pipeline.model.flops import bf16_matmul_peak, estimate_flops
 from pipeline.model.parallel import ParallelDims, dp_group, dp_rank, dp_size, init_distributed
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
+from pipeline.tracking import Tracker, flatten, git_commit, plot_loss_curves
 from pipeline.train_config import TrainConfig, load_train_config, resolve_train_dict
 
 # DeepSpeed 0.19.8 calls torch.distributed collectives that torch 2.13 marks deprecated; the
@@ -78,7 +79,9 @@ def _peak_memory_mib() -> float:
 class Trainer:
     """Holds the engine, the data stream and the counters; ``run()`` trains to ``cfg.steps``."""
 
-    def __init__(self, cfg: TrainConfig, resolved: dict[str, Any] | None = None):
+    def __init__(
+        self, cfg: TrainConfig, resolved: dict[str, Any] | None = None, parent_run_id: str | None = None
+    ):
         self.cfg = cfg
         self.resolved = resolved or asdict(cfg)
         self.dims: ParallelDims = init_distributed(cfg.parallel.tp)
@@ -106,18 +109,35 @@ class Trainer:
         self.nonfinite_run = 0
         self.inner_skipped_total = 0.0
         self.history: list[dict[str, Any]] = []
+        resumed_run_id = None
         if cfg.checkpoint.resume:
-            self._maybe_resume()
+            resumed_run_id = self._maybe_resume()
         self.batches = iter(self.loader)
+        self.tracker: Tracker | None = None
+        if self.rank == 0 and cfg.tracking.enabled:  # only rank 0 talks to MLflow
+            self.tracker = Tracker(cfg.tracking, self.run_dir.resolve().parent, self.run_dir.name)
+            tags = {
+                "git_commit": git_commit(Path(__file__).resolve().parent),
+                "method": cfg.method,
+                "world_size": str(self.dims.world),
+                "tp": str(self.dims.tp),
+                "dp": str(self.dims.dp),
+                "run_dir": str(self.run_dir.resolve()),
+                "model_params": str(cfg.model.num_params()),
+            }
+            self.tracker.start(
+                flatten(self.resolved), tags, run_id=resumed_run_id, parent_run_id=parent_run_id
+            )
 
     # ------------------------------------------------------------ checkpoints
     def _layout(self) -> Layout:
         return Layout(world=self.dims.world, tp=self.dims.tp, dp=self.dims.dp)
 
-    def _maybe_resume(self) -> None:
+    def _maybe_resume(self) -> str | None:
+        """Restore from the newest checkpoint, if any; returns its MLflow run id."""
         path = latest_checkpoint(self.ckpt_dir)
         if path is None:
-            return
+            return None
         state = load_checkpoint(self.engine, path, self._layout(), self.manifest_sha)
         self.loader.load_state_dict(state["data"][self.rank][0])
         self.step = state["step"]
@@ -125,6 +145,7 @@ class Trainer:
         self.inner_skipped_total = state["counters"]["inner_skipped_total"]
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}")
+        return state.get("mlflow_run_id")
 
     def save(self) -> Path:
         state = {
@@ -135,6 +156,7 @@ class Trainer:
                 "nonfinite_total": self.nonfinite_total,
                 "inner_skipped_total": self.inner_skipped_total,
             },
+            "mlflow_run_id": self.tracker.run_id if self.tracker else None,
         }
         return save_checkpoint(
             self.engine, self.ckpt_dir, self.step, state, [self.loader.state_dict()], self.cfg.checkpoint.keep
@@ -295,28 +317,50 @@ class Trainer:
             disable=self.rank != 0,
             dynamic_ncols=True,
         )
-        while self.step < target:
-            rec = self.train_step()
-            bar.update(1)
-            if "loss" in rec:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if cfg.eval.every and self.step % cfg.eval.every == 0:
-                rec.update(self.evaluate())
-            if (
-                self.step % cfg.log_every == 0
-                or self.step == target
-                or any(k.startswith("eval/") for k in rec)
-            ):
-                self.history.append(rec)
-                if self.rank == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < target:
+        try:
+            while self.step < target:
+                rec = self.train_step()
+                bar.update(1)
+                if "loss" in rec:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    rec.update(self.evaluate())
+                if (
+                    self.step % cfg.log_every == 0
+                    or self.step == target
+                    or any(k.startswith("eval/") for k in rec)
+                ):
+                    self.history.append(rec)
+                    if self.rank == 0:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        if self.tracker:
+                            self.tracker.log(self.step, rec)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < target:
+                    self.save()
+            bar.close()
+            if self.step >= target:
                 self.save()
-        bar.close()
-        if self.step >= target:
-            self.save()
+        except BaseException:
+            if self.tracker:
+                self.tracker.end("FAILED")
+            raise
+        if self.tracker:
+            self.tracker.flush()
+            if self.step >= cfg.steps:
+                self.finish_tracking()
         return self.history
+
+    def finish_tracking(self) -> None:
+        """Artifacts (resolved config, dataset manifest, loss-curve PNG) and the run's end."""
+        assert self.tracker is not None
+        records = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+        png = plot_loss_curves(
+            records, self.run_dir / "loss_curves.png", f"{self.cfg.method}: {self.run_dir.name}"
+        )
+        manifest = Path(self.cfg.data.path) / "manifest.json"
+        self.tracker.log_artifacts([self.run_dir / "config.json", manifest, png])
+        self.tracker.end()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from pipeline.data.stream import DataConfig
 from pipeline.memory.inner_loop import MemoryConfig
 from pipeline.model.config import ModelConfig
 from pipeline.objectives.mdlm import ObjectiveConfig
+from pipeline.tracking import TrackingConfig
 
 MODEL_DIR = Path("configs/model")
 
@@ -86,6 +87,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         if self.steps < 1 or self.grad_accum < 1 or self.log_every < 1:

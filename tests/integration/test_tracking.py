@@ -1,0 +1,122 @@
+"""MLflow tracking: what a run logs (read back through the client), and a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import Tracker, TrackingConfig
+from pipeline.train import Trainer
+from pipeline.train_config import load_train_config
+
+
+def test_a_run_logs_config_tags_batched_metrics_and_artifacts(world1, tiny_dataset, tmp_path, monkeypatch):
+    cfg = load_train_config(
+        None,
+        [
+            "model_preset=tiny",
+            f"data.path={tiny_dataset}",
+            f"run_dir={tmp_path / 'runs' / 'a'}",
+            "steps=4",
+            "log_every=1",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "checkpoint.every=0",
+            "eval.every=2",
+            "eval.batches=1",
+            "memory.enabled=true",
+            "optim.lr=2e-3",
+        ],
+    )
+    calls = []
+    real = MlflowClient.log_batch
+
+    def counting(self, run_id, metrics=(), params=(), tags=(), **kw):
+        calls.append((len(metrics), len(params)))
+        return real(self, run_id, metrics=metrics, params=params, tags=tags, **kw)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counting)
+    trainer = Trainer(cfg)
+    trainer.run()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = client.get_run(trainer.tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "a"
+    assert run.data.params["optim.lr"] == "0.002" and run.data.params["memory.enabled"] == "True"
+    assert run.data.tags["method"] == "memdlm" and run.data.tags["world_size"] == "1"
+    assert len(run.data.tags["git_commit"]) in (40, 7)  # a hash, or "unknown" outside a checkout
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [2, 4]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "config.json",
+        "manifest.json",
+        "loss_curves.png",
+    }
+    metric_calls = [m for m, _ in calls if m]
+    assert len(metric_calls) == 1 and metric_calls[0] > 4 * 10  # all metrics of 4 steps in one batch
+    local = tmp_path / "runs" / "a" / "loss_curves.png"
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runs_logged_through_an_mlflow_server_come_back_from_its_rest_api(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not come up within 120 s")
+                time.sleep(1)
+        tracker = Tracker(TrackingConfig(uri=url, experiment="served"), tmp_path / "runs", "via-server")
+        run_id = tracker.start({"optim.lr": "0.001"}, {"method": "mdlm"})
+        for step in range(1, 4):
+            tracker.log(step, {"loss": 5.0 - step})
+        tracker.end()
+        with urllib.request.urlopen(f"{url}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10) as r:
+            run = json.loads(r.read())["run"]
+        assert run["info"]["status"] == "FINISHED"
+        assert {p["key"]: p["value"] for p in run["data"]["params"]} == {"optim.lr": "0.001"}
+        assert {m["key"]: m["value"] for m in run["data"]["metrics"]} == {"loss": 2.0}  # the latest value
+        assert Path(tmp_path / "runs").is_dir()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
