@@ -11,6 +11,8 @@ CORPUS ?=
 OUT ?= data/custom
 DATA_CONFIG ?= configs/data/sample.yaml
 ARGS ?=
+STEPS ?= 100
+PORT ?= 5000
 export DS_ACCELERATOR ?= cpu
 # glibc returns big freed blocks (logits, activations) to the OS and page-faults them back in
 # on the next step; keeping blocks up to 32 MiB in the heap made CPU steps ~10-25% faster here.
@@ -19,7 +21,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint format data sample-corpus pretrain bench bench-data bench-step bench-scale clean
+.PHONY: help venv test test-fast lint format data sample-corpus pretrain compare mlflow-ui bench bench-data bench-step bench-scale clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -57,6 +59,12 @@ data: venv ## tokenise + shard your corpus: make data CORPUS='texts/*.jsonl' OUT
 
 pretrain: venv ## prepare data and train: make pretrain CLUSTER=local [CONFIG=...] [ARGS='key=value ...']
 	$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+compare: venv ## MDLM vs MemDLM, same seed/data/budget -> runs/compare/latest/{compare.json,loss_curves.png} [STEPS=100]
+	$(PY) -m launch.compare --steps $(STEPS) $(ARGS)
+
+mlflow-ui: venv ## the MLflow dashboard of runs/mlflow.db on http://127.0.0.1:5000 (local only)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 bench: bench-data bench-step bench-scale ## all benchmarks (results in bench/results/)
 

@@ -72,6 +72,7 @@ def train_throughput(steps: int = 6) -> dict:
                 [
                     f"run_dir={tmp}/{method}",
                     "checkpoint.resume=false",
+                    "tracking.enabled=false",
                     "eval.every=0",
                     f"memory.enabled={'true' if method == 'memdlm' else 'false'}",
                 ],

@@ -1,6 +1,6 @@
 """MLflow tracking for rank 0: the resolved config as params, run tags, batched metrics, artifacts.
 
-    tracker = Tracker(TrackingConfig(), run_root=Path("runs"), run_name="local")
+    tracker = Tracker(TrackingConfig(), run_name="local")         # store under runs/
     tracker.start(params=flat_config, tags={...})
     tracker.log(step, {"loss": 2.3, "lr": 1e-3})     # buffered; one log_batch call per flush
     tracker.log_artifacts([config_path, manifest_path, png])
@@ -30,7 +30,8 @@ MAX_PARAM_CHARS = 6000
 class TrackingConfig:
     enabled: bool = True
     experiment: str = "memdlm"
-    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under the run root
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under ``root``
+    root: str = "runs"  # the embedded store: <root>/mlflow.db and <root>/mlartifacts
     flush_every: int = 50  # logged steps per batched write
 
 
@@ -62,9 +63,10 @@ def tracking_uri(cfg: TrackingConfig, run_root: Path) -> str:
 class Tracker:
     """One MLflow run (created, or resumed by id). Use on rank 0 only."""
 
-    def __init__(self, cfg: TrackingConfig, run_root: Path, run_name: str):
+    def __init__(self, cfg: TrackingConfig, run_name: str, run_root: Path | None = None):
         from mlflow.tracking import MlflowClient
 
+        run_root = Path(cfg.root) if run_root is None else run_root
         run_root.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.uri = tracking_uri(cfg, run_root)

@@ -115,7 +115,7 @@ class Trainer:
         self.batches = iter(self.loader)
         self.tracker: Tracker | None = None
         if self.rank == 0 and cfg.tracking.enabled:  # only rank 0 talks to MLflow
-            self.tracker = Tracker(cfg.tracking, self.run_dir.resolve().parent, self.run_dir.name)
+            self.tracker = Tracker(cfg.tracking, self.run_dir.name)
             tags = {
                 "git_commit": git_commit(Path(__file__).resolve().parent),
                 "method": cfg.method,

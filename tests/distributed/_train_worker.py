@@ -27,6 +27,7 @@ def cfg(dataset: str, run_dir: Path):
             "model_preset=tiny",
             f"data.path={dataset}",
             f"run_dir={run_dir}",
+            f"tracking.root={run_dir.parent / 'mlruns'}",
             "steps=6",
             "log_every=1",
             "data.batch_size=4",

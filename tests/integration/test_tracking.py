@@ -106,7 +106,9 @@ def test_runs_logged_through_an_mlflow_server_come_back_from_its_rest_api(tmp_pa
                 if time.time() > deadline or server.poll() is not None:
                     pytest.fail("mlflow server did not come up within 120 s")
                 time.sleep(1)
-        tracker = Tracker(TrackingConfig(uri=url, experiment="served"), tmp_path / "runs", "via-server")
+        tracker = Tracker(
+            TrackingConfig(uri=url, experiment="served", root=str(tmp_path / "runs")), "via-server"
+        )
         run_id = tracker.start({"optim.lr": "0.001"}, {"method": "mdlm"})
         for step in range(1, 4):
             tracker.log(step, {"loss": 5.0 - step})

@@ -21,6 +21,7 @@ def _cfg(dataset, run_dir, *extra):
             "model_preset=tiny",
             f"data.path={dataset}",
             f"run_dir={run_dir}",
+            f"tracking.root={run_dir.parent / 'mlruns'}",
             "steps=4",
             "log_every=1",
             "data.batch_size=4",
