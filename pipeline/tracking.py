@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The user's setting, read once at import: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI
+# into os.environ, so any in-process call of it would otherwise redirect our later runs.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_CHARS = 6000
@@ -57,7 +60,7 @@ def git_commit(root: Path | None = None) -> str:
 
 
 def tracking_uri(cfg: TrackingConfig, run_root: Path) -> str:
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_root.resolve()}/mlflow.db"
+    return cfg.uri or _USER_TRACKING_URI or f"sqlite:///{run_root.resolve()}/mlflow.db"
 
 
 class Tracker:

@@ -34,6 +34,7 @@ def test_a_run_logs_config_tags_batched_metrics_and_artifacts(world1, tiny_datas
             "eval.batches=1",
             "memory.enabled=true",
             "optim.lr=2e-3",
+            f"tracking.root={tmp_path / 'runs'}",
         ],
     )
     calls = []
@@ -47,6 +48,7 @@ def test_a_run_logs_config_tags_batched_metrics_and_artifacts(world1, tiny_datas
     trainer = Trainer(cfg)
     trainer.run()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert trainer.tracker.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", trainer.tracker.uri
     run = client.get_run(trainer.tracker.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "a"
     assert run.data.params["optim.lr"] == "0.002" and run.data.params["memory.enabled"] == "True"
