@@ -323,7 +323,7 @@ class Trainer:
                 bar.update(1)
                 if "loss" in rec:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
                     rec.update(self.evaluate())
                 if (
                     self.step % cfg.log_every == 0
