@@ -100,3 +100,17 @@ def tiny_model_config(**kw):
     base = dict(vocab_size=300, seq_len=24, d_model=64, n_layers=4, n_heads=4, ffn_hidden=96)
     base.update(kw)
     return ModelConfig(**base)
+
+
+def tiny_run_overrides(dataset, tracking_root, *extra: str) -> list[str]:
+    """Training overrides shared by the Trainer tests: tiny preset, the tiny dataset, batch 4,
+    every step logged, MLflow kept under ``tracking_root`` (never the repository's runs/)."""
+    return [
+        "model_preset=tiny",
+        f"data.path={dataset}",
+        f"tracking.root={tracking_root}",
+        "log_every=1",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        *extra,
+    ]

@@ -18,19 +18,16 @@ import torch.distributed as dist
 
 from pipeline.train import Trainer
 from pipeline.train_config import load_train_config
+from tests.conftest import tiny_run_overrides
 
 
 def cfg(dataset: str, run_dir: Path):
     return load_train_config(
         None,
         [
-            "model_preset=tiny",
-            f"data.path={dataset}",
+            *tiny_run_overrides(dataset, run_dir.parent / "mlruns"),
             f"run_dir={run_dir}",
-            f"tracking.root={run_dir.parent / 'mlruns'}",
             "steps=6",
-            "log_every=1",
-            "data.batch_size=4",
             "data.num_workers=1",
             "memory.enabled=true",
             "checkpoint.every=3",

@@ -8,21 +8,12 @@ import matplotlib.image
 from mlflow.tracking import MlflowClient
 
 from launch.compare import compare
+from tests.conftest import tiny_run_overrides
 
 
 def test_compare_reads_both_runs_back_and_writes_json_png_and_parent_run(world1, tiny_dataset, tmp_path):
     root = tmp_path / "runs"
-    overrides = [
-        "model_preset=tiny",
-        f"data.path={tiny_dataset}",
-        f"tracking.root={root}",
-        "log_every=1",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "checkpoint.every=0",
-        "eval.every=2",
-        "eval.batches=1",
-    ]
+    overrides = tiny_run_overrides(tiny_dataset, root, "checkpoint.every=0", "eval.every=2", "eval.batches=1")
     out = compare("configs/train/local.yaml", 4, overrides)
     summary = json.loads((out / "compare.json").read_text())
     for key in (

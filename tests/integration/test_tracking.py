@@ -16,27 +16,22 @@ from mlflow.tracking import MlflowClient
 from pipeline.tracking import Tracker, TrackingConfig
 from pipeline.train import Trainer
 from pipeline.train_config import load_train_config
+from tests.conftest import tiny_run_overrides
 
 
 def test_a_run_logs_config_tags_batched_metrics_and_artifacts(world1, tiny_dataset, tmp_path, monkeypatch):
-    cfg = load_train_config(
-        None,
-        [
-            "model_preset=tiny",
-            f"data.path={tiny_dataset}",
-            f"run_dir={tmp_path / 'runs' / 'a'}",
-            "steps=4",
-            "log_every=1",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "checkpoint.every=0",
-            "eval.every=2",
-            "eval.batches=1",
-            "memory.enabled=true",
-            "optim.lr=2e-3",
-            f"tracking.root={tmp_path / 'runs'}",
-        ],
+    overrides = tiny_run_overrides(
+        tiny_dataset,
+        tmp_path / "runs",
+        f"run_dir={tmp_path / 'runs' / 'a'}",
+        "steps=4",
+        "checkpoint.every=0",
+        "eval.every=2",
+        "eval.batches=1",
+        "memory.enabled=true",
+        "optim.lr=2e-3",
     )
+    cfg = load_train_config(None, overrides)
     calls = []
     real = MlflowClient.log_batch
 

@@ -12,25 +12,22 @@ from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.export import export_model, load_exported
 from pipeline.train import Trainer, TrainingDiverged
 from pipeline.train_config import load_train_config
+from tests.conftest import tiny_run_overrides
 
 
 def _cfg(dataset, run_dir, *extra):
     return load_train_config(
         None,
-        [
-            "model_preset=tiny",
-            f"data.path={dataset}",
+        tiny_run_overrides(
+            dataset,
+            run_dir.parent / "mlruns",
             f"run_dir={run_dir}",
-            f"tracking.root={run_dir.parent / 'mlruns'}",
             "steps=4",
-            "log_every=1",
-            "data.batch_size=4",
-            "data.num_workers=0",
             "checkpoint.every=2",
             "eval.every=0",
             "parallel.param_persistence_threshold=0",
             *extra,
-        ],
+        ),
     )
 
 
