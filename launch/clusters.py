@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -17,11 +17,30 @@ class ClusterConfig:
     data: str = "configs/data/sample.yaml"  # dataset build config (data_prep), prepared before launch
     train: str = "configs/train/local.yaml"  # training config (CONFIG= overrides it)
     nodes: int = 1
-    tasks_per_node: int = 1  # one task per GPU (or per CPU process group locally)
+    tasks_per_node: int = 1  # one task per GPU (or per CPU process locally)
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    time_min: int = 60  # wall-clock limit of one allocation; the job requeues past it
+    max_requeues: int = 3  # timeouts/preemptions after which the job gives up
+    job_name: str = "memdlm"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    mem_gb: int | None = None
+    setup: list[str] = field(default_factory=list)  # shell lines run before the tasks (modules, venv)
+    sbatch_extra: dict[str, str] = field(default_factory=dict)  # any other #SBATCH key: value
 
     def validate(self) -> None:
-        if self.nodes < 1 or self.tasks_per_node < 1:
-            raise ConfigError(f"nodes={self.nodes}, tasks_per_node={self.tasks_per_node}: both must be >= 1")
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}': got {getattr(self, key)}, expected >= 1")
+        if self.executor == "local" and self.nodes != 1:
+            raise ConfigError(
+                f"key 'nodes': got {self.nodes}, the local executor runs on this machine only (1)"
+            )
+        if self.executor == "slurm" and not self.partition:
+            raise ConfigError("key 'partition': required for executor 'slurm'")
 
     @property
     def world_size(self) -> int:

@@ -4,22 +4,24 @@
 
 Resolves ``configs/cluster/<name>.yaml``, prepares the dataset it names (idempotent: a ready
 dataset is only checked), checks the training config against the dataset and the world size,
-then trains: in this process for one task, with torchrun for several local tasks. The run
-directory (resolved config, metrics, checkpoints, export) is printed at start and end.
+then submits through submitit (local tasks on this machine, or Slurm). ``--dry-run`` prints the
+resolved configs and the sbatch script instead. The run directory (resolved config, metrics,
+checkpoints, export, submitit logs) is printed at start and end.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from data_prep.config import PrepConfig
 from data_prep.prepare import USER_ERRORS
 from data_prep.shard import prepare_dataset
 from launch.clusters import load_cluster
+from launch.submit import sbatch_preview, submit
 from pipeline.config import ConfigError, load_config
 from pipeline.data.manifest import verify_manifest
 from pipeline.data.stream import TokenBatchLoader
@@ -33,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", default="local", help="name of configs/cluster/<name>.yaml")
     parser.add_argument("--config", default=None, help="training config YAML (default: the cluster's)")
     parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved configs (and sbatch script); submit nothing",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="training key=value overrides, e.g. steps=50 memory.enabled=false"
     )
     args = parser.parse_args(argv)
@@ -40,6 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         cluster = load_cluster(args.cluster)
         train_path = args.config or cluster.train
         cfg = load_train_config(train_path, args.overrides)
+        if cluster.world_size % cfg.parallel.tp:
+            raise ConfigError(
+                f"parallel.tp={cfg.parallel.tp} does not divide the cluster's {cluster.world_size} tasks"
+            )
+        run_dir = Path(cfg.run_dir).resolve()
+        if args.dry_run:
+            print("# cluster:", json.dumps(asdict(cluster), indent=2))
+            print("# training config (resolved):", json.dumps(asdict(cfg), indent=2))
+            if cluster.executor == "slurm":
+                print("# the sbatch script submitit would submit:")
+                print(sbatch_preview(cluster, run_dir / "submitit"))
+            print(f"# dry run: nothing prepared or submitted; the run directory would be {run_dir}")
+            return 0
         prep = load_config(PrepConfig, cluster.data)
         if Path(prep.out_dir).resolve() != Path(cfg.data.path).resolve():
             raise ConfigError(
@@ -48,42 +68,26 @@ def main(argv: list[str] | None = None) -> int:
             )
         manifest = prepare_dataset(prep)
         verify_manifest(manifest, prep.out_dir, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
-        dp = cluster.world_size // cfg.parallel.tp
-        if cluster.world_size % cfg.parallel.tp:
-            raise ConfigError(
-                f"parallel.tp={cfg.parallel.tp} does not divide the cluster's {cluster.world_size} tasks"
-            )
         # Fails now, not an hour into the job, if the shards cannot be split evenly over the ranks.
-        TokenBatchLoader(cfg.data, rank=0, world_size=dp)
+        TokenBatchLoader(cfg.data, rank=0, world_size=cluster.world_size // cfg.parallel.tp)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if cluster.executor != "local":
-        print("error: Slurm submission arrives with the launch issue; use CLUSTER=local", file=sys.stderr)
-        return 2
-    print(
-        f"run directory: {Path(cfg.run_dir).resolve()} ({cfg.method}, {cluster.world_size} task(s), TP={cfg.parallel.tp})"
-    )
     train_args = ["--config", train_path, "--export", *args.overrides]
-    if cluster.world_size == 1:
-        from pipeline.train import main as train_main
-
-        rc = train_main(train_args)
+    print(
+        f"run directory: {run_dir} ({cfg.method}, {cluster.world_size} task(s), TP={cfg.parallel.tp})",
+        flush=True,
+    )
+    try:
+        job = submit(cluster, train_args, run_dir, wait=cluster.executor == "local")
+    except Exception as exc:  # submitit wraps task failures; the task's own error is in its log
+        print(f"error: job failed: {exc}", file=sys.stderr)
+        return 1
+    if cluster.executor == "local":
+        print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, export/, submitit/)")
     else:
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // cluster.world_size)))
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={cluster.tasks_per_node}",
-            "-m",
-            "pipeline.train",
-            *train_args,
-        ]
-        rc = subprocess.call(cmd, env=env)
-    if rc == 0:
-        print(f"run directory: {Path(cfg.run_dir).resolve()} (metrics.jsonl, checkpoints/, export/)")
-    return rc
+        print(f"job {job.job_id} queued; logs in {run_dir / 'submitit'}")
+    return 0
 
 
 if __name__ == "__main__":

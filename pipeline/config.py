@@ -68,6 +68,11 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{_where(source, key)}: got {value!r}, expected {_type_name(tp)}")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{_where(source, key)}: got {value!r}, expected a mapping")
+        _, val_tp = get_args(tp)
+        return {str(k): _convert(v, val_tp, source, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, Sequence) or isinstance(value, str):
             raise ConfigError(f"{_where(source, key)}: got {value!r}, expected {_type_name(tp)}")
