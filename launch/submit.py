@@ -24,6 +24,10 @@ class TrainTask(submitit.helpers.Checkpointable):
 
     def __call__(self, train_args: list[str], threads: int) -> int:
         env = submitit.JobEnvironment()
+        # Local tasks inherit the submitting process's environment; a torch.distributed setting
+        # left there would point every task at another world. The job's environment decides.
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(key, None)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
