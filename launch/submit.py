@@ -58,7 +58,9 @@ def make_executor(cluster: ClusterConfig, folder: Path) -> submitit.Executor:
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(tasks_per_node=cluster.tasks_per_node, nodes=1, timeout_min=cluster.time_min)
         return ex
-    ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    ex = submitit.AutoExecutor(
+        folder=str(folder), cluster="slurm", slurm_max_num_timeout=cluster.max_requeues
+    )
     ex.update_parameters(**slurm_parameters(cluster))
     return ex
 
@@ -71,7 +73,6 @@ def slurm_parameters(cluster: ClusterConfig) -> dict[str, Any]:
         "cpus_per_task": cluster.cpus_per_task,
         "timeout_min": cluster.time_min,
         "slurm_partition": cluster.partition,
-        "slurm_max_num_timeout": cluster.max_requeues,
         "slurm_setup": list(cluster.setup),
         "slurm_additional_parameters": dict(cluster.sbatch_extra),
     }

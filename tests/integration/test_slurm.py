@@ -1,0 +1,97 @@
+"""Real Slurm (the one-node cluster .ci/start-slurm.sh starts): a 2-task job through sbatch to the
+end, and a job interrupted as if it timed out, requeued by submitit, finishing from its checkpoint.
+
+Outside CI these skip (with the reason) when no Slurm answers; in CI (CI=true) they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from launch.clusters import ClusterConfig
+from launch.submit import submit
+from tests.conftest import tiny_run_overrides
+
+
+def _slurm_up() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "no Slurm client installed (run .ci/start-slurm.sh as root)"
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    if out.returncode or not any(s in out.stdout for s in ("idle", "mixed", "alloc")):
+        return f"no idle Slurm node answers (sinfo: {out.stdout.strip() or out.stderr.strip()})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    reason = _slurm_up()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must provide Slurm: {reason}")
+        pytest.skip(reason)
+
+
+def _job(tiny_dataset, tmp_path: Path, steps: int, every: int):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model_preset": "tiny"}))
+    overrides = tiny_run_overrides(
+        tiny_dataset,
+        tmp_path / "mlruns",
+        f"run_dir={run_dir}",
+        f"steps={steps}",
+        "eval.every=0",
+        f"checkpoint.every={every}",
+        "checkpoint.keep=2",
+        "log_every=5",
+    )
+    overrides.remove("model_preset=tiny")
+    cluster = ClusterConfig(
+        executor="slurm", partition="debug", tasks_per_node=2, cpus_per_task=1, time_min=10
+    )
+    return submit(cluster, ["--config", str(config), *overrides], run_dir, wait=False), run_dir
+
+
+def _wait(job, seconds: float = 300) -> list:
+    deadline = time.time() + seconds
+    while not job.done():
+        if time.time() > deadline:
+            subprocess.run(["scancel", job.job_id], check=False)
+            pytest.fail(f"Slurm job {job.job_id} did not finish in {seconds} s")
+        time.sleep(1)
+    return job.results()
+
+
+def test_two_task_job_runs_through_sbatch_and_leaves_checkpoints_and_metrics(slurm, tiny_dataset, tmp_path):
+    job, run_dir = _job(tiny_dataset, tmp_path, steps=6, every=3)
+    assert _wait(job) == [0, 0]
+    state = json.loads((run_dir / "checkpoints" / "step-000006" / "train_state.json").read_text())
+    assert state["layout"]["world"] == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    history = client.get_metric_history(state["mlflow_run_id"], "loss")
+    assert [m.step for m in history] == [5, 6]
+
+
+def test_a_timed_out_job_is_requeued_and_finishes_from_its_checkpoint(slurm, tiny_dataset, tmp_path):
+    job, run_dir = _job(tiny_dataset, tmp_path, steps=300, every=10)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not latest.is_file():
+        assert time.time() < deadline and not job.done(), "no checkpoint appeared before the job ended"
+        time.sleep(0.5)
+    job._interrupt(timeout=True)  # what Slurm sends before the time limit: submitit requeues
+    assert _wait(job, 400) == [0, 0]
+    out = Path(job.paths.stdout).read_text()
+    assert "resumed from" in out  # the requeued allocation continued from the checkpoint
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 300
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000300"
