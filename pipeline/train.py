@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import resource
+import shutil
 import sys
 import time
 import warnings
@@ -309,6 +310,8 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
+            # the dataset this run reads, beside its config (the manifest names tokenizer and shards)
+            shutil.copyfile(Path(cfg.data.path) / "manifest.json", self.run_dir / "dataset_manifest.json")
         bar = tqdm(
             total=target,
             initial=self.step,
