@@ -46,7 +46,13 @@ def test_export_round_trip_gives_identical_logits(world1, tiny_dataset, tmp_path
     model, info = load_exported(out)
     assert info["method"] == "memdlm" and info["step"] == 4 and info["special_ids"]["mask"] == 4
     run_files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"config.json", "dataset_manifest.json", "metrics.jsonl", "checkpoints", "loss_curves.png"} <= run_files
+    assert {
+        "config.json",
+        "dataset_manifest.json",
+        "metrics.jsonl",
+        "checkpoints",
+        "loss_curves.png",
+    } <= run_files
     assert (out / "tokenizer.model").read_bytes() == (tiny_dataset / "tokenizer.model").read_bytes()
     tokens = torch.randint(6, 400, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
