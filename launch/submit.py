@@ -9,6 +9,7 @@ run's newest checkpoint (``checkpoint.every`` bounds the steps lost).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,10 +35,21 @@ class TrainTask(submitit.helpers.Checkpointable):
         import torch
 
         torch.set_num_threads(threads)
-        from pipeline.train import main as train_main
+        import pipeline.train as train
 
+        # Slurm's time-limit signal (and preemption) reaches every task. submitit's handler would
+        # requeue at once, mid-step; instead every task only raises a flag, the training loop saves
+        # a checkpoint at the next step boundary on all ranks together, and then rank 0 hands over
+        # to submitit's handler (checkpoint() below + requeue).
+        submitit_handler = signal.getsignal(env._usr_sig())
+        signal.signal(env._usr_sig(), lambda signum, frame: train.STOP_REQUESTED.update(signal=signum))
         print(f"task {env.global_rank}/{env.num_tasks} on {env.hostname} (job {env.job_id})", flush=True)
-        rc = train_main(train_args)
+        rc = train.main(train_args)
+        if rc == train.STOPPED_EXIT:
+            if env.global_rank == 0 and callable(submitit_handler):
+                submitit_handler(train.STOP_REQUESTED["signal"], None)  # checkpoint() + requeue + exit
+            time.sleep(300)  # the other ranks wait for the requeue to end them
+            return rc
         if rc != 0:
             raise RuntimeError(f"training exited with status {rc} on rank {env.global_rank}")
         return rc

@@ -56,6 +56,16 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses."""
 
 
+class StoppedForRequeue(RuntimeError):
+    """The run saved a checkpoint because a stop was requested (a scheduler's time-out signal)."""
+
+
+# Set by a signal handler (see launch/submit.py); read at every step boundary, where all ranks
+# agree on it with one all-reduce, save a checkpoint together and stop.
+STOP_REQUESTED = {"signal": 0}
+STOPPED_EXIT = 3  # main()'s status after a requested stop (checkpoint saved, not finished)
+
+
 def _device() -> torch.device:
     return (
         torch.device("cuda", torch.cuda.current_device())
@@ -322,6 +332,9 @@ class Trainer:
         )
         try:
             while self.step < target:
+                if self._stop_requested():
+                    self.save()
+                    raise StoppedForRequeue(f"stop requested: checkpoint saved at step {self.step}")
                 rec = self.train_step()
                 bar.update(1)
                 if "loss" in rec:
@@ -344,6 +357,11 @@ class Trainer:
             bar.close()
             if self.step >= target:
                 self.save()
+        except StoppedForRequeue:
+            if self.tracker:
+                self.tracker.flush()
+                self.tracker.end("KILLED")  # reopened as RUNNING by the resumed job
+            raise
         except BaseException:
             if self.tracker:
                 self.tracker.end("FAILED")
@@ -353,6 +371,11 @@ class Trainer:
             if self.step >= cfg.steps:
                 self.finish_tracking()
         return self.history
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([float(STOP_REQUESTED["signal"])])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item() > 0)
 
     def finish_tracking(self) -> None:
         """Artifacts (resolved config, dataset manifest, loss-curve PNG) and the run's end."""
@@ -390,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.manifest.special_ids,
                 trainer.step,
             )
+    except StoppedForRequeue as exc:
+        print(str(exc), flush=True)
+        return STOPPED_EXIT
     except (ConfigError, DatasetError, CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -81,17 +82,22 @@ def test_two_task_job_runs_through_sbatch_and_leaves_checkpoints_and_metrics(slu
     assert [m.step for m in history] == [5, 6]
 
 
-def test_a_timed_out_job_is_requeued_and_finishes_from_its_checkpoint(slurm, tiny_dataset, tmp_path):
-    job, run_dir = _job(tiny_dataset, tmp_path, steps=300, every=10)
-    latest = run_dir / "checkpoints" / "latest"
+def test_a_timed_out_job_saves_on_the_signal_is_requeued_and_finishes(slurm, tiny_dataset, tmp_path):
+    # No periodic checkpoints: whatever the requeued job resumes from was saved on the signal.
+    job, run_dir = _job(tiny_dataset, tmp_path, steps=300, every=0)
+    metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
-    while not latest.is_file():
-        assert time.time() < deadline and not job.done(), "no checkpoint appeared before the job ended"
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert time.time() < deadline and not job.done(), "training did not start before the job ended"
         time.sleep(0.5)
-    job._interrupt(timeout=True)  # what Slurm sends before the time limit: submitit requeues
+    job._interrupt(timeout=True)  # what Slurm sends before the time limit
     assert _wait(job, 400) == [0, 0]
     out = Path(job.paths.stdout).read_text()
-    assert "resumed from" in out  # the requeued allocation continued from the checkpoint
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 300
+    saved = re.search(r"stop requested: checkpoint saved at step (\d+)", out)
+    assert saved, out[-2000:]
+    step = int(saved.group(1))
+    assert 0 < step < 300
+    assert f"at step {step}" in out.split("resumed from", 1)[1].splitlines()[0]  # resumed right there
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps[-1] == 300 and steps == sorted(set(steps))  # no step trained twice
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000300"
