@@ -57,8 +57,8 @@ data: venv ## tokenise + shard your corpus: make data CORPUS='texts/*.jsonl' OUT
 	@test -n "$(CORPUS)" || { echo "error: set CORPUS=<path, directory or glob> (comma-separated for several)"; exit 2; }
 	$(PY) -m data_prep.prepare --config $(DATA_CONFIG) --corpus '$(CORPUS)' --out $(OUT) $(ARGS)
 
-pretrain: venv ## prepare data and train: make pretrain CLUSTER=local [CONFIG=...] [DRY_RUN=1] [ARGS='key=value ...']
-	$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(ARGS)
+pretrain: venv ## prepare data and train: make pretrain CLUSTER=local [CONFIG=...] [DRY_RUN=1] [WAIT=1] [ARGS='key=value ...']
+	$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
 
 compare: venv ## MDLM vs MemDLM, same seed/data/budget -> runs/compare/latest/{compare.json,loss_curves.png} [STEPS=100]
 	$(PY) -m launch.compare --steps $(STEPS) $(ARGS)

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", default="local", help="name of configs/cluster/<name>.yaml")
     parser.add_argument("--config", default=None, help="training config YAML (default: the cluster's)")
     parser.add_argument(
+        "--wait", action="store_true", help="Slurm: wait for the job to finish (local always waits)"
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the resolved configs (and sbatch script); submit nothing",
@@ -79,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        job = submit(cluster, train_args, run_dir, wait=cluster.executor == "local")
+        job = submit(cluster, train_args, run_dir, wait=cluster.executor == "local" or args.wait)
     except Exception as exc:  # submitit wraps task failures; the task's own error is in its log
         print(f"error: job failed: {exc}", file=sys.stderr)
         return 1
-    if cluster.executor == "local":
+    if cluster.executor == "local" or args.wait:
         print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, export/, submitit/)")
     else:
         print(f"job {job.job_id} queued; logs in {run_dir / 'submitit'}")

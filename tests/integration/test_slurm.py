@@ -72,6 +72,25 @@ def _wait(job, seconds: float = 300) -> list:
     return job.results()
 
 
+def test_make_pretrain_on_the_ci_slurm_cluster_runs_to_the_end(slurm, tmp_path):
+    run_dir, mlruns = tmp_path / "run", tmp_path / "mlruns"
+    proc = subprocess.run(
+        ["make", "pretrain", "CLUSTER=ci-slurm", "WAIT=1", f"ARGS=run_dir={run_dir} tracking.root={mlruns}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"run directory: {run_dir}" in proc.stdout
+    state = json.loads((run_dir / "checkpoints" / "step-000004" / "train_state.json").read_text())
+    assert state["layout"] == {"world": 2, "tp": 1, "dp": 2}
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}")
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert (run_dir / "export" / "model.safetensors").is_file()
+
+
 def test_two_task_job_runs_through_sbatch_and_leaves_checkpoints_and_metrics(slurm, tiny_dataset, tmp_path):
     job, run_dir = _job(tiny_dataset, tmp_path, steps=6, every=3)
     assert _wait(job) == [0, 0]
