@@ -25,7 +25,7 @@ from bench.common import machine, write
 from data_prep.config import PrepConfig
 from data_prep.corpus import CorpusStats, iter_documents
 from data_prep.sample_corpus import fetch_sample_corpus
-from data_prep.shard import _encoded, prepare_dataset
+from data_prep.shard import encode_documents, prepare_dataset
 from pipeline.config import load_config
 from pipeline.data.stream import DataConfig, TokenBatchLoader
 from pipeline.data.tokenizer import load_tokenizer
@@ -41,7 +41,7 @@ def tokenize_throughput(prep: PrepConfig) -> dict:
     t0 = time.perf_counter()
     n = sum(
         len(ids)
-        for _, ids in _encoded(
+        for _, ids in encode_documents(
             iter_documents([(docs_path, "text")], CorpusStats()), tok.path, np.dtype(np.uint16), workers
         )
     )

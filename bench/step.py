@@ -21,7 +21,7 @@ from bench.common import machine, write
 from pipeline.config import load_config
 from pipeline.memory.inner_loop import MemoryConfig, memdlm_loss, pre_anchor_masks
 from pipeline.model.config import ModelConfig
-from pipeline.model.flops import bf16_matmul_peak, estimate_flops, sync
+from pipeline.model.flops import bf16_matmul_peak, estimate_flops, estimate_mfu, sync
 from pipeline.model.parallel import init_distributed
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
@@ -123,8 +123,8 @@ def run(preset: str, batch: int, steps: int, device: str) -> dict:
         "memdlm_over_mdlm_flops_ratio": statistics.mean(flops["memdlm"]) / statistics.mean(flops["mdlm"]),
         "bf16_matmul_peak_flops": peak,
         "mdlm_model_flops_per_s": mdlm_flops_per_s,
-        "mdlm_mfu": mdlm_flops_per_s / peak,
-        "memdlm_mfu": statistics.mean(flops["memdlm"]) / med["memdlm"] / peak,
+        "mdlm_mfu": estimate_mfu(mdlm_flops_per_s, peak),
+        "memdlm_mfu": estimate_mfu(statistics.mean(flops["memdlm"]) / med["memdlm"], peak),
         "machine": machine(),
     }
     result["step_ratio_over_flops_ratio"] = (

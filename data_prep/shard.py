@@ -126,7 +126,7 @@ def _batches(docs: Iterator[Document]) -> Iterator[list[tuple[int, str]]]:
         yield batch
 
 
-def _encoded(
+def encode_documents(
     docs: Iterator[Document], model_path: Path, dtype: np.dtype, workers: int
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Encode documents in order with ``workers`` processes, keeping a bounded number of tasks in flight."""
@@ -264,7 +264,7 @@ class _Build:
             tqdm(desc="tokenising", unit="tok", unit_scale=True, disable=not self.progress) as bar,
         ):
             files = {"train": train_f, "val": val_f}
-            for idx, ids in _encoded(iter_documents(inputs, stats), tok.path, dtype, self.workers):
+            for idx, ids in encode_documents(iter_documents(inputs, stats), tok.path, dtype, self.workers):
                 split = "val" if _is_val(self.cfg.seed, idx, self.cfg.val_fraction) else "train"
                 files[split].write(ids.tobytes())
                 counts[split] += len(ids)

@@ -40,8 +40,15 @@ from pipeline.engine.checkpoint import (
     save_checkpoint,
 )
 from pipeline.memory.inner_loop import inner_loop, memdlm_loss
-from pipeline.model.flops import bf16_matmul_peak, estimate_flops
-from pipeline.model.parallel import ParallelDims, dp_group, dp_rank, dp_size, init_distributed
+from pipeline.model.flops import bf16_matmul_peak, estimate_flops, estimate_mfu
+from pipeline.model.parallel import (
+    ParallelDims,
+    destroy_distributed,
+    dp_group,
+    dp_rank,
+    dp_size,
+    init_distributed,
+)
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
 from pipeline.tracking import Tracker, flatten, git_commit, plot_loss_curves
@@ -248,7 +255,7 @@ class Trainer:
                     n, [min(n, 1.5 * masked)] * self.cfg.memory.pre_anchor_steps, masked
                 )
             out["model_tflops_per_s"] = flops / seconds / 1e12 / self.dims.world
-            out["mfu"] = flops / seconds / self.dims.world / self.peak_flops
+            out["mfu"] = estimate_mfu(flops / seconds / self.dims.world, self.peak_flops)
         out["nonfinite_total"] = self.nonfinite_total
         out["inner_skipped_total"] = self.inner_skipped_total
         out["peak_memory_mib"] = _peak_memory_mib()
@@ -420,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_distributed()
     return 0
 
 

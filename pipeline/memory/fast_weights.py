@@ -96,9 +96,6 @@ class FastWeights:
     def detached(self, requires_grad: bool = False) -> FastWeights:
         return self.with_values([v.detach().requires_grad_(requires_grad) for v in self.leaves()])
 
-    def numel(self) -> int:
-        return sum(v.numel() for v in self.leaves())
-
 
 @dataclass(frozen=True)
 class FastWeightSpec:
