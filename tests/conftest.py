@@ -114,3 +114,9 @@ def tiny_run_overrides(dataset, tracking_root, *extra: str) -> list[str]:
         "data.num_workers=0",
         *extra,
     ]
+
+
+def tiny_job_args(dataset, tmp_path: Path, *extra: str) -> list[str]:
+    """``pipeline.train`` arguments for a submitted tiny job writing to ``tmp_path/run``."""
+    overrides = tiny_run_overrides(dataset, tmp_path / "mlruns", f"run_dir={tmp_path / 'run'}", *extra)
+    return ["--config", "configs/train/ci-tiny.yaml", *overrides]

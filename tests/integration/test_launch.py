@@ -5,30 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from launch.clusters import ClusterConfig, load_cluster
 from launch.pretrain import main as pretrain_main
 from launch.submit import submit
 from pipeline.config import ConfigError
-from tests.conftest import tiny_run_overrides
+from tests.conftest import tiny_job_args
 
 
 def test_local_executor_runs_two_tasks_to_a_finished_checkpoint(tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({"model_preset": "tiny"}))
-    overrides = tiny_run_overrides(
-        tiny_dataset,
-        tmp_path / "mlruns",
-        f"run_dir={run_dir}",
-        "steps=3",
-        "eval.every=0",
-        "checkpoint.every=0",
-    )
-    overrides.remove("model_preset=tiny")  # comes from the YAML file
     cluster = ClusterConfig(executor="local", tasks_per_node=2, time_min=10)
-    job = submit(cluster, ["--config", str(config), *overrides], run_dir)
+    job = submit(
+        cluster,
+        tiny_job_args(tiny_dataset, tmp_path, "steps=3", "eval.every=0", "checkpoint.every=0"),
+        run_dir,
+    )
     assert job.results() == [0, 0]
     state = json.loads((run_dir / "checkpoints" / "step-000003" / "train_state.json").read_text())
     assert state["layout"] == {"world": 2, "tp": 1, "dp": 2}  # the two tasks formed one process group

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from launch.clusters import ClusterConfig
 from launch.submit import submit
-from tests.conftest import tiny_run_overrides
+from tests.conftest import tiny_job_args
 
 
 def _slurm_up() -> str | None:
@@ -42,24 +41,20 @@ def slurm():
 
 
 def _job(tiny_dataset, tmp_path: Path, steps: int, every: int):
-    run_dir = tmp_path / "run"
-    config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({"model_preset": "tiny"}))
-    overrides = tiny_run_overrides(
+    args = tiny_job_args(
         tiny_dataset,
-        tmp_path / "mlruns",
-        f"run_dir={run_dir}",
+        tmp_path,
         f"steps={steps}",
         "eval.every=0",
         f"checkpoint.every={every}",
         "checkpoint.keep=2",
         "log_every=5",
     )
-    overrides.remove("model_preset=tiny")
     cluster = ClusterConfig(
         executor="slurm", partition="debug", tasks_per_node=2, cpus_per_task=1, time_min=10
     )
-    return submit(cluster, ["--config", str(config), *overrides], run_dir, wait=False), run_dir
+    run_dir = tmp_path / "run"
+    return submit(cluster, args, run_dir, wait=False), run_dir
 
 
 def _wait(job, seconds: float = 300) -> list:
