@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ from pipeline.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.memory.inner_loop import inner_loop, memdlm_loss
+from pipeline.memory.adapt import adapt_to_context
+from pipeline.memory.inner_loop import memdlm_loss
 from pipeline.model.flops import bf16_matmul_peak, estimate_flops, estimate_mfu
 from pipeline.model.parallel import (
     ParallelDims,
@@ -50,7 +51,7 @@ from pipeline.model.parallel import (
     init_distributed,
 )
 from pipeline.model.transformer import DLMTransformer
-from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
+from pipeline.objectives.mdlm import draw_noise, maskable_positions, mdlm_loss
 from pipeline.tracking import Tracker, flatten, git_commit, plot_loss_curves
 from pipeline.train_config import TrainConfig, load_train_config, resolve_train_dict
 
@@ -111,6 +112,11 @@ class Trainer:
         verify_manifest(
             self.manifest, cfg.data.path, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len
         )
+        if cfg.objective.mode != self.manifest.kind:
+            raise ConfigError(
+                f"key 'objective.mode': '{cfg.objective.mode}' does not fit the dataset {cfg.data.path}, whose "
+                f"manifest says kind '{self.manifest.kind}' (set objective.mode={self.manifest.kind})"
+            )
         self.manifest_sha = hashlib.sha256((Path(cfg.data.path) / "manifest.json").read_bytes()).hexdigest()
         ids = self.manifest.special_ids
         self.mask_id, self.pad_id = int(ids["mask"]), int(ids["pad"])
@@ -181,10 +187,13 @@ class Trainer:
         )
 
     # ------------------------------------------------------------ one step
-    def _micro_loss(self, tokens: torch.Tensor, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _micro_loss(
+        self, tokens: torch.Tensor, micro: int, prompt_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
         g = _generator(self.device, cfg.seed, self.step, micro, dp_rank())
-        noise = draw_noise(tokens, maskable_positions(tokens, self.pad_id), cfg.objective, self.mask_id, g)
+        maskable = maskable_positions(tokens, self.pad_id, prompt_mask)  # SFT: never the prompt
+        noise = draw_noise(tokens, maskable, cfg.objective, self.mask_id, g)
         stats: dict[str, torch.Tensor] = {"masked": noise.mask.sum()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.parallel.bf16):
             if cfg.memory.enabled:
@@ -210,8 +219,10 @@ class Trainer:
         t0 = time.perf_counter()
         losses, extra, stepped = [], {}, 0
         for micro in range(self.cfg.grad_accum):
-            tokens = next(self.batches)["tokens"].to(self.device, non_blocking=True)
-            loss, stats = self._micro_loss(tokens, micro)
+            batch = next(self.batches)
+            tokens = batch["tokens"].to(self.device, non_blocking=True)
+            prompt = batch["prompt_mask"].to(self.device) if "prompt_mask" in batch else None
+            loss, stats = self._micro_loss(tokens, micro, prompt)
             finite = torch.isfinite(loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips together, or none does
             if finite.item() < 1.0:
@@ -270,43 +281,42 @@ class Trainer:
             cfg.data, split="val", rank=dp_rank(), world_size=dp_size(), shuffle=False, loop=False
         )
         C = int(cfg.model.seq_len * ev.context_fraction)
-        adapt_mem = replace(
-            cfg.memory,
-            scope="sample",
-            sync_dp=False,
-            inner_weighting="uniform",
-            pre_anchor_scale=ev.pre_anchor_ratio / ev.anchor_ratio,
-            pre_anchor_steps=1,
-            anchor_step=True,
-        )
         sums = torch.zeros(4, dtype=torch.float64)
         for i, batch in enumerate(val):
             if i >= ev.batches:
                 break
             tokens = batch["tokens"].to(self.device)
+            prompt = batch["prompt_mask"].to(self.device) if "prompt_mask" in batch else None
+            maskable = maskable_positions(tokens, self.pad_id, prompt)
+            # The context the memory may read: the prompt (SFT) or the first C tokens; the
+            # continuation scored after adapting is the rest.
+            if prompt is not None:
+                context = prompt
+            else:
+                context = (torch.arange(tokens.shape[1], device=tokens.device) < C).expand_as(tokens)
             g = _generator(self.device, cfg.seed, 10**9, i, dp_rank())  # same draws at every evaluation
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.parallel.bf16):
                 with torch.no_grad():
-                    noise = draw_noise(
-                        tokens, maskable_positions(tokens, self.pad_id), cfg.objective, self.mask_id, g
-                    )
+                    noise = draw_noise(tokens, maskable, cfg.objective, self.mask_id, g)
                     sums[0] += float(mdlm_loss(self.model, tokens, noise, cfg.objective))
-                    cont = maskable_positions(tokens, self.pad_id) & (
-                        torch.arange(tokens.shape[1], device=tokens.device) >= C
-                    )
-                    cnoise = draw_noise(tokens, cont, cfg.objective, self.mask_id, g)
+                    cnoise = draw_noise(tokens, maskable & ~context, cfg.objective, self.mask_id, g)
                     sums[1] += float(mdlm_loss(self.model, tokens, cnoise, cfg.objective))
                 if ev.adapt and cfg.memory.enabled:
-                    ctx = tokens[:, :C]
-                    anchor = draw_noise(
-                        ctx,
-                        maskable_positions(ctx, self.pad_id),
-                        ObjectiveConfig(),
+                    rows = [
+                        _generator(self.device, cfg.seed, 10**9, i, dp_rank(), b)
+                        for b in range(tokens.shape[0])
+                    ]
+                    fast = adapt_to_context(
+                        self.model,
+                        torch.where(context, tokens, self.pad_id),
+                        context & (tokens != self.pad_id),
+                        cfg.memory,
                         self.mask_id,
-                        g,
-                        t=torch.full((ctx.shape[0],), ev.anchor_ratio, device=ctx.device),
+                        generators=rows,
+                        init_generator=g,
+                        anchor_ratio=ev.anchor_ratio,
+                        pre_anchor_ratio=ev.pre_anchor_ratio,
                     )
-                    fast, _ = inner_loop(self.model, ctx, anchor, cfg.objective, adapt_mem, self.mask_id, g)
                     with torch.no_grad():
                         adapted = functools.partial(self.model, fast=fast.by_layer)
                         sums[2] += float(mdlm_loss(adapted, tokens, cnoise, cfg.objective))

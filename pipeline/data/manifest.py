@@ -19,6 +19,7 @@ from pipeline.data.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+KINDS = ("pretrain", "sft")
 
 
 class DatasetError(ValueError):
@@ -63,6 +64,9 @@ class Manifest:
     seed: int
     corpus: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # pretrain: packed documents, every token maskable; sft: one (prompt, response) pair per
+    # sequence with a ``prompt_len`` per sample, the prompt never masked (objective.mode: sft)
+    kind: str = "pretrain"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +111,11 @@ def manifest_from_json(data: dict[str, Any], where: str) -> Manifest:
     dtype = _require(data, "dtype", str, where)
     if dtype not in ("uint16", "int32"):
         raise DatasetError(f"{where}: dtype '{dtype}' not supported (expected uint16 or int32)")
+    kind = data.get("kind", "pretrain")
+    if kind not in KINDS:
+        raise DatasetError(f"{where}: kind '{kind}' not supported (expected one of {', '.join(KINDS)})")
     return Manifest(
+        kind=kind,
         format_version=version,
         seq_len=_require(data, "seq_len", int, where),
         dtype=dtype,

@@ -85,6 +85,7 @@ class _Plan:
     epoch: int
     start_batch: int
     on_corrupt_shard: str
+    sft: bool  # samples carry prompt_len.txt
 
     def worker_shards(self, logical: int) -> list[tuple[str, int]]:
         order = list(range(len(self.shards)))
@@ -124,8 +125,16 @@ class _ShardStream(IterableDataset):
                             f"shard {url}: sample {sample['__key__']} has {tokens.dtype}{list(tokens.shape)}, "
                             f"expected {dtype}[{p.seq_len}]"
                         )
+                    out = {"tokens": tokens, "index": int(sample["__key__"][1:])}
+                    if p.sft:
+                        try:
+                            out["prompt_len"] = int(sample["prompt_len.txt"])
+                        except (KeyError, ValueError):
+                            raise CorruptShardError(
+                                f"shard {url}: SFT sample {sample['__key__']} has no valid prompt_len.txt"
+                            ) from None
                     count += 1
-                    yield {"tokens": tokens, "index": int(sample["__key__"][1:])}
+                    yield out
                 if count != expected:
                     raise CorruptShardError(f"shard {url}: truncated, {count} of {expected} samples")
             except Exception as exc:
@@ -161,11 +170,15 @@ class _ShardStream(IterableDataset):
             if len(buf) < p.batch_size:
                 continue
             if made >= skip:  # resumed: batches before `skip` were already consumed
-                yield {
+                batch = {
                     "tokens": torch.from_numpy(np.stack([s["tokens"] for s in buf]).astype(np.int64)),
                     "index": torch.tensor([s["index"] for s in buf], dtype=torch.int64),
                     "skipped_shards": torch.tensor(skipped[0]),
                 }
+                if p.sft:
+                    lens = torch.tensor([s["prompt_len"] for s in buf], dtype=torch.int64)
+                    batch["prompt_mask"] = torch.arange(p.seq_len)[None] < lens[:, None]
+                yield batch
             made += 1
             buf = []
 
@@ -174,7 +187,8 @@ class TokenBatchLoader:
     """Endless, resumable stream of ``{"tokens": LongTensor[B, L], "index": LongTensor[B]}`` for one rank.
 
     ``index`` is each sequence's position in the packed corpus (its shard key), useful for
-    checks. ``state_dict()`` / ``load_state_dict()`` carry the exact position (epoch and batch
+    checks. SFT datasets (manifest ``kind: sft``) add ``"prompt_mask": BoolTensor[B, L]``
+    (True on the prompt, which is never masked). ``state_dict()`` / ``load_state_dict()`` carry the exact position (epoch and batch
     within it); resuming continues with the batch the uninterrupted run would have produced.
     With ``loop=False`` iteration stops at the end of the current epoch (evaluation).
     """
@@ -236,6 +250,7 @@ class TokenBatchLoader:
             shuffle=shuffle,
             shuffle_buffer=cfg.shuffle_buffer,
             on_corrupt_shard=cfg.on_corrupt_shard,
+            sft=self.manifest.kind == "sft",
         )
         self.batches_per_epoch = logical * self._plan(0, 0).batches_per_worker()
         if self.batches_per_epoch == 0:

@@ -157,9 +157,10 @@ def _position_losses(
     kind: str,
     teacher: _Teacher | None,
     checkpoint: bool,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position inner loss [N] at ``positions`` (row-major), float32."""
-    h = model.run_layers(h_below, start, model.cfg.n_layers, fast.by_layer, checkpoint)
+    h = model.run_layers(h_below, start, model.cfg.n_layers, fast.by_layer, checkpoint, key_mask)
     hs = model.final_norm(h[positions])
     if kind == "ce":
         logits, _ = model.head(hs)
@@ -287,12 +288,14 @@ def inner_loop(
     dp_group: dist.ProcessGroup | None = None,
     pre_masks: list[torch.Tensor] | None = None,
     h_anchor: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[FastWeights, list[InnerStats]]:
     """Reset the memory and run the stages (1. pre-anchor ..., 2. anchor); returns phi and stats.
 
     ``h_anchor`` is the anchor's hidden state below the first memory layer when the caller
     already has it (training shares it with the outer loss); otherwise it is computed without
-    autograd (inference-time adaptation).
+    autograd (inference-time adaptation). ``key_mask`` [B, T] hides padding (batched prompts
+    of different lengths).
     """
     cfg = model.cfg
     spec = mem.spec(cfg.n_layers, cfg.d_model, cfg.ffn_hidden)
@@ -303,7 +306,9 @@ def inner_loop(
     if mem.inner_loss != "ce":
         with torch.no_grad():
             teacher = _Teacher(
-                hidden=model.final_norm(model.run_layers(model.embed(tokens), 0, cfg.n_layers))
+                hidden=model.final_norm(
+                    model.run_layers(model.embed(tokens), 0, cfg.n_layers, key_mask=key_mask)
+                )
             )
     n_maskable = noise.maskable.sum(1).clamp(min=1)
     stats: list[InnerStats] = []
@@ -316,12 +321,14 @@ def inner_loop(
     for m_pre in pre_masks:
         x_pre = torch.where(m_pre, mask_id, tokens)
         with torch.no_grad():
-            h_pre = model.run_layers(model.embed(x_pre), 0, first)
+            h_pre = model.run_layers(model.embed(x_pre), 0, first, key_mask=key_mask)
         w = loss_weight(
             time_of_mask_ratio(m_pre.sum(1) / n_maskable, obj.schedule), obj.schedule, mem.inner_weighting
         )
         with frozen_weights(model):
-            losses = _position_losses(model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, ckpt)
+            losses = _position_losses(
+                model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, ckpt, key_mask
+            )
             fast, st = inner_step(fast, losses, m_pre, w, mem, dp_group)
         stats.append(st)
 
@@ -329,7 +336,7 @@ def inner_loop(
     if mem.anchor_step:
         if h_anchor is None:
             with torch.no_grad():
-                h_anchor = model.run_layers(model.embed(noise.noisy), 0, first)
+                h_anchor = model.run_layers(model.embed(noise.noisy), 0, first, key_mask=key_mask)
         w = loss_weight(noise.t, obj.schedule, mem.inner_weighting)
         with frozen_weights(model):
             losses = _position_losses(
@@ -342,6 +349,7 @@ def inner_loop(
                 mem.inner_loss,
                 teacher,
                 ckpt,
+                key_mask,
             )
             fast, st = inner_step(fast, losses, noise.mask, w, mem, dp_group)
         stats.append(st)

@@ -106,15 +106,23 @@ class Block(nn.Module):
         return y
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], fast: LayerFast = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        fast: LayerFast = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]; ``fast`` holds this layer's fast-weight tensors (or None)."""
+        """x [B, T, D] -> [B, T, D]; ``fast`` holds this layer's fast-weight tensors (or None).
+
+        ``attn_mask`` [B, 1, 1, T] bool (True = may be attended to) hides padding keys.
+        """
         B, T, _ = x.shape
         h = self.attn_norm(x)
         qkv = self._col(self.qkv, h, fast, "qkv").view(B, T, self.n_local_heads, 3, self.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [B, H_local, T, hd]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # bidirectional: no mask
+        # Bidirectional: no causal mask; only padding keys (batched inference) are hidden.
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
         a = a.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
         x = x + self._row(self.out, a, fast, "out")
         h = self.ffn_norm(x)
@@ -161,21 +169,26 @@ class DLMTransformer(nn.Module):
         end: int,
         fast: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
         checkpoint_layers: bool = False,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Apply blocks ``start..end-1`` to h [B, T, D]; ``fast[i]`` are layer i's fast weights.
 
         With ``checkpoint_layers`` each block is recomputed in backward (non-reentrant); its
         fast weights are passed as explicit arguments so the recompute sees the same values.
+        ``key_mask`` [B, T] bool marks real tokens; False positions (padding of a batch of
+        prompts of different lengths) are never attended to, so a padded row computes what
+        the unpadded sequence would.
         """
         rope = (self.rope_cos, self.rope_sin)
+        attn = None if key_mask is None else key_mask[:, None, None, :]
         for i in range(start, end):
             layer_fast = None if fast is None else fast.get(i)
             if checkpoint_layers and torch.is_grad_enabled():
                 keys = tuple(layer_fast) if layer_fast else ()
                 vals = tuple(layer_fast[k] for k in keys) if layer_fast else ()
-                h = checkpoint(_block_call, self.layers[i], h, rope, keys, *vals, use_reentrant=False)
+                h = checkpoint(_block_call, self.layers[i], h, rope, attn, keys, *vals, use_reentrant=False)
             else:
-                h = self.layers[i](h, rope, layer_fast)
+                h = self.layers[i](h, rope, layer_fast, attn)
         return h
 
     def head_logits(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,23 +213,30 @@ class DLMTransformer(nn.Module):
         fast: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
         positions: torch.Tensor | None = None,
         checkpoint_layers: bool = False,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run blocks ``start_layer..end_layer-1`` from ``tokens`` [B, T] or a ``hidden`` [B, T, D].
 
         Returns the hidden state [B, T, D] when stopping before the last block, otherwise the
         vocab-parallel logits at ``positions`` ([N, V_pad/tp], or [B, T, V_pad/tp] if None).
-        One entry point, so a DeepSpeed engine can wrap any part of the pass.
+        One entry point, so a DeepSpeed engine can wrap any part of the pass. ``key_mask``
+        [B, T] bool hides padding keys (see ``run_layers``).
         """
         end = self.cfg.n_layers if end_layer is None else end_layer
         if hidden is None:
             if tokens is None or start_layer != 0:
                 raise ValueError("forward needs tokens (start_layer=0) or a hidden state")
             hidden = self.embed(tokens)
-        h = self.run_layers(hidden, start_layer, end, fast, checkpoint_layers)
+        h = self.run_layers(hidden, start_layer, end, fast, checkpoint_layers, key_mask)
         return self.head_logits(h, positions) if end == self.cfg.n_layers else h
 
 
 def _block_call(
-    block: Block, h: torch.Tensor, rope, keys: tuple[str, ...], *vals: torch.Tensor
+    block: Block,
+    h: torch.Tensor,
+    rope,
+    attn: torch.Tensor | None,
+    keys: tuple[str, ...],
+    *vals: torch.Tensor,
 ) -> torch.Tensor:
-    return block(h, rope, dict(zip(keys, vals, strict=True)) if keys else None)
+    return block(h, rope, dict(zip(keys, vals, strict=True)) if keys else None, attn)

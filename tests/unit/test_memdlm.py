@@ -128,9 +128,9 @@ def test_stage_two_sees_exactly_the_anchor_state(setup):
 
     real = model.run_layers
 
-    def spy(h, start, end, fast=None, checkpoint_layers=False):
+    def spy(h, start, end, fast=None, checkpoint_layers=False, key_mask=None):
         calls.append((h, start))
-        return real(h, start, end, fast, checkpoint_layers)
+        return real(h, start, end, fast, checkpoint_layers, key_mask)
 
     model.run_layers = spy
     try:

@@ -1,0 +1,1 @@
+"""Evaluation: exposure bias, likelihood scoring, retrieval tasks, the lm-eval adapter."""
