@@ -1,0 +1,115 @@
+"""SFT datasets: (prompt, response) pairs -> one padded sequence per pair in WebDataset shards.
+
+    write_sft_dataset({"train": pairs, "val": val_pairs}, tokenizer="data/sample/tokenizer.model",
+                      out_dir="data/tasks/sft", seq_len=256, shards={"train": 8, "val": 2})
+
+Each sample is ``tokens.npy`` = prompt | response | EOS | EOS ... (to ``seq_len``) and
+``prompt_len.txt``. Padding with EOS rather than [PAD] follows LLaDA's SFT: the trailing EOS
+tokens are part of the response, maskable and scored, so the model learns where an answer ends
+and the sampler can generate a fixed-length response and cut it at the first EOS. The prompt is
+encoded on its own (as at inference) and never masked (``objective.mode: sft``; the manifest
+says ``kind: sft``). Shards are written under temporary names and renamed; the manifest last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from pipeline.data.manifest import FORMAT_VERSION, Manifest, ShardInfo, SplitInfo, write_manifest
+from pipeline.data.tokenizer import Tokenizer, load_tokenizer, sha256_file
+
+
+class SFTDataError(ValueError):
+    """A pair that does not fit, or a split too small for its shards; the message says which."""
+
+
+def encode_pair(tok: Tokenizer, prompt: str, response: str, seq_len: int) -> tuple[np.ndarray, int]:
+    """``(tokens [seq_len], prompt_len)``; the response gets a leading space (as after "Answer:")."""
+    p = tok.encode(prompt)
+    r = [*tok.encode(" " + response), tok.eos_id]
+    if len(p) + len(r) > seq_len:
+        raise SFTDataError(
+            f"prompt ({len(p)} tokens) + response ({len(r)} tokens incl. EOS) exceed seq_len {seq_len}"
+        )
+    out = np.full(seq_len, tok.eos_id, dtype=np.int64)
+    out[: len(p) + len(r)] = p + r
+    return out, len(p)
+
+
+def write_sft_dataset(
+    splits: dict[str, Sequence[tuple[str, str, str]]],
+    *,
+    tokenizer: str | Path,
+    out_dir: str | Path,
+    seq_len: int,
+    shards: dict[str, int],
+    seed: int = 0,
+    source: dict | None = None,
+) -> Manifest:
+    """Write ``out_dir`` from ``splits[name] = [(id, prompt, response), ...]``; returns the manifest.
+
+    Every shard of a split holds the same number of samples (the remainder is dropped and
+    recorded), so data-parallel ranks stay balanced.
+    """
+    tok = load_tokenizer(tokenizer)
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "shards").mkdir(parents=True)
+    dtype = np.dtype("uint16") if tok.vocab_size <= 65535 else np.dtype("int32")
+    infos: dict[str, SplitInfo] = {}
+    dropped = {}
+    for name, pairs in splits.items():
+        n_shards = shards.get(name, 1)
+        per = len(pairs) // n_shards
+        if per == 0:
+            raise SFTDataError(f"split '{name}': {len(pairs)} pairs cannot fill {n_shards} shards")
+        dropped[name] = len(pairs) - per * n_shards
+        shard_infos = []
+        for k in range(n_shards):
+            rel = f"shards/{name}-{k:05d}.tar"
+            with wds.TarWriter(str(tmp / rel), mtime=0.0) as sink:
+                for j in range(k * per, (k + 1) * per):
+                    pid, prompt, response = pairs[j]
+                    try:
+                        tokens, plen = encode_pair(tok, prompt, response, seq_len)
+                    except SFTDataError as exc:
+                        raise SFTDataError(f"split '{name}', example '{pid}': {exc}") from None
+                    sink.write(
+                        {
+                            "__key__": f"s{j:010d}",
+                            "tokens.npy": tokens.astype(dtype),
+                            "prompt_len.txt": str(plen),
+                        }
+                    )
+            path = tmp / rel
+            shard_infos.append(
+                ShardInfo(path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, samples=per)
+            )
+        infos[name] = SplitInfo(sequences=per * n_shards, tokens=per * n_shards * seq_len, shards=shard_infos)
+    shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    manifest = Manifest(
+        kind="sft",
+        format_version=FORMAT_VERSION,
+        seq_len=seq_len,
+        dtype=dtype.name,
+        vocab_size=tok.vocab_size,
+        tokenizer_file="tokenizer.model",
+        tokenizer_sha256=tok.sha256,
+        special_ids=tok.special_ids(),
+        splits=infos,
+        seed=seed,
+        corpus={"source": source or {}, "dropped_pairs": dropped},
+        config={"seq_len": seq_len, "shards": shards},
+    )
+    write_manifest(manifest, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return manifest
