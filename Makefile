@@ -13,6 +13,9 @@ DATA_CONFIG ?= configs/data/sample.yaml
 ARGS ?=
 STEPS ?= 100
 PORT ?= 5000
+CHECKPOINT ?= runs/local/export
+PROMPT ?= In the beginning
+EVAL_CONFIG ?= configs/eval/local.yaml
 export DS_ACCELERATOR ?= cpu
 # glibc returns big freed blocks (logits, activations) to the OS and page-faults them back in
 # on the next step; keeping blocks up to 32 MiB in the heap made CPU steps ~10-25% faster here.
@@ -21,7 +24,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint format data sample-corpus pretrain compare mlflow-ui bench bench-data bench-step bench-scale clean
+.PHONY: help venv test test-fast lint format data sample-corpus pretrain sft task-data sample eval compare mlflow-ui bench bench-data bench-step bench-scale clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -59,6 +62,18 @@ data: venv ## tokenise + shard your corpus: make data CORPUS='texts/*.jsonl' OUT
 
 pretrain: venv ## prepare data and train: make pretrain CLUSTER=local [CONFIG=...] [DRY_RUN=1] [WAIT=1] [ARGS='key=value ...']
 	$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
+
+task-data: venv ## SFT shards from the retrieval-task generators -> data/tasks-sft (configs/data/tasks.yaml)
+	$(PY) -m data_prep.task_data --config configs/data/tasks.yaml $(ARGS)
+
+sft: venv ## fine-tune runs/local/export on the retrieval tasks (SFT: prompt never masked) -> runs/sft-tasks
+	$(PY) -m launch.pretrain --cluster $(CLUSTER) --config $(or $(CONFIG),configs/train/sft-tasks.yaml) --data-config configs/data/tasks.yaml $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
+
+sample: venv ## generate: make sample CHECKPOINT=runs/local/export PROMPT="..." [ARGS='--block-length 16 --temperature 0.7']
+	$(PY) -m pipeline.sample --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" $(ARGS)
+
+eval: venv ## tasks (memory off/on) + exposure bias: make eval CHECKPOINT="runs/local/export [more exports]" -> runs/eval/latest
+	$(PY) -m pipeline.eval.run $(foreach c,$(CHECKPOINT),--checkpoint $(c)) --config $(EVAL_CONFIG) $(ARGS)
 
 compare: venv ## MDLM vs MemDLM, same seed/data/budget -> runs/compare/latest/{compare.json,loss_curves.png} [STEPS=100]
 	$(PY) -m launch.compare --steps $(STEPS) $(ARGS)

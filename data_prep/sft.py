@@ -51,6 +51,7 @@ def write_sft_dataset(
     shards: dict[str, int],
     seed: int = 0,
     source: dict | None = None,
+    config: dict | None = None,
 ) -> Manifest:
     """Write ``out_dir`` from ``splits[name] = [(id, prompt, response), ...]``; returns the manifest.
 
@@ -106,7 +107,7 @@ def write_sft_dataset(
         splits=infos,
         seed=seed,
         corpus={"source": source or {}, "dropped_pairs": dropped},
-        config={"seq_len": seq_len, "shards": shards},
+        config=config or {"seq_len": seq_len, "shards": shards},
     )
     write_manifest(manifest, tmp)
     if out.exists():

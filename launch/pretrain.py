@@ -19,10 +19,13 @@ from pathlib import Path
 
 from data_prep.config import PrepConfig
 from data_prep.prepare import USER_ERRORS
+from data_prep.sft import SFTDataError
 from data_prep.shard import prepare_dataset
+from data_prep.task_data import TaskDataConfig, prepare_task_data
+from data_prep.tasks import TaskFileError
 from launch.clusters import load_cluster
 from launch.submit import sbatch_preview, submit
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, read_yaml
 from pipeline.data.manifest import verify_manifest
 from pipeline.data.stream import TokenBatchLoader
 from pipeline.train_config import load_train_config
@@ -41,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run",
         action="store_true",
         help="print the resolved configs (and sbatch script); submit nothing",
+    )
+    parser.add_argument(
+        "--data-config",
+        default=None,
+        help="dataset config to prepare instead of the cluster's: a PrepConfig YAML, or a task-data "
+        "YAML (with 'tasks:') for SFT (data_prep/task_data.py)",
     )
     parser.add_argument(
         "overrides", nargs="*", help="training key=value overrides, e.g. steps=50 memory.enabled=false"
@@ -63,17 +72,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(sbatch_preview(cluster, run_dir / "submitit"))
             print(f"# dry run: nothing prepared or submitted; the run directory would be {run_dir}")
             return 0
-        prep = load_config(PrepConfig, cluster.data)
+        if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():
+            raise ConfigError(
+                f"{train_path}: init_from={cfg.init_from} is not an export directory (no model.safetensors); "
+                "train the base model first (`make pretrain CLUSTER=local` writes runs/local/export)"
+            )
+        data_config = args.data_config or cluster.data
+        if "tasks" in read_yaml(data_config):
+            prep = load_config(TaskDataConfig, data_config)
+            prepare = prepare_task_data
+        else:
+            prep = load_config(PrepConfig, data_config)
+            prepare = prepare_dataset
         if Path(prep.out_dir).resolve() != Path(cfg.data.path).resolve():
             raise ConfigError(
-                f"{train_path}: data.path={cfg.data.path} but cluster '{args.cluster}' prepares {prep.out_dir} "
-                f"({cluster.data}); make them agree"
+                f"{train_path}: data.path={cfg.data.path} but {data_config} prepares {prep.out_dir}; make them agree"
             )
-        manifest = prepare_dataset(prep)
+        manifest = prepare(prep)
         verify_manifest(manifest, prep.out_dir, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
         # Fails now, not an hour into the job, if the shards cannot be split evenly over the ranks.
         TokenBatchLoader(cfg.data, rank=0, world_size=cluster.world_size // cfg.parallel.tp)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, SFTDataError, TaskFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     train_args = ["--config", train_path, "--export", *args.overrides]

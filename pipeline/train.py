@@ -89,6 +89,17 @@ def _generator(device: torch.device, *parts: int) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed)
 
 
+def _check_init_tokenizer(export: str, dataset_sha: str, dataset: str) -> None:
+    from pipeline.data.tokenizer import sha256_file
+
+    tok = Path(export) / "tokenizer.model"
+    if tok.is_file() and sha256_file(tok) != dataset_sha:
+        raise DatasetError(
+            f"init_from={export}: its tokenizer ({tok}) is not the one {dataset} was tokenised with; "
+            "prepare the fine-tuning data with the pretrained model's tokenizer"
+        )
+
+
 def _peak_memory_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -123,7 +134,9 @@ class Trainer:
         from pipeline.engine.deepspeed import build_engine
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (and TP size)
-        self.engine, self.optimizer, self.scheduler = build_engine(cfg, lambda: DLMTransformer(cfg.model))
+        if cfg.init_from:
+            _check_init_tokenizer(cfg.init_from, self.manifest.tokenizer_sha256, cfg.data.path)
+        self.engine, self.optimizer, self.scheduler = build_engine(cfg, self._new_model)
         self.model = self.engine.module
         self.loader = TokenBatchLoader(cfg.data, rank=dp_rank(), world_size=dp_size())
         self.flops = estimate_flops(cfg.model, cfg.memory)
@@ -152,6 +165,16 @@ class Trainer:
             self.tracker.start(
                 flatten(self.resolved), tags, run_id=resumed_run_id, parent_run_id=parent_run_id
             )
+
+    def _new_model(self) -> DLMTransformer:
+        """The model, with the ``init_from`` weights when fine-tuning. They are loaded here, before
+        DeepSpeed builds its fp32 master copy: weights set after that are overwritten at step 1."""
+        model = DLMTransformer(self.cfg.model)
+        if self.cfg.init_from:
+            from pipeline.engine.export import load_initial_weights
+
+            load_initial_weights(model, self.cfg.init_from, self.cfg.model)
+        return model
 
     # ------------------------------------------------------------ checkpoints
     def _layout(self) -> Layout:

@@ -79,6 +79,9 @@ class TrainConfig:
     # matmul at start-up (about a second)
     peak_tflops: float = 0.0
     model_preset: str | None = None
+    # Fine-tuning: an export directory (``make pretrain`` writes runs/<run>/export) whose weights
+    # start the run; its model config and tokenizer must match. A resumed checkpoint wins over it.
+    init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -120,3 +120,48 @@ def tiny_job_args(dataset, tmp_path: Path, *extra: str) -> list[str]:
     """``pipeline.train`` arguments for a submitted tiny job writing to ``tmp_path/run``."""
     overrides = tiny_run_overrides(dataset, tmp_path / "mlruns", f"run_dir={tmp_path / 'run'}", *extra)
     return ["--config", "configs/train/ci-tiny.yaml", *overrides]
+
+
+def export_random_model(
+    out: Path, tokenizer: Path, method: str = "memdlm", seed: int = 0, **model_kw
+) -> Path:
+    """Write an export directory (the layout ``export_model`` writes) for a random-weight tiny model.
+
+    Needs a megatron TP=1 group (the ``world1`` fixture)."""
+    import json
+    import shutil
+    from dataclasses import asdict
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.memory.inner_loop import MemoryConfig
+    from pipeline.model.transformer import DLMTransformer
+    from pipeline.objectives.mdlm import ObjectiveConfig
+
+    tok = load_tokenizer(tokenizer)
+    cfg = tiny_model_config(**{"vocab_size": tok.vocab_size, "seq_len": 512, **model_kw})
+    torch.manual_seed(seed)
+    model = DLMTransformer(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().contiguous() for k, v in model.named_parameters()}, str(out / "model.safetensors")
+    )
+    info = {
+        "model": asdict(cfg),
+        "method": method,
+        "memory": asdict(MemoryConfig(enabled=method == "memdlm")),
+        "objective": asdict(ObjectiveConfig()),
+        "special_ids": tok.special_ids(),
+        "step": 0,
+    }
+    (out / "config.json").write_text(json.dumps(info, indent=2))
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_dataset, world1) -> Path:
+    """A random-weight tiny MemDLM export (seq_len 512) with the tiny dataset's tokenizer."""
+    return export_random_model(tmp_path_factory.mktemp("export") / "export", tiny_dataset / "tokenizer.model")

@@ -27,6 +27,7 @@ from data_prep.tasks.common import (
     TaskFileError,
     load_filler,
     read_jsonl,
+    resolve_filler_path,
     write_jsonl,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "generate",
     "load_filler",
     "read_jsonl",
+    "resolve_filler_path",
     "score_generation",
     "write_jsonl",
 ]

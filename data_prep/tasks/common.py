@@ -284,6 +284,16 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             yield obj["text"]
 
 
+def resolve_filler_path(spec: str) -> Path:
+    """``"sample"`` -> the sample corpus's documents.jsonl (fetched once into the cache); else a path."""
+    if spec != "sample":
+        return Path(spec)
+    from data_prep.sample_corpus import DOCUMENTS_FILE, fetch_sample_corpus
+
+    cache = Path(os.environ.get("MEMDLM_SAMPLE_CORPUS_CACHE", ".cache/sample_corpus"))
+    return fetch_sample_corpus(cache, progress=False) / DOCUMENTS_FILE
+
+
 def load_filler(path: str | Path, max_sentences: int = 20000) -> list[str]:
     """Prose sentences for haystacks from a ``documents.jsonl`` ("text" field) or a ``.txt`` file."""
     path = Path(path)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from pipeline.config import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.model.parallel import tp_group, tp_size
 
@@ -70,6 +71,41 @@ def export_model(
         os.replace(tmp, out_dir)
     dist.barrier()
     return out_dir
+
+
+def load_initial_weights(module: torch.nn.Module, path: str | Path, model_cfg: ModelConfig) -> None:
+    """Copy an export's weights into a (possibly ZeRO-3 partitioned, TP-sharded) module.
+
+    Collective under ZeRO-3 (every rank gathers each parameter in turn). Each rank takes its
+    tensor-parallel slice of the full weight; the data-parallel rank 0 copy is broadcast.
+    Raises ConfigError naming what differs when the export's model config is not ``model_cfg``.
+    """
+    import deepspeed
+
+    from pipeline.model.parallel import tp_rank
+
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise ConfigError(f"init_from={path}: not an export directory (no model.safetensors)")
+    theirs = json.loads((path / "config.json").read_text())["model"]
+    ours = asdict(model_cfg)
+    diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: export {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(f"init_from={path}: model config differs ({detail})")
+    state = load_file(str(path / "model.safetensors"))
+    names = {n for n, _ in module.named_parameters()}
+    if names != set(state):
+        raise ConfigError(
+            f"init_from={path}: parameter names differ (missing {sorted(names - set(state))[:5]}, "
+            f"unexpected {sorted(set(state) - names)[:5]})"
+        )
+    for name, p in module.named_parameters():
+        full = state[name]
+        if getattr(p, "tensor_model_parallel", False) and tp_size() > 1:
+            full = full.chunk(tp_size(), dim=p.partition_dim)[tp_rank()]
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            p.data.copy_(full.to(p.dtype))
 
 
 def load_exported(path: str | Path, device: str = "cpu"):

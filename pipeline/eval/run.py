@@ -59,6 +59,11 @@ class ExposureBiasConfig:
 
 
 @dataclass
+class EvalTrackingConfig(TrackingConfig):
+    experiment: str = "eval"  # beside training's "memdlm" experiment in the same store
+
+
+@dataclass
 class EvalRunConfig:
     out_dir: str = "runs/eval"
     filler: str = "sample"  # prose the tasks hide in: "sample" (the sample corpus) or a .jsonl/.txt
@@ -67,7 +72,7 @@ class EvalRunConfig:
     tasks: list[TaskSetConfig] = field(default_factory=list)
     scoring: TaskScoringConfig = field(default_factory=TaskScoringConfig)
     exposure_bias: ExposureBiasConfig = field(default_factory=ExposureBiasConfig)
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="eval"))
+    tracking: EvalTrackingConfig = field(default_factory=EvalTrackingConfig)
 
     def validate(self) -> None:
         bad = [m for m in self.memory if m not in ("off", "on")]
@@ -75,20 +80,11 @@ class EvalRunConfig:
             raise ConfigError(f"key 'memory': got {self.memory}, expected a non-empty list of 'off'/'on'")
 
 
-def filler_path(spec: str) -> Path:
-    if spec != "sample":
-        return Path(spec)
-    from data_prep.sample_corpus import DOCUMENTS_FILE, fetch_sample_corpus
-
-    cache = Path(os.environ.get("MEMDLM_SAMPLE_CORPUS_CACHE", ".cache/sample_corpus"))
-    return fetch_sample_corpus(cache, progress=False) / DOCUMENTS_FILE
-
-
 def build_task_files(cfg: EvalRunConfig, tok, out: Path) -> dict[str, Path]:
     """Generate each task set with the checkpoint's tokenizer; returns name -> jsonl path."""
-    from data_prep.tasks import generate, load_filler, write_jsonl
+    from data_prep.tasks import generate, load_filler, resolve_filler_path, write_jsonl
 
-    filler = load_filler(filler_path(cfg.filler))
+    filler = load_filler(resolve_filler_path(cfg.filler))
     files = {}
     for ts in cfg.tasks:
         examples = generate(
@@ -219,6 +215,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def metric_name(key: str) -> str:
+    """MLflow allows only alphanumerics and ``_-. :/`` in metric names."""
+    return key.replace("@", "_at_").replace(",", "_").replace("=", "-")
+
+
 def log_to_mlflow(cfg: EvalRunConfig, results: list[dict[str, Any]], out: Path) -> str | None:
     from pipeline.tracking import Tracker, flatten, git_commit
 
@@ -240,10 +241,8 @@ def log_to_mlflow(cfg: EvalRunConfig, results: list[dict[str, Any]], out: Path) 
                 metrics[f"{r['name']}/{ts}/{mem}/ranking"] = s["ranking"]
         for mem, c in r.get("exposure_bias", {}).items():
             for k, ratio in zip(c["steps"], c["R"], strict=True):
-                tracker.log(k, {f"{r['name']}/exposure_bias_R/{mem}": ratio})
-    tracker.log(
-        0, {k.replace("@", "_at_").replace(",", "_").replace("=", "-"): v for k, v in metrics.items()}
-    )
+                tracker.log(k, {metric_name(f"{r['name']}/exposure_bias_R/{mem}"): ratio})
+    tracker.log(0, {metric_name(k): v for k, v in metrics.items()})
     tracker.log_artifacts(sorted(out.glob("results.*")) + sorted(out.glob("*.png")))
     tracker.end()
     return tracker.run_id
@@ -253,8 +252,13 @@ def run(checkpoints: list[str], cfg: EvalRunConfig) -> Path:
     """Evaluate ``checkpoints``; returns the results directory."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = Path(cfg.out_dir)
-    out = root / stamp
-    out.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    out, k = root / stamp, 0
+    while out.exists():  # two evaluations within one second
+        k += 1
+        out = root / f"{stamp}-{k}"
+    out.mkdir()
+    stamp = out.name
     torch.manual_seed(cfg.seed)
     results = [evaluate_checkpoint(c, cfg, out) for c in checkpoints]
     (out / "results.json").write_text(

@@ -170,3 +170,30 @@ def test_prompt_too_long_for_the_model_is_a_clear_error(sampler):
 def test_cut_at_eos():
     assert cut_at_eos([5, 6, 3, 7, 3], 3) == [5, 6]
     assert cut_at_eos([5, 6], 3) == [5, 6]
+
+
+def test_padding_keys_are_invisible_to_the_real_tokens(world1):
+    torch.manual_seed(2)
+    model = DLMTransformer(tiny_model_config()).eval()
+    x = torch.randint(6, VOCAB, (1, 10), generator=torch.Generator().manual_seed(4))
+    padded = torch.cat([x, torch.full((1, 6), PAD)], 1)
+    key = torch.arange(16)[None] < 10
+    with torch.no_grad():
+        alone = model(tokens=x)
+        masked = model(tokens=padded, key_mask=key)[:, :10]
+        visible = model(tokens=padded)[:, :10]
+    torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(visible, alone, atol=1e-3)  # without the mask the pads leak in
+
+
+def test_make_sample_prints_memory_off_and_adapted_responses(tiny_export, capsys):
+    from pipeline.sample import main
+
+    assert main(["--checkpoint", str(tiny_export), "--prompt", "the river", "--gen-length", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "method memdlm" in out and "memory off" in out and "memory on (adapted to the prompt)" in out
+    assert (
+        main(["--checkpoint", str(tiny_export), "--prompt", "x", "--gen-length", "6", "--block-length", "4"])
+        == 2
+    )
+    assert "block_length" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""`make eval`'s runner end to end on a tiny export: task files, scores, exposure bias, MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.eval.run import EvalRunConfig, main, run
+
+
+def _cfg(tmp_path, dataset, filler, *extra):
+    overrides = [
+        f"out_dir={tmp_path / 'eval'}",
+        f"filler={filler}",
+        f"tracking.root={tmp_path / 'mlruns'}",
+        "tasks=[{task: niah, context_tokens: 420, n: 3, difficulty: {values: 2}}, "
+        "{task: babi, context_tokens: 440, n: 3, difficulty: {facts: 4}}]",
+        "scoring.mc_samples=2",
+        f"exposure_bias.data={dataset}",
+        "exposure_bias.pairs=3",
+        "exposure_bias.prompt_tokens=16",
+        "exposure_bias.response_tokens=8",
+        "exposure_bias.steps=4",
+        *extra,
+    ]
+    return load_config(EvalRunConfig, "configs/eval/local.yaml", overrides)
+
+
+@pytest.fixture
+def filler(tmp_path):
+    import random
+
+    from tests.conftest import WORDS
+
+    rng = random.Random(0)
+    path = tmp_path / "filler.txt"
+    path.write_text(
+        " ".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+            for _ in range(400)
+        )
+    )
+    return path
+
+
+def test_eval_run_writes_tables_curves_and_an_mlflow_run(tiny_export, tiny_dataset, tmp_path, filler):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg(tmp_path, tiny_dataset, filler)
+    out = run([str(tiny_export)], cfg)
+    data = json.loads((out / "results.json").read_text())
+    (res,) = data["results"]
+    assert set(res["tasks"]) == {"niah@420,values=2", "babi@440,facts=4"}
+    for by_mem in res["tasks"].values():
+        assert set(by_mem) == {"off", "on"}
+        for s in by_mem.values():
+            assert 0.0 <= s["generation"] <= 1.0 and 0.0 <= s["ranking"] <= 1.0 and s["n"] == 3
+    for mem in ("off", "on"):
+        c = res["exposure_bias"][mem]
+        assert c["steps"] == [1, 2, 3] and c["masked_ratio"] == [0.75, 0.5, 0.25]
+        assert c["R"] == pytest.approx([s / t for s, t in zip(c["L_seq"], c["L_static"], strict=True)])
+    # memory on changes the numbers: the adapted memory is really used
+    assert res["exposure_bias"]["on"]["L_seq"] != res["exposure_bias"]["off"]["L_seq"]
+    md = (out / "results.md").read_text()
+    assert "MemDLM train-only" in md and "MemDLM + inference adaptation" in md and "niah@420" in md
+    assert (out / "exposure_bias.png").stat().st_size > 1000
+    assert (tmp_path / "eval" / "latest").resolve() == out.resolve()
+    # the same numbers read back from MLflow
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("eval")
+    (mrun,) = client.search_runs([exp.experiment_id])
+    name = f"memdlm_at_{tiny_export.parent.name}"
+    key = f"{name}/babi_at_440_facts-4/on/ranking"
+    assert mrun.data.metrics[key] == pytest.approx(res["tasks"]["babi@440,facts=4"]["on"]["ranking"])
+    hist = client.get_metric_history(mrun.info.run_id, f"{name}/exposure_bias_R/off")
+    assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx(
+        res["exposure_bias"]["off"]["R"]
+    )
+
+
+def test_eval_run_is_deterministic(tiny_export, tiny_dataset, tmp_path, filler):
+    cfg = _cfg(
+        tmp_path,
+        tiny_dataset,
+        filler,
+        "exposure_bias.enabled=false",
+        "tracking.enabled=false",
+        'memory=["on"]',
+    )
+    a = json.loads((run([str(tiny_export)], cfg) / "results.json").read_text())["results"][0]["tasks"]
+    b = json.loads((run([str(tiny_export)], cfg) / "results.json").read_text())["results"][0]["tasks"]
+    for d in (a, b):
+        for by in d.values():
+            by["on"].pop("seconds")
+    assert a == b
+
+
+def test_eval_config_and_checkpoint_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="memory"):
+        load_config(EvalRunConfig, None, ['memory=["of"]'])
+    with pytest.raises(ConfigError, match=r"tasks\[0\].contxt_tokens.*did you mean 'context_tokens'"):
+        load_config(EvalRunConfig, None, ["tasks=[{task: niah, contxt_tokens: 100}]"])
+    assert main(["--checkpoint", str(tmp_path)]) == 2
+    assert "not an export directory" in capsys.readouterr().err
