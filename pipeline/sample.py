@@ -166,6 +166,12 @@ class DiffusionSampler:
                 pre_anchor_ratio=cfg.pre_anchor_ratio,
             )
 
+    def adapt_prompts(self, prompts: list[list[int]], *, seed: int = 0, bf16: bool = False) -> FastWeights:
+        """One memory per prompt (rows in order), exactly as ``generate`` with ``adapt`` makes them."""
+        cfg = SamplerConfig(gen_length=1, steps=1, adapt=True, seed=seed, bf16=bf16)
+        packed = pack(prompts, 1, self.mask_id, self.pad_id, self.device)
+        return self.adapt(packed, cfg, row_generators(prompts, seed, self.device))
+
     def generate(self, prompts: list[list[int]], cfg: SamplerConfig, *, trace: bool = False) -> Generation:
         """Responses [B, gen_length] for token-id ``prompts`` (each non-empty)."""
         cfg.validate()
@@ -307,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
         for text, ids in zip(args.prompt, out.tokens.tolist(), strict=True):
             resp = tok.decode(cut_at_eos(ids, tok.eos_id))
             print(
-                f"--- memory {'on (adapted to the prompt)' if on else 'off'} ---\n{text}\033[1m{resp}\033[0m"
+                f"--- memory {'on (adapted to the prompt)' if on else 'off'} ---\n{text}{bold}{resp}{plain}"
             )
     return 0
 

@@ -149,7 +149,7 @@ def plot_exposure_bias(curves: dict[str, ExposureBiasCurve], path: str | Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.0, 4.0 + 0.22 * 2 * len(curves)))
     for i, (name, c) in enumerate(curves.items()):
         color = f"C{i}"
         ax.plot(c.steps, c.R, color=color, marker="o", ms=3, label=f"{name}: L_seq / L_static")
@@ -158,10 +158,10 @@ def plot_exposure_bias(curves: dict[str, ExposureBiasCurve], path: str | Path) -
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("denoising steps taken")
     ax.set_ylabel("exposure-bias ratio R")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     ax.set_title("Exposure bias over the denoising trajectory")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

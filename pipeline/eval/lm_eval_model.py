@@ -30,7 +30,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from pipeline.eval.likelihood import mc_loglikelihood
-from pipeline.sample import SamplerConfig, cut_at_eos, load_sampler, pack, row_generators
+from pipeline.sample import SamplerConfig, cut_at_eos, load_sampler
 
 
 @register_model("memdlm")
@@ -76,13 +76,10 @@ class MemDLMEvalModel(LM):
         """
         if not self.adapt:
             return None
-        s = self.sampler
         real = [c for c in contexts if c]
         if not real:
             return None
-        cfg = SamplerConfig(gen_length=1, steps=1, adapt=True, seed=self.seed, bf16=self.bf16)
-        packed = pack(real, 1, s.mask_id, s.pad_id, s.device)
-        fast = s.adapt(packed, cfg, row_generators(real, self.seed, s.device))
+        fast = self.sampler.adapt_prompts(real, seed=self.seed, bf16=self.bf16)
         rows, k = [], 0
         for c in contexts:
             rows.append(k if c else len(real))  # row len(real): the fresh memory appended below

@@ -103,8 +103,11 @@ def build_task_files(cfg: EvalRunConfig, tok, out: Path) -> dict[str, Path]:
     return files
 
 
-def exposure_pairs(cfg: ExposureBiasConfig, seq_len: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt, response) token pairs cut from the dataset's first val sequences."""
+def exposure_pairs(
+    cfg: ExposureBiasConfig, seq_len: int, tokenizer: Path
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt, response) token pairs cut from the dataset's first val sequences; the dataset must
+    be tokenised with the checkpoint's ``tokenizer`` (checked)."""
     from pipeline.data.stream import DataConfig, TokenBatchLoader
 
     need = cfg.prompt_tokens + cfg.response_tokens
@@ -113,7 +116,11 @@ def exposure_pairs(cfg: ExposureBiasConfig, seq_len: int) -> tuple[list[list[int
             f"key 'exposure_bias': prompt_tokens + response_tokens = {need} exceeds the model's seq_len {seq_len}"
         )
     loader = TokenBatchLoader(
-        DataConfig(path=cfg.data, batch_size=1, num_workers=0), split="val", shuffle=False, loop=False
+        DataConfig(path=cfg.data, batch_size=1, num_workers=0),
+        split="val",
+        shuffle=False,
+        loop=False,
+        tokenizer_path=tokenizer,
     )
     prompts, responses = [], []
     for batch in loader:
@@ -130,7 +137,7 @@ def exposure_pairs(cfg: ExposureBiasConfig, seq_len: int) -> tuple[list[list[int
 def evaluate_checkpoint(path: str, cfg: EvalRunConfig, out: Path) -> dict[str, Any]:
     """All numbers for one export directory (see the module docstring)."""
     from data_prep.tasks import read_jsonl
-    from pipeline.sample import SamplerConfig, load_sampler, pack, row_generators
+    from pipeline.sample import load_sampler
 
     sampler, tok, info = load_sampler(path)
     name = f"{info.get('method')}@{Path(path).resolve().parent.name}"
@@ -151,14 +158,14 @@ def evaluate_checkpoint(path: str, cfg: EvalRunConfig, out: Path) -> dict[str, A
             )
     eb = cfg.exposure_bias
     if eb.enabled:
-        prompts, responses = exposure_pairs(eb, sampler.model.cfg.seq_len)
+        prompts, responses = exposure_pairs(eb, sampler.model.cfg.seq_len, Path(path) / "tokenizer.model")
         result["exposure_bias"] = {}
         for mem in cfg.memory:
-            fast = None
-            if mem == "on":
-                scfg = SamplerConfig(gen_length=1, steps=1, adapt=True, seed=cfg.scoring.seed)
-                packed = pack(prompts, 1, sampler.mask_id, sampler.pad_id, sampler.device)
-                fast = sampler.adapt(packed, scfg, row_generators(prompts, cfg.scoring.seed, sampler.device))
+            fast = (
+                sampler.adapt_prompts(prompts, seed=cfg.scoring.seed, bf16=cfg.scoring.bf16)
+                if mem == "on"
+                else None
+            )
             curve = exposure_bias(
                 sampler.model,
                 prompts,

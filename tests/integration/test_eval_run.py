@@ -104,3 +104,52 @@ def test_eval_config_and_checkpoint_errors_are_clear(tmp_path, capsys):
         load_config(EvalRunConfig, None, ["tasks=[{task: niah, contxt_tokens: 100}]"])
     assert main(["--checkpoint", str(tmp_path)]) == 2
     assert "not an export directory" in capsys.readouterr().err
+
+
+def test_task_scores_equal_a_direct_per_example_computation(tiny_export, filler):
+    """Batched scoring (candidate offsets, memory rows, EOS cut) against one example at a time."""
+    from data_prep.tasks import generate, load_filler, score_generation
+    from pipeline.eval.likelihood import mc_loglikelihood
+    from pipeline.eval.tasks import TaskScoringConfig, evaluate_examples
+    from pipeline.sample import SamplerConfig, cut_at_eos, load_sampler
+
+    sampler, tok, _ = load_sampler(tiny_export)
+    examples = generate(
+        "variable_tracking",
+        3,
+        seed=5,
+        context_tokens=420,
+        count_tokens=lambda s: len(tok.encode(s)),
+        filler=load_filler(filler),
+        hops=1,
+        distractors=0,
+    )
+    cfg = TaskScoringConfig(batch_size=2, mc_samples=2)
+    for adapt in (False, True):
+        got = evaluate_examples(sampler, tok, examples, adapt=adapt, cfg=cfg)
+        G = got["gen_length"]
+        gen, hits, texts, chose = [], 0, [], []
+        for ex in examples:
+            p = tok.encode(ex.prompt)
+            out = sampler.generate([p], SamplerConfig(gen_length=G, steps=G, adapt=adapt))
+            texts.append(tok.decode(cut_at_eos(out.tokens[0].tolist(), tok.eos_id)))
+            gen.append(score_generation(ex, texts[-1]))
+            conts = [[*tok.encode(" " + c), tok.eos_id] for c in ex.candidates]
+            ll = mc_loglikelihood(
+                sampler.model,
+                [p] * len(conts),
+                conts,
+                mask_id=sampler.mask_id,
+                pad_id=sampler.pad_id,
+                vocab_size=sampler.vocab_size,
+                samples=2,
+                fast=out.fast,
+                fast_rows=[0] * len(conts) if adapt else None,
+            ).loglik
+            best = max(range(len(ll)), key=ll.__getitem__)
+            chose.append(ex.candidates[best])
+            hits += best == ex.answer_index
+        assert [s["generated"] for s in got["samples"]] == texts
+        assert [s["chose"] for s in got["samples"]] == chose
+        assert got["generation"] == pytest.approx(sum(gen) / 3)
+        assert got["ranking"] == pytest.approx(hits / 3)
