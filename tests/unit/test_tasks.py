@@ -327,3 +327,18 @@ def test_cli_writes_a_readable_set(tmp_path, capsys):
     )
     assert main([*args[:-4], "--context-tokens", "5", "--filler", str(filler), "--out", str(out)]) == 2
     assert "too small" in capsys.readouterr().err
+
+
+def test_shipped_eval_and_task_data_configs_load():
+    """Every YAML under configs/eval and the task-data config parse against their schemas."""
+    from pathlib import Path
+
+    from data_prep.task_data import TaskDataConfig
+    from pipeline.config import load_config
+    from pipeline.eval.run import EvalRunConfig
+
+    for path in sorted(Path("configs/eval").glob("*.yaml")):
+        cfg = load_config(EvalRunConfig, path)
+        assert cfg.tasks and set(cfg.memory) <= {"off", "on"}
+        assert all(t.task in ("niah", "variable_tracking", "babi") for t in cfg.tasks)
+    assert load_config(TaskDataConfig, "configs/data/tasks.yaml").seed != 1000  # never the eval seed
