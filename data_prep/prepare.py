@@ -15,10 +15,13 @@ import sys
 from data_prep.config import PrepConfig
 from data_prep.corpus import CorpusError
 from data_prep.sample_corpus import SampleCorpusError
+from data_prep.sft import SFTDataError
 from data_prep.shard import DatasetPrepError, prepare_dataset
+from data_prep.task_data import TaskDataConfig, prepare_task_data
+from data_prep.tasks import TaskFileError
 from data_prep.tokenizer import TokenizerTrainingError
-from pipeline.config import ConfigError, load_config
-from pipeline.data.manifest import DatasetError
+from pipeline.config import ConfigError, load_config, read_yaml
+from pipeline.data.manifest import DatasetError, Manifest
 from pipeline.data.tokenizer import TokenizerError
 
 USER_ERRORS = (
@@ -29,7 +32,26 @@ USER_ERRORS = (
     TokenizerError,
     TokenizerTrainingError,
     SampleCorpusError,
+    SFTDataError,
+    TaskFileError,
 )
+
+
+def load_dataset_config(
+    path: str, overrides: list[str] | tuple[str, ...] = ()
+) -> PrepConfig | TaskDataConfig:
+    """A dataset build config from ``configs/data/``: SFT task data (a YAML with ``tasks:``,
+    data_prep/task_data.py) or a corpus build (PrepConfig)."""
+    if "tasks" in read_yaml(path):
+        return load_config(TaskDataConfig, path, overrides)
+    return load_config(PrepConfig, path, overrides)
+
+
+def prepare_any(cfg: PrepConfig | TaskDataConfig, progress: bool = True) -> Manifest:
+    """Build (or confirm) the dataset ``cfg`` describes; returns its manifest."""
+    if isinstance(cfg, TaskDataConfig):
+        return prepare_task_data(cfg)
+    return prepare_dataset(cfg, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,15 +17,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from data_prep.config import PrepConfig
-from data_prep.prepare import USER_ERRORS
-from data_prep.sft import SFTDataError
-from data_prep.shard import prepare_dataset
-from data_prep.task_data import TaskDataConfig, prepare_task_data
-from data_prep.tasks import TaskFileError
+from data_prep.prepare import USER_ERRORS, load_dataset_config, prepare_any
 from launch.clusters import load_cluster
 from launch.submit import sbatch_preview, submit
-from pipeline.config import ConfigError, load_config, read_yaml
+from pipeline.config import ConfigError
 from pipeline.data.manifest import verify_manifest
 from pipeline.data.stream import TokenBatchLoader
 from pipeline.train_config import load_train_config
@@ -78,21 +73,16 @@ def main(argv: list[str] | None = None) -> int:
                 "train the base model first (`make pretrain CLUSTER=local` writes runs/local/export)"
             )
         data_config = args.data_config or cluster.data
-        if "tasks" in read_yaml(data_config):
-            prep = load_config(TaskDataConfig, data_config)
-            prepare = prepare_task_data
-        else:
-            prep = load_config(PrepConfig, data_config)
-            prepare = prepare_dataset
+        prep = load_dataset_config(data_config)
         if Path(prep.out_dir).resolve() != Path(cfg.data.path).resolve():
             raise ConfigError(
                 f"{train_path}: data.path={cfg.data.path} but {data_config} prepares {prep.out_dir}; make them agree"
             )
-        manifest = prepare(prep)
+        manifest = prepare_any(prep)
         verify_manifest(manifest, prep.out_dir, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
         # Fails now, not an hour into the job, if the shards cannot be split evenly over the ranks.
         TokenBatchLoader(cfg.data, rank=0, world_size=cluster.world_size // cfg.parallel.tp)
-    except (*USER_ERRORS, SFTDataError, TaskFileError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     train_args = ["--config", train_path, "--export", *args.overrides]

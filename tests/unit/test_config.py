@@ -79,6 +79,12 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 
 
 def test_shipped_dataset_configs_load():
+    from data_prep.prepare import load_dataset_config
+    from data_prep.task_data import TaskDataConfig
+
+    kinds = {}
     for path in sorted(Path("configs/data").glob("*.yaml")):
-        cfg = load_config(PrepConfig, path)
+        cfg = load_dataset_config(str(path))
         assert cfg.train_shards >= 1, path
+        kinds[path.name] = type(cfg)
+    assert kinds["sample.yaml"] is PrepConfig and kinds["tasks.yaml"] is TaskDataConfig
