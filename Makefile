@@ -24,7 +24,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint format data sample-corpus pretrain sft task-data sample eval compare mlflow-ui bench bench-data bench-step bench-scale clean
+.PHONY: help venv test test-fast lint format data sample-corpus pretrain sft task-data sample eval compare mlflow-ui bench bench-data bench-step bench-scale bench-sample clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -81,13 +81,16 @@ compare: venv ## MDLM vs MemDLM, same seed/data/budget -> runs/compare/latest/{c
 mlflow-ui: venv ## the MLflow dashboard of runs/mlflow.db on http://127.0.0.1:5000 (local only)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port $(PORT)
 
-bench: bench-data bench-step bench-scale ## all benchmarks (results in bench/results/)
+bench: bench-data bench-step bench-scale bench-sample ## all benchmarks (results in bench/results/)
 
 bench-data: venv ## tokeniser + loader throughput vs training consumption -> bench/results/data.json
 	$(PY) -m bench.data
 
 bench-scale: venv ## per-rank memory + step time at world 1/2 (DP, TP), memory model -> bench/results/scale.json
 	$(PY) -m bench.scale
+
+bench-sample: venv ## sampler tokens/s, memory off vs adapted to each prompt (small preset) -> bench/results/sample.json
+	$(PY) -m bench.sample $(ARGS)
 
 bench-step: venv ## MemDLM vs MDLM step time, FLOP ratio, MFU (small preset) -> bench/results/step.json
 	$(PY) -m bench.step

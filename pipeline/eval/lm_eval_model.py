@@ -1,9 +1,10 @@
 """lm-evaluation-harness adapter: our exported checkpoints as the registered lm-eval model ``memdlm``.
 
-    lm_eval --model memdlm --model_args checkpoint=runs/local/export,mc_samples=16,adapt=true \
-        --include_path my_tasks/ --tasks my_task          # (import pipeline.eval.lm_eval_model first)
     python -m pipeline.eval.lm_eval_model --checkpoint runs/local/export --include-path my_tasks \
-        --tasks my_task                                   # the same, with the registration done
+        --tasks my_task --model-args mc_samples=16,adapt=true
+
+    import pipeline.eval.lm_eval_model                   # registers "memdlm" (in your own script)
+    lm_eval.simple_evaluate(model="memdlm", model_args="checkpoint=runs/local/export", tasks=[...])
 
 * ``loglikelihood``: the Monte-Carlo masked estimate of ``log p(continuation | context)``
   (pipeline/eval/likelihood.py) with ``mc_samples`` draws; ``is_greedy`` says whether the

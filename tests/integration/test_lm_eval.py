@@ -133,3 +133,13 @@ def test_rolling_loglikelihood_sums_windows_and_adapted_memory_changes_scores(ti
     assert adapted.loglikelihood(req)[0][0] != plain.loglikelihood(req)[0][0]
     with pytest.raises(ValueError, match=r"unknown key.*mc_sample"):
         MemDLMEvalModel(checkpoint=str(tiny_export), mc_sample=2)
+
+
+def test_lm_eval_command_line_writes_the_results(tiny_export, task_dir, tmp_path):
+    from pipeline.eval.lm_eval_model import main
+
+    out = tmp_path / "res.json"
+    args = ["--checkpoint", str(tiny_export), "--include-path", str(task_dir), "--tasks", "rooms_mc"]
+    assert main([*args, "--limit", "2", "--model-args", "mc_samples=2", "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["rooms_mc"]["acc,none"] <= 1.0
