@@ -214,25 +214,7 @@ class DiffusionSampler:
                         key_mask=packed.real,
                     )
                 logits = logits.double().masked_fill(banned, float("-inf")).view(B, m, -1)
-                if cfg.temperature > 0:
-                    u = torch.stack(
-                        [
-                            torch.rand(m, logits.shape[-1], generator=g, device=g.device, dtype=torch.float64)
-                            for g in gens
-                        ]
-                    )
-                    gumbel = -torch.log((-torch.log(u.clamp_min(1e-300))).clamp_min(1e-300))
-                    x0 = (logits / cfg.temperature + gumbel.to(logits.device)).argmax(-1)
-                else:
-                    x0 = logits.argmax(-1)  # [B, m]
-                if cfg.remasking == "low_confidence":
-                    conf = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
-                else:
-                    conf = torch.stack(
-                        [torch.rand(m, generator=g, device=g.device, dtype=torch.float64) for g in gens]
-                    )
-                    conf = conf.to(logits.device)
-                chosen = conf.topk(k, dim=1).indices  # [B, k] among the m active slots
+                x0, chosen = _choose(logits, k, cfg, gens)
                 slot_pos = active.nonzero()[:, 1].view(B, m)  # response offsets of the active slots
                 picked = slot_pos.gather(1, chosen)  # [B, k]
                 new_resp = resp.scatter(1, picked, x0.gather(1, chosen))
@@ -242,6 +224,29 @@ class DiffusionSampler:
                     states.append(new_resp.clone())
                 step += 1
         return Generation(tokens=x.gather(1, resp_idx), commit_step=commit, fast=fast, trace=states or None)
+
+
+def _choose(
+    logits: torch.Tensor, k: int, cfg: SamplerConfig, gens: list[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One denoising step's decision for the m masked slots of the block in every row.
+
+    logits [B, m, V] (float64, banned ids at -inf) -> (x0 [B, m]: the token each slot would
+    take, chosen [B, k]: the slots committed now). Random draws come from the row generators.
+    """
+    _, m, V = logits.shape
+    if cfg.temperature > 0:  # Gumbel-max: argmax(logits / T + G) is a draw from softmax(logits / T)
+        u = torch.stack([torch.rand(m, V, generator=g, device=g.device, dtype=torch.float64) for g in gens])
+        gumbel = -torch.log((-torch.log(u.clamp_min(1e-300))).clamp_min(1e-300)).to(logits.device)
+        x0 = (logits / cfg.temperature + gumbel).argmax(-1)
+    else:
+        x0 = logits.argmax(-1)
+    if cfg.remasking == "low_confidence":  # the model's probability of the token it would commit
+        conf = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
+    else:
+        conf = torch.stack([torch.rand(m, generator=g, device=g.device, dtype=torch.float64) for g in gens])
+        conf = conf.to(logits.device)
+    return x0, conf.topk(k, dim=1).indices
 
 
 def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
