@@ -153,3 +153,17 @@ def test_task_scores_equal_a_direct_per_example_computation(tiny_export, filler)
         assert [s["chose"] for s in got["samples"]] == chose
         assert got["generation"] == pytest.approx(sum(gen) / 3)
         assert got["ranking"] == pytest.approx(hits / 3)
+
+
+def test_make_eval_and_sample_pass_their_arguments_through():
+    import subprocess
+
+    def dry(*args: str) -> str:
+        return subprocess.run(["make", "-n", *args], capture_output=True, text=True, check=True).stdout
+
+    assert "--checkpoint a/export --checkpoint b/export --config configs/eval/local.yaml" in dry(
+        "eval", "CHECKPOINT=a/export b/export"
+    )
+    assert '--checkpoint c/export --prompt "Once upon"' in dry(
+        "sample", "CHECKPOINT=c/export", "PROMPT=Once upon"
+    )

@@ -163,7 +163,7 @@ def test_statement_positions_are_ordered_fractions():
 
 @pytest.mark.parametrize(("task", "knobs"), [("niah", {}), ("variable_tracking", {}), ("babi", {"hops": 2})])
 def test_prompt_fits_the_budget(task, knobs):
-    for ctx in (200, 500):
+    for ctx in (200, 500, 2048):  # up to the 2048-token presets (filler cycles past its end)
         for ex in _gen(task, 3, context_tokens=ctx, **knobs):
             tokens = count_words(ex.prompt)
             assert 0.8 * ctx <= tokens <= ctx
