@@ -254,8 +254,18 @@ def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
-def load_sampler(checkpoint: str | Path, device: str = "cpu") -> tuple[DiffusionSampler, Any, dict[str, Any]]:
+def resolve_device(device: str = "auto") -> str:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_sampler(
+    checkpoint: str | Path, device: str = "auto"
+) -> tuple[DiffusionSampler, Any, dict[str, Any]]:
     """``(sampler, tokenizer, info)`` for an export directory (see pipeline/engine/export.py)."""
+    device = resolve_device(device)
     from pipeline.data.tokenizer import load_tokenizer
     from pipeline.engine.export import load_exported
 
@@ -289,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
     args = ap.parse_args(argv)
     if not (Path(args.checkpoint) / "model.safetensors").is_file():
         print(
@@ -297,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    sampler, tok, info = load_sampler(args.checkpoint)
+    sampler, tok, info = load_sampler(args.checkpoint, device=args.device)
     adapt = args.adapt or ("both" if info.get("method") == "memdlm" else "off")
     modes = {"off": [False], "on": [True], "both": [False, True]}[adapt]
     prompts = [tok.encode(p) for p in args.prompt]

@@ -55,7 +55,7 @@ class MemDLMEvalModel(LM):
         super().__init__()
         if unused:
             raise ValueError(f"memdlm model_args: unknown key(s) {', '.join(sorted(unused))}")
-        self.sampler, self.tok, self.info = load_sampler(str(checkpoint), device=device or "cpu")
+        self.sampler, self.tok, self.info = load_sampler(str(checkpoint), device=device or "auto")
         self.mc_samples, self.adapt, self.seed, self.bf16 = (
             int(mc_samples),
             bool(adapt),

@@ -68,6 +68,7 @@ class EvalRunConfig:
     out_dir: str = "runs/eval"
     filler: str = "sample"  # prose the tasks hide in: "sample" (the sample corpus) or a .jsonl/.txt
     seed: int = 1000  # task examples (SFT data for training uses other seeds)
+    device: str = "auto"  # auto: the GPU when there is one
     memory: list[str] = field(default_factory=lambda: ["off", "on"])
     tasks: list[TaskSetConfig] = field(default_factory=list)
     scoring: TaskScoringConfig = field(default_factory=TaskScoringConfig)
@@ -139,7 +140,7 @@ def evaluate_checkpoint(path: str, cfg: EvalRunConfig, out: Path) -> dict[str, A
     from data_prep.tasks import read_jsonl
     from pipeline.sample import load_sampler
 
-    sampler, tok, info = load_sampler(path)
+    sampler, tok, info = load_sampler(path, device=cfg.device)
     name = f"{info.get('method')}@{Path(path).resolve().parent.name}"
     result: dict[str, Any] = {"checkpoint": str(path), "method": info.get("method"), "step": info.get("step")}
     files = build_task_files(cfg, tok, out / name)
