@@ -20,7 +20,6 @@ the tokenizer (so a different ``count_tokens`` changes only how much filler fits
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -267,23 +266,6 @@ def split_sentences(text: str, min_words: int = 4, max_words: int = 60) -> list[
     return out
 
 
-def _jsonl_texts(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskFileError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or "text" not in obj:
-                raise TaskFileError(f"{path}:{lineno}: missing key 'text'")
-            if not isinstance(obj["text"], str):
-                raise TaskFileError(f"{path}:{lineno}: bad key 'text': expected a string")
-            yield obj["text"]
-
-
 def resolve_filler_path(spec: str) -> Path:
     """``"sample"`` -> the sample corpus's documents.jsonl (fetched once into the cache); else a path."""
     if spec != "sample":
@@ -295,24 +277,23 @@ def resolve_filler_path(spec: str) -> Path:
 
 
 def load_filler(path: str | Path, max_sentences: int = 20000) -> list[str]:
-    """Prose sentences for haystacks from a ``documents.jsonl`` ("text" field) or a ``.txt`` file."""
+    """Prose sentences for haystacks from any corpus file ``make data`` reads (.txt, .jsonl[.gz]
+    with a "text" field, .parquet); read by data_prep/corpus.py, so errors name the file and line."""
+    from data_prep.corpus import CorpusError, CorpusStats, iter_documents, resolve_inputs
+
     path = Path(path)
-    name = path.name.lower()
     if not path.is_file():
         raise TaskFileError(f"{path}: filler file not found")
-    texts: Iterable[str]
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        texts = _jsonl_texts(path)
-    elif name.endswith(".txt"):
-        texts = [path.read_text(encoding="utf-8", errors="replace")]
-    else:
-        raise TaskFileError(f"{path}: unsupported filler file (expected .jsonl, .jsonl.gz or .txt)")
     out: list[str] = []
-    for text in texts:
-        for sentence in split_sentences(text):
-            out.append(sentence)
-            if len(out) >= max_sentences:
-                return out
+    try:
+        (resolved,) = resolve_inputs([str(path)])
+        for doc in iter_documents([(resolved, "text")], CorpusStats()):  # streamed: stops early
+            for sentence in split_sentences(doc.text):
+                out.append(sentence)
+                if len(out) >= max_sentences:
+                    return out
+    except CorpusError as exc:
+        raise TaskFileError(f"filler: {exc}") from None
     if not out:
         raise TaskFileError(f"{path}: no sentences of 4-60 words found")
     return out

@@ -302,7 +302,7 @@ def test_load_filler(tmp_path):
     txt.write_text("The first plain sentence here. The second plain sentence here.")
     assert load_filler(txt) == ["The first plain sentence here.", "The second plain sentence here."]
     docs.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(TaskFileError, match=r"documents\.jsonl:1: missing key 'text'"):
+    with pytest.raises(TaskFileError, match=r"documents\.jsonl:1: no field 'text'"):
         load_filler(docs)
     with pytest.raises(TaskFileError, match=r"missing\.txt"):
         load_filler(tmp_path / "missing.txt")
