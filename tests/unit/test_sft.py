@@ -179,3 +179,26 @@ def test_task_data_build_is_idempotent_and_keeps_splits_apart(tiny_dataset, tmp_
     assert np.all([len(r) == 512 for r in train_rows])
     with pytest.raises(ConfigError, match="leaves no room"):
         TaskDataConfig(seq_len=100, tasks=[TaskSFTSet(task="babi", context_tokens=100)]).validate()
+
+
+def test_fine_tuning_refuses_an_export_with_another_tokenizer(world1, tiny_dataset, tmp_path):
+    from data_prep.shard import prepare_dataset
+    from pipeline.data.manifest import DatasetError
+    from tests.conftest import prep_config, write_txt_corpus
+
+    corpus = write_txt_corpus(tmp_path / "other", n_docs=12, seed=9)
+    prepare_dataset(
+        prep_config(tmp_path / "other" / "ds", [str(corpus)], tokenizer={"vocab_size": 320}), progress=False
+    )
+    export = export_random_model(
+        tmp_path / "export",
+        tmp_path / "other" / "ds" / "tokenizer.model",
+        seq_len=32,
+        ffn_hidden=128,
+        vocab_size=400,
+    )
+    overrides = tiny_run_overrides(
+        tiny_dataset, tmp_path / "mlruns", f"run_dir={tmp_path / 'run'}", f"init_from={export}"
+    )
+    with pytest.raises(DatasetError, match=r"is not the one .* was tokenised with"):
+        Trainer(load_train_config(None, overrides))
