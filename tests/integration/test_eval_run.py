@@ -100,6 +100,9 @@ def test_eval_run_is_deterministic(tiny_export, tiny_dataset, tmp_path, filler):
 def test_eval_config_and_checkpoint_errors_are_clear(tmp_path, capsys):
     with pytest.raises(ConfigError, match="memory"):
         load_config(EvalRunConfig, None, ['memory=["of"]'])
+    # YAML 1.1 reads bare off/on as booleans: refused, not silently turned into False/True
+    with pytest.raises(ConfigError, match=r"memory\[0\]': got False, expected a string"):
+        load_config(EvalRunConfig, None, ["memory=[off, on]"])
     with pytest.raises(ConfigError, match=r"tasks\[0\].contxt_tokens.*did you mean 'context_tokens'"):
         load_config(EvalRunConfig, None, ["tasks=[{task: niah, contxt_tokens: 100}]"])
     assert main(["--checkpoint", str(tmp_path)]) == 2
