@@ -24,7 +24,7 @@ import numpy as np
 from bench.common import machine, write
 from data_prep.config import PrepConfig
 from data_prep.corpus import CorpusStats, iter_documents
-from data_prep.sample_corpus import fetch_sample_corpus
+from data_prep.sample_corpus import sample_documents
 from data_prep.shard import encode_documents, prepare_dataset
 from pipeline.config import load_config
 from pipeline.data.stream import DataConfig, TokenBatchLoader
@@ -32,10 +32,7 @@ from pipeline.data.tokenizer import load_tokenizer
 
 
 def tokenize_throughput(prep: PrepConfig) -> dict:
-    docs_path = (
-        fetch_sample_corpus(Path(os.environ.get("MEMDLM_SAMPLE_CORPUS_CACHE", ".cache/sample_corpus")))
-        / "documents.jsonl"
-    )
+    docs_path = sample_documents()
     tok = load_tokenizer(Path(prep.out_dir) / "tokenizer.model")
     workers = os.cpu_count() or 1
     t0 = time.perf_counter()

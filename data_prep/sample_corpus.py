@@ -767,6 +767,14 @@ def _summary(manifest: dict[str, Any], cache_dir: Path) -> str:
     return f"sample corpus: {manifest['documents']} documents, {text_mb:.1f} MB of text from {names} -> {cache_dir}"
 
 
+def sample_documents(cache_dir: Path | None = None, *, progress: bool = True) -> Path:
+    """``documents.jsonl`` of the sample corpus, fetched once into ``cache_dir`` (default:
+    ``$MEMDLM_SAMPLE_CORPUS_CACHE`` or ``.cache/sample_corpus``)."""
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("MEMDLM_SAMPLE_CORPUS_CACHE", ".cache/sample_corpus"))
+    return fetch_sample_corpus(cache_dir, progress=progress) / DOCUMENTS_FILE
+
+
 def fetch_sample_corpus(cache_dir: Path, *, progress: bool = True) -> Path:
     """Return a directory holding ``documents.jsonl`` and ``manifest.json`` (see module doc).
 

@@ -166,12 +166,9 @@ class _Build:
         inputs: list[tuple[Path, str]] = []
         user = [c for c in self.cfg.corpus if c != SAMPLE_CORPUS]
         if SAMPLE_CORPUS in self.cfg.corpus:
-            from data_prep.sample_corpus import fetch_sample_corpus
+            from data_prep.sample_corpus import sample_documents
 
-            cache = self.sample_cache or Path(
-                os.environ.get("MEMDLM_SAMPLE_CORPUS_CACHE", ".cache/sample_corpus")
-            )
-            inputs.append((fetch_sample_corpus(cache, progress=self.progress) / "documents.jsonl", "text"))
+            inputs.append((sample_documents(self.sample_cache, progress=self.progress), "text"))
         if user:
             inputs.extend((p, self.cfg.text_field) for p in resolve_inputs(user))
         return inputs

@@ -270,10 +270,9 @@ def resolve_filler_path(spec: str) -> Path:
     """``"sample"`` -> the sample corpus's documents.jsonl (fetched once into the cache); else a path."""
     if spec != "sample":
         return Path(spec)
-    from data_prep.sample_corpus import DOCUMENTS_FILE, fetch_sample_corpus
+    from data_prep.sample_corpus import sample_documents
 
-    cache = Path(os.environ.get("MEMDLM_SAMPLE_CORPUS_CACHE", ".cache/sample_corpus"))
-    return fetch_sample_corpus(cache, progress=False) / DOCUMENTS_FILE
+    return sample_documents(progress=False)
 
 
 def load_filler(path: str | Path, max_sentences: int = 20000) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from pipeline.memory.fast_weights import FastWeights
-from pipeline.sample import commit_schedule, prompt_seed
+from pipeline.sample import commit_schedule, pack, prompt_seed
 
 
 @dataclass
@@ -94,19 +94,14 @@ def exposure_bias(
         raise ValueError(f"steps={steps}: expected 1..{G} (the response length)")
     device = next(model.parameters()).device
     B = len(prompts)
-    T = max(len(p) for p in prompts) + G
-    truth = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-    resp = torch.zeros(B, T, dtype=torch.bool, device=device)
-    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        truth[b, : len(p) + G] = torch.tensor(p + r, device=device)
-        resp[b, len(p) : len(p) + G] = True
-    real = torch.zeros_like(resp)
-    for b, p in enumerate(prompts):
-        real[b, : len(p) + G] = True
+    packed = pack(prompts, G, mask_id, pad_id, device)  # prompt | [MASK] x G | pad, as the sampler
+    resp, real = packed.response, packed.real
+    truth = packed.tokens.clone()
+    truth[resp] = torch.tensor(responses, device=device).view(-1)  # row-major: each row's response
     mem = None if fast is None else fast.by_layer
     gens = [torch.Generator(device=device).manual_seed(prompt_seed(seed, p)) for p in prompts]
     resp_pos = resp.nonzero()[:, 1].view(B, G)
-    x = torch.where(resp, mask_id, truth)  # the model's own state
+    x = packed.tokens.clone()  # the model's own state
     masked = resp.clone()
     curve = ExposureBiasCurve()
     for k, n_commit in enumerate(commit_schedule(G, steps)):

@@ -30,6 +30,7 @@ def select_rows(fast: FastWeights, rows: torch.Tensor) -> FastWeights:
 class Scored:
     loglik: list[float]  # per pair, the MC estimate of log p(continuation | prompt)
     greedy: list[bool]  # the continuation is the per-position argmax with all of it masked
+    # (all False unless asked for: it costs one more forward per batch)
 
 
 def _pack_pairs(
@@ -40,13 +41,11 @@ def _pack_pairs(
     N = len(prompts)
     tokens = torch.full((N, T), pad_id, dtype=torch.long, device=device)
     cont = torch.zeros(N, T, dtype=torch.bool, device=device)
+    real = torch.zeros(N, T, dtype=torch.bool, device=device)
     for i, (p, c) in enumerate(zip(prompts, conts, strict=True)):
         tokens[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long, device=device)
         cont[i, len(p) : len(p) + len(c)] = True
-    real = tokens != pad_id
-    real |= cont
-    for i, p in enumerate(prompts):
-        real[i, : len(p)] = True  # a prompt may legitimately contain the pad id
+        real[i, : len(p) + len(c)] = True
     return tokens, cont, real
 
 
@@ -75,6 +74,7 @@ def mc_loglikelihood(
     fast_rows: list[int] | None = None,
     batch_size: int = 16,
     bf16: bool = False,
+    check_greedy: bool = False,
 ) -> Scored:
     """Estimate ``log p(conts[i] | prompts[i])`` for every pair (see the module docstring).
 
@@ -105,14 +105,13 @@ def mc_loglikelihood(
             mem = select_rows(fast, rows).by_layer
         gens = [torch.Generator(device=device).manual_seed(prompt_seed(seed, p)) for p in P]
 
-        # greedy check: everything masked, argmax at every position
-        logits = _forward(model, tokens, cont, real, mem, mask_id, bf16)
-        argmax = logits.float()[:, :vocab_size].argmax(-1)
-        hits = (argmax == tokens[cont]).float()
-        row_of = cont.nonzero()[:, 0]
-        wrong = torch.zeros(len(idx), device=device).index_add(0, row_of, 1.0 - hits)
-        for j, i in enumerate(idx):
-            greedy[i] = bool(wrong[j] == 0)
+        if check_greedy:  # everything masked, argmax at every position
+            logits = _forward(model, tokens, cont, real, mem, mask_id, bf16)
+            hits = (logits.float()[:, :vocab_size].argmax(-1) == tokens[cont]).float()
+            row_of = cont.nonzero()[:, 0]
+            wrong = torch.zeros(len(idx), device=device).index_add(0, row_of, 1.0 - hits)
+            for j, i in enumerate(idx):
+                greedy[i] = bool(wrong[j] == 0)
         total = torch.zeros(len(idx), dtype=torch.float64, device=device)
         for _ in range(samples):
             mask = torch.zeros_like(cont)

@@ -95,11 +95,15 @@ class MemDLMEvalModel(LM):
         """``(loglik, is_greedy)`` per (context, continuation) pair; contexts adapt once each."""
         contexts = list(dict.fromkeys(tuple(p) for p, _ in pairs))
         index = {c: i for i, c in enumerate(contexts)}
+        ctx_of = [index[tuple(p)] for p, _ in pairs]
+        members: list[list[int]] = [[] for _ in contexts]  # pairs of each context
+        for k, c in enumerate(ctx_of):
+            members[c].append(k)
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         for lo in range(0, len(contexts), self.batch):
             chunk = contexts[lo : lo + self.batch]
             fast = self._memory([list(c) for c in chunk])
-            sel = [k for k, (p, _) in enumerate(pairs) if lo <= index[tuple(p)] < lo + self.batch]
+            sel = [k for c in range(lo, lo + len(chunk)) for k in members[c]]
             scored = mc_loglikelihood(
                 self.sampler.model,
                 [pairs[k][0] for k in sel],
@@ -110,9 +114,10 @@ class MemDLMEvalModel(LM):
                 samples=self.mc_samples,
                 seed=self.seed,
                 fast=fast,
-                fast_rows=[index[tuple(pairs[k][0])] - lo for k in sel] if fast is not None else None,
+                fast_rows=[ctx_of[k] - lo for k in sel] if fast is not None else None,
                 batch_size=self.batch,
                 bf16=self.bf16,
+                check_greedy=True,
             )
             for k, ll, g in zip(sel, scored.loglik, scored.greedy, strict=True):
                 results[k] = (ll, g)

@@ -105,7 +105,9 @@ def test_exposure_bias_rejects_mixed_response_lengths(model):
 def test_one_token_continuation_loglik_is_exact(model):
     prompts, _ = _pairs(3, 1)
     conts = [[17], [90], [201]]
-    got = mc_loglikelihood(model, prompts, conts, mask_id=MASK, pad_id=PAD, vocab_size=VOCAB, samples=3)
+    got = mc_loglikelihood(
+        model, prompts, conts, mask_id=MASK, pad_id=PAD, vocab_size=VOCAB, samples=3, check_greedy=True
+    )
     for p, c, ll in zip(prompts, conts, got.loglik, strict=True):
         logp = _logp(model, torch.tensor([*p, MASK]))
         assert ll == pytest.approx(float(logp[len(p), c[0]]), rel=1e-6)
