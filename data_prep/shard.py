@@ -22,6 +22,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -40,6 +41,7 @@ from data_prep.tokenizer import sample_lines, train_tokenizer
 from pipeline.config import to_dict
 from pipeline.data.manifest import (
     FORMAT_VERSION,
+    DatasetError,
     Manifest,
     ShardInfo,
     SplitInfo,
@@ -52,6 +54,7 @@ from pipeline.data.tokenizer import Tokenizer, load_tokenizer, sha256_file
 _ENCODE_CHUNK_CHARS = 8192
 _BATCH_CHARS = 1 << 20  # text handed to a worker per task
 _HASH_LIMIT = 256 << 20  # inputs up to this size are identified by content hash
+_SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.tar$")
 
 
 class DatasetPrepError(ValueError):
@@ -86,6 +89,19 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _check_shard(path: Path, rec: dict[str, Any]) -> str | None:
+    """None when ``path`` has the size and sha256 recorded in ``rec``, else what is wrong."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != rec["bytes"]:
+        return f"{size:,} bytes, recorded {rec['bytes']:,} (truncated or overwritten)"
+    digest = sha256_file(path)
+    if digest != rec["sha256"]:
+        return f"sha256 {digest}, recorded {rec['sha256']} (contents changed)"
+    return None
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -160,6 +176,7 @@ class _Build:
         self.shard_dir = self.out / "shards"
         self.sample_cache = sample_cache
         self.workers = cfg.workers or os.cpu_count() or 1
+        self.verified: set[str] = set()  # shards whose size and sha256 were checked in this run
 
     # inputs ---------------------------------------------------------
     def resolve(self) -> list[tuple[Path, str]]:
@@ -189,15 +206,24 @@ class _Build:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def check_state(self, fingerprint: str) -> dict[str, Any]:
+        """The build state for ``fingerprint``: resumed, fresh, or an error for a foreign dataset.
+
+        A finished dataset (``manifest.json`` present) of another config or corpus is refused.
+        An unfinished build of another one (a failed or interrupted run, e.g. stopped by a bad
+        corpus line that the user has since fixed) is discarded, so the corrected command runs.
+        """
         state_path = self.work / "state.json"
         if state_path.is_file():
             state = json.loads(state_path.read_text())
-            if state.get("fingerprint") != fingerprint:
+            if state.get("fingerprint") == fingerprint:
+                return state
+            if (self.out / "manifest.json").exists():
                 raise DatasetPrepError(
                     f"{self.out}: was prepared from a different config or corpus; choose another out_dir "
                     "or delete this one to rebuild"
                 )
-            return state
+            print(f"note: {self.out}: discarding an unfinished build from another config or corpus")
+            self.discard_unfinished()
         if (self.out / "manifest.json").exists():
             raise DatasetPrepError(f"{self.out}: holds a dataset without build state; choose another out_dir")
         state = {"fingerprint": fingerprint}
@@ -207,6 +233,35 @@ class _Build:
 
     def save_state(self, state: dict[str, Any]) -> None:
         _atomic_write_json(self.work / "state.json", state)
+
+    def discard_unfinished(self) -> None:
+        """Remove what an unfinished build wrote (only the files this module names)."""
+        shutil.rmtree(self.work, ignore_errors=True)
+        (self.out / "tokenizer.model").unlink(missing_ok=True)
+        if self.shard_dir.is_dir():
+            for p in self.shard_dir.iterdir():
+                if _SHARD_NAME.match(p.name) or ".tmp-" in p.name:
+                    p.unlink()
+
+    def damaged_shards(self, manifest: Manifest, state: dict[str, Any]) -> dict[str, str]:
+        """``{shard: why}`` for every shard of ``manifest`` whose size or sha256 is not what the
+        build recorded; also forgets their records so that :meth:`write_split` rewrites them."""
+        done: dict[str, dict[str, Any]] = state.setdefault("shards", {})
+        damaged = {}
+        for split in manifest.splits.values():
+            for sh in split.shards:
+                rec = done.get(sh.path)
+                if rec is None or (rec["sha256"], rec["bytes"]) != (sh.sha256, sh.bytes):
+                    damaged[sh.path] = "its manifest entry differs from the build record"
+                    done.pop(sh.path, None)
+                    continue
+                why = _check_shard(self.out / sh.path, rec)
+                if why is None:
+                    self.verified.add(sh.path)
+                else:
+                    damaged[sh.path] = why
+                    done.pop(sh.path)
+        return damaged
 
     # tokenizer --------------------------------------------------------
     def tokenizer(self, inputs: list[tuple[Path, str]], state: dict[str, Any]) -> Tokenizer:
@@ -299,15 +354,37 @@ class _Build:
 
     # shards -------------------------------------------------------------
     def write_split(
-        self, split: str, n_shards: int, tokens: int, dtype: np.dtype, state: dict[str, Any]
+        self,
+        split: str,
+        n_shards: int,
+        tokens: int,
+        dtype: np.dtype,
+        state: dict[str, Any],
+        documents: dict[str, int] | None = None,
     ) -> SplitInfo:
         L = self.cfg.seq_len
         n_seq = tokens // L
         per_shard = n_seq // n_shards
         if per_shard == 0:
+            docs = documents or {}
+            held_out = docs.get(split, 0)
+            total = sum(docs.values())
+            if split == "val" and held_out <= 1:
+                # val_fraction holds out whole documents: a tiny corpus may hold out none.
+                fix = (
+                    f"val_fraction={self.cfg.val_fraction} held out {held_out} of {total} document(s); "
+                    "set val_fraction=0 for no held-out split, or add documents"
+                )
+            elif split == "train" and docs.get("train", 0) == 0:
+                fix = (
+                    f"val_fraction={self.cfg.val_fraction} put all {total} document(s) in the held-out split "
+                    "(it holds out whole documents); set val_fraction=0 or lower it, or add documents"
+                )
+            else:
+                fix = f"lower {split}_shards or seq_len, or add text"
             raise DatasetPrepError(
                 f"corpus too small for split '{split}': {tokens:,} tokens make {n_seq} sequences of seq_len={L}, "
-                f"fewer than {split}_shards={n_shards}; lower {split}_shards or seq_len, or add text"
+                f"fewer than {split}_shards={n_shards}; {fix}"
             )
         stream = np.memmap(self.work / f"{split}.bin", dtype=dtype, mode="r")
         offset = 1 if split == "val" else 0  # distinct permutations per split from one seed
@@ -321,7 +398,8 @@ class _Build:
             rel = f"shards/{split}-{k:05d}.tar"
             path = self.out / rel
             rec = done.get(rel)
-            if rec is None or not path.is_file() or path.stat().st_size != rec["bytes"]:
+            # A shard on disk is kept only with the size and sha256 this build recorded for it.
+            if rec is None or (rel not in self.verified and _check_shard(path, rec) is not None):
                 tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
                 # mtime fixed so a re-run writes byte-identical shards (stable sha256)
                 with wds.TarWriter(str(tmp), mtime=0.0) as sink:
@@ -351,8 +429,11 @@ class _Build:
 def prepare_dataset(cfg: PrepConfig, *, progress: bool = True, sample_cache: Path | None = None) -> Manifest:
     """Build (or finish, or confirm) the dataset described by ``cfg``; returns its manifest.
 
-    Idempotent: a finished dataset returns at once; an interrupted one resumes at the first
-    missing shard. Deterministic: the same config and corpus give byte-identical shards.
+    Idempotent: a finished dataset is revalidated (every shard's size and sha256 against what
+    the build recorded, and the tokenizer's) and returned, after rewriting whatever is damaged;
+    an interrupted build resumes at the first missing or damaged shard; an unfinished build of
+    another config or corpus (a failed run) is discarded. Deterministic: the same config and
+    corpus give byte-identical shards.
     """
     b = _Build(cfg, progress, sample_cache)
     t_start = time.time()
@@ -361,21 +442,35 @@ def prepare_dataset(cfg: PrepConfig, *, progress: bool = True, sample_cache: Pat
     b.out.mkdir(parents=True, exist_ok=True)
     state = b.check_state(fingerprint)
     if state.get("complete") and (b.out / "manifest.json").is_file():
-        manifest = load_manifest(b.out)
-        missing = [
-            s.path for sp in manifest.splits.values() for s in sp.shards if not (b.out / s.path).is_file()
-        ]
-        if not missing:
-            print(f"dataset ready (up to date): {b.out}")
+        # Revalidate, never trust: every shard's size and sha256 (one read of the dataset), and
+        # the tokenizer. Damaged files are rebuilt below; the build is deterministic, so the
+        # repaired dataset is byte-identical to the one the manifest describes.
+        try:
+            manifest = load_manifest(b.out)
+        except DatasetError as exc:
+            damaged: dict[str, str] = {"manifest.json": str(exc)}
+        else:
+            damaged = b.damaged_shards(manifest, state)
+            tok_path = b.out / manifest.tokenizer_file
+            if not tok_path.is_file() or sha256_file(tok_path) != manifest.tokenizer_sha256:
+                damaged[manifest.tokenizer_file] = "missing or not the tokenizer the shards were made with"
+        if not damaged:
+            print(
+                f"dataset ready (up to date, sizes and sha256 of {len(b.verified)} shards checked): {b.out}"
+            )
             return manifest
+        for rel, why in damaged.items():
+            print(f"repairing {b.out / rel}: {why}")
         state["complete"] = False
+        b.save_state(state)
     b.clean_temporaries()
     tok = b.tokenizer(inputs, state)
     tinfo = b.tokenise(inputs, tok, state)
     dtype = np.dtype(tinfo["dtype"])
-    splits = {"train": b.write_split("train", cfg.train_shards, tinfo["tokens"]["train"], dtype, state)}
+    docs = tinfo.get("documents")
+    splits = {"train": b.write_split("train", cfg.train_shards, tinfo["tokens"]["train"], dtype, state, docs)}
     if cfg.val_fraction > 0:
-        splits["val"] = b.write_split("val", cfg.val_shards, tinfo["tokens"]["val"], dtype, state)
+        splits["val"] = b.write_split("val", cfg.val_shards, tinfo["tokens"]["val"], dtype, state, docs)
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         seq_len=cfg.seq_len,

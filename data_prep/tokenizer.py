@@ -23,30 +23,69 @@ from tqdm import tqdm
 from data_prep.config import TokenizerConfig
 from pipeline.data.tokenizer import MASK_PIECE, NEWLINE_PIECE, Tokenizer, load_tokenizer
 
+# sentencepiece's own default: the trainer silently drops longer sentences, and a corpus whose
+# lines are all longer (one-line documents) ends in its "!sentences_.empty()" internal error.
+MAX_LINE_BYTES = 4192
+
 
 class TokenizerTrainingError(ValueError):
     """Tokenizer training failed for a reason the user can act on (named in the message)."""
 
 
+def _cut_long_line(line: str, limit: int = MAX_LINE_BYTES) -> list[str]:
+    """Cut ``line`` into pieces of at most ``limit`` UTF-8 bytes, after a space where there is one."""
+    raw = line.encode("utf-8")
+    pieces = []
+    start = 0
+    while len(raw) - start > limit:
+        end = start + limit
+        space = raw.rfind(b" ", start + limit // 2, end)
+        if space > start:
+            end = space + 1
+        else:
+            while raw[end] & 0xC0 == 0x80:  # never cut inside a UTF-8 sequence
+                end -= 1
+        pieces.append(raw[start:end].decode("utf-8"))
+        start = end
+    pieces.append(raw[start:].decode("utf-8"))
+    return [p for p in pieces if p.strip()]
+
+
 def sample_lines(texts: Iterable[str], max_lines: int, seed: int, progress: bool = True) -> list[str]:
     """A seeded reservoir sample of at most ``max_lines`` non-empty lines (Algorithm R).
 
-    Deterministic for a given input order and seed; memory is bounded by ``max_lines``.
+    Deterministic for a given input order and seed; memory is bounded by ``max_lines``. Lines
+    over ``MAX_LINE_BYTES`` (sentencepiece would skip them) are cut into pieces first, and a
+    note says how many and how long.
     """
     rng = np.random.default_rng(seed)
     reservoir: list[str] = []
     seen = 0
+    cut, longest = 0, 0
     for text in tqdm(texts, desc="sampling lines", unit="doc", disable=not progress, leave=False):
-        for line in text.split("\n"):
-            if not line.strip():
+        for whole in text.split("\n"):
+            if not whole.strip():
                 continue
-            if seen < max_lines:
-                reservoir.append(line)
+            # 4 bytes per character at most: only possibly long lines pay for the encode.
+            if len(whole) * 4 > MAX_LINE_BYTES and len(whole.encode("utf-8")) > MAX_LINE_BYTES:
+                cut += 1
+                longest = max(longest, len(whole.encode("utf-8")))
+                pieces = _cut_long_line(whole)
             else:
-                j = int(rng.integers(0, seen + 1))
-                if j < max_lines:
-                    reservoir[j] = line
-            seen += 1
+                pieces = [whole]
+            for line in pieces:
+                if seen < max_lines:
+                    reservoir.append(line)
+                else:
+                    j = int(rng.integers(0, seen + 1))
+                    if j < max_lines:
+                        reservoir[j] = line
+                seen += 1
+    if cut:
+        print(
+            f"note: {cut:,} line(s) longer than {MAX_LINE_BYTES} bytes (longest {longest:,} bytes) were cut "
+            f"into pieces to train the tokenizer on (sentencepiece skips longer lines)"
+        )
     return reservoir
 
 
@@ -90,6 +129,7 @@ def train_tokenizer(
             # Lines were sampled by us (seeded); stop sentencepiece from re-sampling them.
             input_sentence_size=0,
             shuffle_input_sentence=False,
+            max_sentence_length=MAX_LINE_BYTES,
             num_threads=threads or os.cpu_count() or 1,
             minloglevel=2,
         )

@@ -130,7 +130,7 @@ def compare(config: str, steps: int | None, overrides: list[str]) -> Path:
             f"memory.enabled={str(method == 'memdlm').lower()}",
         ]
         cfg = load_train_config(config, extra)
-        trainer = Trainer(cfg, resolve_train_dict(config, extra), parent_run_id=parent.run_id)
+        trainer = Trainer(cfg, parent_run_id=parent.run_id)
         trainer.run()
         run_ids[method] = trainer.tracker.run_id if trainer.tracker else None
     summary = summarise(parent.client, run_ids)

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.hardware.precision import resolve_precision
 from pipeline.memory.adapt import adapt_to_context
 from pipeline.memory.fast_weights import FastWeights
 from pipeline.memory.inner_loop import MemoryConfig
@@ -298,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         help="inference-time memory; default: both for MemDLM checkpoints, off for MDLM",
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto: bf16 where the device multiplies it natively (GPU, AMX CPU), else fp32",
+    )
     ap.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
     args = ap.parse_args(argv)
     if not (Path(args.checkpoint) / "model.safetensors").is_file():
@@ -312,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     adapt = args.adapt or ("both" if info.get("method") == "memdlm" else "off")
     modes = {"off": [False], "on": [True], "both": [False, True]}[adapt]
     prompts = [tok.encode(p) for p in args.prompt]
+    precision = resolve_precision(args.precision, sampler.device)
+    bf16 = precision.bf16
     print(f"checkpoint {args.checkpoint}: method {info.get('method')}, step {info.get('step')}")
+    print(f"precision: {precision.dtype} ({precision.reason})")
     for on in modes:
         cfg = SamplerConfig(
             gen_length=args.gen_length,
@@ -322,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             temperature=args.temperature,
             adapt=on,
             seed=args.seed,
-            bf16=args.bf16,
+            bf16=bf16,
         )
         try:
             out = sampler.generate(prompts, cfg)

@@ -27,6 +27,7 @@ _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_CHARS = 6000
+LOGGED_THROUGH_TAG = "memdlm.logged_through_step"
 
 
 @dataclass
@@ -48,6 +49,26 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)[:MAX_PARAM_CHARS]
     return out
+
+
+def redact_uri(uri: str) -> str:
+    """``https://user:secret@host/x`` -> ``https://***@host/x`` (credentials never logged)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redact_config(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config with credentials in ``tracking.uri`` masked (for config.json and MLflow)."""
+    tracking = resolved.get("tracking")
+    if isinstance(tracking, dict) and isinstance(tracking.get("uri"), str):
+        resolved = {**resolved, "tracking": {**tracking, "uri": redact_uri(tracking["uri"])}}
+    return resolved
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -85,6 +106,8 @@ class Tracker:
         self.run_id: str | None = None
         self._buffer: list = []
         self._pending_steps = 0
+        self._last_step = -1
+        self.resumed_through = -1  # the newest step an earlier job of this run sent (-1: none)
 
     def start(
         self,
@@ -99,6 +122,10 @@ class Tracker:
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
+            # Steps the interrupted job already sent (it may have got past its last checkpoint):
+            # the resumed job recomputes them bit for bit, so they are not sent twice.
+            tag = self.client.get_run(run_id).data.tags.get(LOGGED_THROUGH_TAG)
+            self.resumed_through = int(tag) if tag is not None else -1
             return run_id
         all_tags = dict(tags)
         if parent_run_id:
@@ -117,10 +144,14 @@ class Tracker:
 
         from mlflow.entities import Metric
 
+        if step <= self.resumed_through:
+            return
         ts = timestamp_ms or int(time.time() * 1000)
         for k, v in metrics.items():
-            if isinstance(v, int | float) and math.isfinite(v):
+            # "step" is the x axis of every metric, not a metric of its own
+            if k != "step" and isinstance(v, int | float) and math.isfinite(v):
                 self._buffer.append(Metric(k, float(v), ts, step))
+        self._last_step = max(self._last_step, step)
         self._pending_steps += 1
         if self._pending_steps >= self.cfg.flush_every:
             self.flush()
@@ -130,6 +161,8 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=self._buffer[i : i + MAX_METRICS_PER_BATCH])
         self._buffer.clear()
         self._pending_steps = 0
+        if self._last_step >= 0:
+            self.client.set_tag(self.run_id, LOGGED_THROUGH_TAG, str(self._last_step))
 
     def log_artifacts(self, paths: Iterable[Path]) -> None:
         for p in paths:

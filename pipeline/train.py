@@ -4,9 +4,12 @@
     python -m pipeline.train --config configs/train/local.yaml steps=50 memory.enabled=false
 
 Per step: stream a batch (its position is part of the checkpoint), draw the anchor noise from
-a generator seeded by (seed, step, micro-batch, data-parallel rank), compute the MDLM loss or
-MemDLM's outer loss (inner loop through ``engine.module``, outer loss through ``engine``),
-backward and step. A non-finite loss on any rank skips that micro-batch on every rank;
+a generator seeded by (seed, step, micro-batch, data-parallel rank) and the memory's reset from
+one seeded by (seed, step, micro-batch) alone (the same on every DP rank: one memory per global
+batch), compute the MDLM loss or MemDLM's outer loss (inner loop through ``engine.module``, outer
+loss through ``engine``), backward, and one optimizer step per training step (DeepSpeed's
+accumulation boundary is ours: ``managed_gradient_accumulation: false``). A non-finite loss on
+any rank voids the whole step on every rank (data consumed, LR schedule advanced, no update);
 ``max_nonfinite_steps`` in a row stop the run with the last good checkpoint untouched.
 """
 
@@ -16,6 +19,7 @@ import argparse
 import functools
 import hashlib
 import json
+import os
 import resource
 import shutil
 import sys
@@ -35,13 +39,17 @@ from pipeline.data.stream import TokenBatchLoader
 from pipeline.engine.checkpoint import (
     CheckpointError,
     Layout,
+    find_resume_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from pipeline.hardware.device import training_device
+from pipeline.hardware.peak import peak_flops
+from pipeline.hardware.precision import Precision, resolve_precision
 from pipeline.memory.adapt import adapt_to_context
 from pipeline.memory.inner_loop import memdlm_loss
-from pipeline.model.flops import bf16_matmul_peak, estimate_flops, estimate_mfu
+from pipeline.model.flops import estimate_flops, estimate_mfu
 from pipeline.model.parallel import (
     ParallelDims,
     destroy_distributed,
@@ -52,8 +60,8 @@ from pipeline.model.parallel import (
 )
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import draw_noise, maskable_positions, mdlm_loss
-from pipeline.tracking import Tracker, flatten, git_commit, plot_loss_curves
-from pipeline.train_config import TrainConfig, load_train_config, resolve_train_dict
+from pipeline.tracking import Tracker, flatten, git_commit, plot_loss_curves, redact_config
+from pipeline.train_config import TrainConfig, load_train_config
 
 # DeepSpeed 0.19.8 calls torch.distributed collectives that torch 2.13 marks deprecated; the
 # warning repeats every step and buries the progress bar.
@@ -74,14 +82,6 @@ STOP_REQUESTED = {"signal": 0}
 STOPPED_EXIT = 3  # main()'s status after a requested stop (checkpoint saved, not finished)
 
 
-def _device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-
-
 def _generator(device: torch.device, *parts: int) -> torch.Generator:
     seed = int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") & (
         2**63 - 1
@@ -100,6 +100,22 @@ def _check_init_tokenizer(export: str, dataset_sha: str, dataset: str) -> None:
         )
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep only the records of steps <= ``step`` in a metrics.jsonl (atomically).
+
+    A job killed after its last checkpoint has logged steps that the resumed job trains again;
+    without this they would appear twice.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
 def _peak_memory_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -109,19 +125,36 @@ def _peak_memory_mib() -> float:
 class Trainer:
     """Holds the engine, the data stream and the counters; ``run()`` trains to ``cfg.steps``."""
 
-    def __init__(
-        self, cfg: TrainConfig, resolved: dict[str, Any] | None = None, parent_run_id: str | None = None
-    ):
+    def __init__(self, cfg: TrainConfig, parent_run_id: str | None = None, native_bf16: bool | None = None):
         self.cfg = cfg
-        self.resolved = resolved or asdict(cfg)
         self.dims: ParallelDims = init_distributed(cfg.parallel.tp)
         self.rank = dist.get_rank()
-        self.device = _device()
+        self.device = training_device()
+        # ``native_bf16`` overrides the hardware check (tests of the AVX2 decision on any host)
+        self.precision: Precision = resolve_precision(cfg.parallel.precision, self.device, native_bf16)
+        self.peak_flops, peak_source = peak_flops(self.device, self.precision.torch_dtype, cfg.peak_tflops)
+        # The resolved config (every default) plus what was decided for this machine; credentials
+        # in tracking.uri never reach the run directory or MLflow.
+        self.resolved = redact_config(asdict(cfg))
+        self.resolved["runtime"] = {
+            "precision": self.precision.dtype,
+            "precision_reason": self.precision.reason,
+            "peak_flops": self.peak_flops,
+            "peak_flops_source": peak_source,
+            "device": str(self.device),
+        }
+        if self.rank == 0:
+            print(f"precision: {self.precision.dtype} ({self.precision.reason})", flush=True)
+            print(f"MFU peak: {self.peak_flops / 1e12:.3g} TFLOP/s ({peak_source})", flush=True)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.manifest = load_manifest(cfg.data.path)
         verify_manifest(
-            self.manifest, cfg.data.path, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len
+            self.manifest,
+            cfg.data.path,
+            vocab_size=cfg.model.vocab_size,
+            seq_len=cfg.model.seq_len,
+            on_corrupt_shard=cfg.data.on_corrupt_shard,
         )
         if cfg.objective.mode != self.manifest.kind:
             raise ConfigError(
@@ -136,15 +169,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (and TP size)
         if cfg.init_from:
             _check_init_tokenizer(cfg.init_from, self.manifest.tokenizer_sha256, cfg.data.path)
-        self.engine, self.optimizer, self.scheduler = build_engine(cfg, self._new_model)
+        self.engine, _, self.scheduler = build_engine(cfg, self._new_model, self.precision)
         self.model = self.engine.module
         self.loader = TokenBatchLoader(cfg.data, rank=dp_rank(), world_size=dp_size())
         self.flops = estimate_flops(cfg.model, cfg.memory)
-        self.peak_flops = cfg.peak_tflops * 1e12 or bf16_matmul_peak(self.device.type, seconds=0.6)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.inner_skipped_total = 0.0
+        self.skipped_shards_total = 0
         self.history: list[dict[str, Any]] = []
         resumed_run_id = None
         if cfg.checkpoint.resume:
@@ -181,8 +214,11 @@ class Trainer:
         return Layout(world=self.dims.world, tp=self.dims.tp, dp=self.dims.dp)
 
     def _maybe_resume(self) -> str | None:
-        """Restore from the newest checkpoint, if any; returns its MLflow run id."""
-        path = latest_checkpoint(self.ckpt_dir)
+        """Restore from the newest verified checkpoint, if any; returns its MLflow run id.
+
+        A damaged or missing newest checkpoint falls back to the previous complete one with a
+        warning, or raises with ``checkpoint.on_damaged=error`` (see pipeline/engine/checkpoint.py)."""
+        path = find_resume_checkpoint(self.ckpt_dir, self.cfg.checkpoint.on_damaged)
         if path is None:
             return None
         state = load_checkpoint(self.engine, path, self._layout(), self.manifest_sha)
@@ -190,6 +226,8 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_total = state["counters"]["nonfinite_total"]
         self.inner_skipped_total = state["counters"]["inner_skipped_total"]
+        # corrupt shards all ranks had skipped (older checkpoints: none recorded)
+        self.skipped_shards_total = state["counters"].get("skipped_shards_total", 0)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}")
         return state.get("mlflow_run_id")
@@ -202,6 +240,7 @@ class Trainer:
             "counters": {
                 "nonfinite_total": self.nonfinite_total,
                 "inner_skipped_total": self.inner_skipped_total,
+                "skipped_shards_total": self.skipped_shards_total,
             },
             "mlflow_run_id": self.tracker.run_id if self.tracker else None,
         }
@@ -214,11 +253,15 @@ class Trainer:
         self, tokens: torch.Tensor, micro: int, prompt_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
+        # Noise and pre-anchor masks differ per DP rank (each rank has its own rows); the memory's
+        # reset must not: in batch scope the DP-synced inner gradients are only the global
+        # batch's gradient if every rank starts from the same phi0.
         g = _generator(self.device, cfg.seed, self.step, micro, dp_rank())
+        g_reset = _generator(self.device, cfg.seed, self.step, micro, -1)
         maskable = maskable_positions(tokens, self.pad_id, prompt_mask)  # SFT: never the prompt
         noise = draw_noise(tokens, maskable, cfg.objective, self.mask_id, g)
         stats: dict[str, torch.Tensor] = {"masked": noise.mask.sum()}
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.parallel.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16):
             if cfg.memory.enabled:
                 out = memdlm_loss(
                     self.model,
@@ -230,6 +273,7 @@ class Trainer:
                     self.mask_id,
                     g,
                     dp_group(),
+                    reset_generator=g_reset,
                 )
                 for k, st in enumerate(out.stage_stats):
                     stats[f"inner/stage{k + 1}_loss"] = st.loss
@@ -238,61 +282,111 @@ class Trainer:
                 return out.loss, stats
             return mdlm_loss(self.engine, tokens, noise, cfg.objective, dp_group()), stats
 
+    def _agree(self, finite: bool) -> tuple[bool, int]:
+        """One collective per micro-batch: did every rank get a finite loss, and how many corrupt
+        shards have all ranks skipped so far (``on_corrupt_shard: skip`` lets ranks' data diverge)."""
+        t = torch.tensor(
+            [0.0 if finite else 1.0, float(self.loader.skipped_shards)],
+            device=self.device,
+            dtype=torch.float64,
+        )
+        dist.all_reduce(t)
+        return bool(t[0].item() == 0), int(t[1].item())
+
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's record."""
         t0 = time.perf_counter()
-        losses, extra, stepped = [], {}, 0
+        losses, extra, void = [], {}, False
+        masked = torch.zeros((), device=self.device)
         for micro in range(self.cfg.grad_accum):
-            batch = next(self.batches)
+            batch = next(self.batches)  # consumed even in a void step: the data position moves on
+            if void:
+                continue
             tokens = batch["tokens"].to(self.device, non_blocking=True)
             prompt = batch["prompt_mask"].to(self.device) if "prompt_mask" in batch else None
             loss, stats = self._micro_loss(tokens, micro, prompt)
-            finite = torch.isfinite(loss.detach()).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips together, or none does
-            if finite.item() < 1.0:
-                self.nonfinite_total += 1
-                self.nonfinite_run += 1
-                if self.nonfinite_run >= self.cfg.max_nonfinite_steps:
-                    raise TrainingDiverged(
-                        f"{self.nonfinite_run} consecutive non-finite losses at step {self.step}; stopping. The last "
-                        f"good checkpoint is {latest_checkpoint(self.ckpt_dir) or '(none yet)'}"
-                    )
+            finite, skipped_shards = self._agree(bool(torch.isfinite(loss.detach())))
+            self._note_skipped_shards(skipped_shards)
+            if not finite:
+                void = True  # every rank agrees: drop this step's gradients, no update
                 continue
-            self.nonfinite_run = 0
             self.engine.backward(loss)
-            self.engine.step()
-            stepped += 1
             losses.append(loss.detach())
+            masked += stats.pop("masked")
             for k, v in stats.items():
                 extra[k] = extra.get(k, 0.0) + v.detach().float()
+        if void:
+            self._void_step()
+        else:
+            self.nonfinite_run = 0
+            self.engine.step()  # the accumulation boundary: reduce, clip, AdamW, LR schedule
         self.step += 1
         seconds = time.perf_counter() - t0
         tokens_per_step = (
             self.cfg.data.batch_size * self.cfg.model.seq_len * self.cfg.grad_accum * self.dims.dp
         )
         out = {"step": self.step, "seconds": seconds, "tokens_per_s": tokens_per_step / seconds}
-        if stepped:
-            mean_loss = torch.stack(losses).mean()
-            dist.all_reduce(mean_loss, group=dp_group())
-            out["loss"] = float(mean_loss) / self.dims.dp
-            out["lr"] = float(self.scheduler.get_last_lr()[0])
-            gn = self.engine.get_global_grad_norm()
-            out["grad_norm"] = float(gn) if gn is not None else float("nan")
-            for k, v in extra.items():
-                out[k] = float(v) / stepped
-            skipped = sum(v for k, v in out.items() if k.endswith("_skipped"))
-            self.inner_skipped_total += skipped * stepped
-            masked = out.pop("masked") * self.dims.dp
-            flops = self.flops.mdlm_step(tokens_per_step, masked)
-            if self.cfg.memory.enabled:
-                n = tokens_per_step
-                flops += self.flops.memdlm_extra(
-                    n, [min(n, 1.5 * masked)] * self.cfg.memory.pre_anchor_steps, masked
-                )
-            out["model_tflops_per_s"] = flops / seconds / 1e12 / self.dims.world
-            out["mfu"] = estimate_mfu(flops / seconds / self.dims.world, self.peak_flops)
+        if not void:
+            out.update(self._step_metrics(losses, extra, masked, tokens_per_step, seconds))
         out["nonfinite_total"] = self.nonfinite_total
         out["inner_skipped_total"] = self.inner_skipped_total
+        out["data/skipped_shards"] = self.skipped_shards_total
         out["peak_memory_mib"] = _peak_memory_mib()
+        return out
+
+    def _void_step(self) -> None:
+        """A non-finite micro-batch on some rank: no update on any rank, LR follows ``self.step``."""
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        if self.nonfinite_run >= self.cfg.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"{self.nonfinite_run} consecutive non-finite losses at step {self.step + 1}; stopping. The last "
+                f"good checkpoint is {latest_checkpoint(self.ckpt_dir) or '(none yet)'}"
+            )
+        # ZeRO's zero_grad restarts its accumulation: the next backward overwrites the partitions.
+        self.engine.optimizer.zero_grad()
+        self.scheduler.step()
+
+    def _note_skipped_shards(self, total: int) -> None:
+        if total > self.skipped_shards_total and self.rank == 0:
+            print(
+                f"warning: {total - self.skipped_shards_total} corrupt shard(s) skipped at step {self.step + 1} "
+                f"({total} so far over all ranks): data-parallel ranks now read different amounts of data",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.skipped_shards_total = total
+
+    def _step_metrics(
+        self,
+        losses: list[torch.Tensor],
+        extra: dict[str, torch.Tensor],
+        masked: torch.Tensor,
+        tokens_per_step: int,
+        seconds: float,
+    ) -> dict[str, float]:
+        """Loss, LR, grad norm, inner stats (mean over micro-batches), FLOP/s and MFU of a step."""
+        n = len(losses)
+        # Loss mean over micro-batches and DP ranks; masked positions summed over both, so the
+        # FLOP count covers the same tokens (the whole step) as tokens_per_step.
+        red = torch.cat([torch.stack(losses).sum().reshape(1).float(), masked.reshape(1).float()])
+        dist.all_reduce(red, group=dp_group())
+        out = {"loss": float(red[0]) / (n * self.dims.dp), "lr": float(self.scheduler.get_last_lr()[0])}
+        gn = self.engine.get_global_grad_norm()
+        out["grad_norm"] = float(gn) if gn is not None else float("nan")
+        for k, v in extra.items():
+            out[k] = float(v) / n
+        self.inner_skipped_total += sum(v for k, v in out.items() if k.endswith("_skipped")) * n
+        masked_step = float(red[1])
+        flops = self.flops.mdlm_step(tokens_per_step, masked_step)
+        if self.cfg.memory.enabled:
+            flops += self.flops.memdlm_extra(
+                tokens_per_step,
+                [min(tokens_per_step, 1.5 * masked_step)] * self.cfg.memory.pre_anchor_steps,
+                masked_step,
+            )
+        out["model_tflops_per_s"] = flops / seconds / 1e12 / self.dims.world
+        out["mfu"] = estimate_mfu(flops / seconds / self.dims.world, self.peak_flops)
         return out
 
     # ------------------------------------------------------------ evaluation
@@ -304,7 +398,7 @@ class Trainer:
             cfg.data, split="val", rank=dp_rank(), world_size=dp_size(), shuffle=False, loop=False
         )
         C = int(cfg.model.seq_len * ev.context_fraction)
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # NCCL takes device tensors only
         for i, batch in enumerate(val):
             if i >= ev.batches:
                 break
@@ -318,7 +412,7 @@ class Trainer:
             else:
                 context = (torch.arange(tokens.shape[1], device=tokens.device) < C).expand_as(tokens)
             g = _generator(self.device, cfg.seed, 10**9, i, dp_rank())  # same draws at every evaluation
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.parallel.bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16):
                 with torch.no_grad():
                     noise = draw_noise(tokens, maskable, cfg.objective, self.mask_id, g)
                     sums[0] += float(mdlm_loss(self.model, tokens, noise, cfg.objective))
@@ -359,6 +453,7 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            drop_records_after(metrics_path, self.step)  # logged past the checkpoint we resumed from
             (self.run_dir / "config.json").write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
             # the dataset this run reads, beside its config (the manifest names tokenizer and shards)
             shutil.copyfile(Path(cfg.data.path) / "manifest.json", self.run_dir / "dataset_manifest.json")
@@ -413,7 +508,7 @@ class Trainer:
         return self.history
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([float(STOP_REQUESTED["signal"])])
+        flag = torch.tensor([float(STOP_REQUESTED["signal"])], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item() > 0)
 
@@ -438,9 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
     args = parser.parse_args(argv)
     try:
-        resolved = resolve_train_dict(args.config, args.overrides)
         cfg = load_train_config(args.config, args.overrides)
-        trainer = Trainer(cfg, resolved)
+        trainer = Trainer(cfg)
         trainer.run()
         if args.export:
             from pipeline.engine.export import export_model

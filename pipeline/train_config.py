@@ -47,7 +47,9 @@ class ParallelConfig:
     # Parameters smaller than this stay unpartitioned under ZeRO-3 (DeepSpeed default 1e5); tests use 0.
     param_persistence_threshold: int = 100_000
     zero_init: bool = False  # build the model inside zero.Init (partitioned at creation: large models)
-    bf16: bool = True
+    # auto: bf16 where the device multiplies bf16 natively (CUDA, AMX / AVX512-BF16 CPUs), else fp32
+    # (pipeline/hardware/precision.py: emulated bf16 on an AVX2-only CPU is ~17x slower than fp32)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 @dataclass
@@ -55,6 +57,9 @@ class CheckpointConfig:
     every: int = 100  # steps; 0 = only at the end
     keep: int = 3  # newest checkpoints kept
     resume: bool = True  # continue from the newest checkpoint in the run directory
+    # a damaged or missing newest checkpoint: resume from the previous complete one with a
+    # warning (fallback), or stop with an error naming the bad file (error)
+    on_damaged: Literal["fallback", "error"] = "fallback"
 
 
 @dataclass
@@ -75,8 +80,8 @@ class TrainConfig:
     grad_accum: int = 1
     log_every: int = 10
     max_nonfinite_steps: int = 3  # consecutive non-finite losses before the run stops
-    # bf16 peak of one device in TFLOP/s for MFU (e.g. 989 for an H100 SXM); 0 = measure a bf16
-    # matmul at start-up (about a second)
+    # Peak of one device in TFLOP/s for MFU (e.g. 989 for an H100 SXM); 0 = the table of known
+    # accelerators, else a time-boxed (<= 1.5 s), cached matmul measurement (pipeline/hardware/peak.py)
     peak_tflops: float = 0.0
     model_preset: str | None = None
     # Fine-tuning: an export directory (``make pretrain`` writes runs/<run>/export) whose weights
@@ -107,6 +112,13 @@ def resolve_train_dict(
     data = read_yaml(path) if path is not None else {}
     if overrides:
         data = merge(data, parse_overrides(list(overrides)))
+    parallel = data.get("parallel")
+    if isinstance(parallel, dict) and "bf16" in parallel:
+        value = parallel["bf16"]
+        raise ConfigError(
+            f"{path}: key 'parallel.bf16' ({value!r}) was replaced by 'parallel.precision' (auto | bf16 | fp32); "
+            f"write parallel.precision={'bf16' if value else 'fp32'}, or auto to follow the hardware"
+        )
     preset = data.get("model_preset")
     if preset is not None:
         preset_path = MODEL_DIR / f"{preset}.yaml"

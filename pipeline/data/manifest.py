@@ -3,14 +3,16 @@
 ``manifest.json`` sits in the dataset directory beside ``tokenizer.model`` and ``shards/``.
 It records the tokenizer hash, vocabulary size, sequence length, token dtype and, per split,
 the shards with their sha256 and sample counts. Training refuses a dataset whose manifest
-disagrees with the tokenizer or the model config (:func:`verify_manifest`): a vocab or
-sequence-length mismatch otherwise trains on garbage without any error.
+disagrees with the tokenizer or the model config, or whose shards do not have the recorded
+sizes (:func:`verify_manifest`): a vocab or sequence-length mismatch otherwise trains on
+garbage without any error. The shards' sha256 is checked by the loader while it reads them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,28 @@ def write_manifest(manifest: Manifest, dataset_dir: str | Path) -> Path:
     return path
 
 
+def shard_size_errors(manifest: Manifest, dataset_dir: str | Path) -> list[str]:
+    """One message per shard that is missing or whose size differs from its manifest entry.
+
+    A stat per shard, no read: truncation and replacement are caught before training starts;
+    a same-size change is caught by the sha256 the loader computes while reading a shard.
+    """
+    errors = []
+    for split in manifest.splits.values():
+        for sh in split.shards:
+            path = Path(dataset_dir) / sh.path
+            try:
+                size = path.stat().st_size
+            except OSError:
+                errors.append(f"shard {path}: missing (manifest: {sh.bytes:,} bytes)")
+                continue
+            if size != sh.bytes:
+                errors.append(
+                    f"shard {path}: {size:,} bytes, manifest says {sh.bytes:,} (truncated or replaced)"
+                )
+    return errors
+
+
 def verify_manifest(
     manifest: Manifest,
     dataset_dir: str | Path,
@@ -162,14 +186,25 @@ def verify_manifest(
     tokenizer_path: str | Path | None = None,
     vocab_size: int | None = None,
     seq_len: int | None = None,
+    on_corrupt_shard: str = "fail",
 ) -> None:
-    """Check the dataset against the tokenizer and model config it will be used with.
+    """Check the dataset against the tokenizer and model config it will be used with, and
+    every shard's size against the manifest.
 
     ``tokenizer_path`` defaults to the tokenizer stored with the dataset. ``vocab_size`` is
     the model's (it may be padded above the tokenizer's for tensor-parallel divisibility, never
-    below). Raises DatasetError naming what differs.
+    below). Raises DatasetError naming what differs. With ``on_corrupt_shard="skip"`` (the
+    loader's setting of that name) shards of the wrong size are a warning instead: the loader
+    will skip and count them.
     """
     where = str(Path(dataset_dir) / MANIFEST_NAME)
+    bad = shard_size_errors(manifest, dataset_dir)
+    if bad:
+        listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        msg = f"{where}: {len(bad)} shard(s) do not match the manifest: {listed}"
+        if on_corrupt_shard != "skip":
+            raise DatasetError(f"{msg}. Re-run the dataset build (make data) to repair them")
+        warnings.warn(f"{msg}; on_corrupt_shard=skip: they will be skipped", stacklevel=2)
     tok_path = (
         Path(tokenizer_path) if tokenizer_path is not None else Path(dataset_dir) / manifest.tokenizer_file
     )

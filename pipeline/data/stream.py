@@ -17,11 +17,18 @@ How the order is made deterministic (and therefore resumable):
 * Resuming at batch ``T`` of epoch ``e``: logical worker ``l`` skips the ``T // N + (l < T % N)``
   batches it already produced, and physical worker ``p`` plays logical worker ``(T + p) % N``
   so the round-robin restarts at exactly the next batch. The state is a few integers.
+
+Shards are checked against the manifest: the size (a stat) before a shard is opened, and the
+sha256, computed on the bytes as the tar reader consumes them (no second read), once the shard
+has been read to its end. A mismatch is a corrupt shard (:class:`CorruptShardError`, or skipped
+and counted with ``on_corrupt_shard: skip``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +39,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.config import ConfigError
 from pipeline.data.manifest import DatasetError, Manifest, load_manifest, verify_manifest
@@ -40,7 +48,30 @@ STATE_VERSION = 1
 
 
 class CorruptShardError(DatasetError):
-    """A shard that cannot be read or holds fewer/other samples than its manifest entry says."""
+    """A shard that cannot be read, holds fewer/other samples than its manifest entry says, or
+    whose size or sha256 differs from it."""
+
+
+class _HashingReader:
+    """Read-through file wrapper: every byte the tar reader consumes also goes into a sha256."""
+
+    def __init__(self, f: Any, name: str):
+        self._f = f
+        self.name = name
+        self.sha256 = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha256.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Hash what the tar reader left unread (the end-of-archive padding)."""
+        while self.read(1 << 20):
+            pass
+
+    def __repr__(self) -> str:  # webdataset appends the stream to its error messages
+        return self.name
 
 
 @dataclass
@@ -72,7 +103,7 @@ class _Plan:
     """Everything a worker needs to reproduce its part of one epoch (picklable)."""
 
     root: str
-    shards: tuple[tuple[str, int], ...]  # (relative path, samples) in manifest order
+    shards: tuple[tuple[str, int, int, str], ...]  # (relative path, samples, bytes, sha256) in manifest order
     seq_len: int
     dtype: str
     batch_size: int
@@ -87,7 +118,7 @@ class _Plan:
     on_corrupt_shard: str
     sft: bool  # samples carry prompt_len.txt
 
-    def worker_shards(self, logical: int) -> list[tuple[str, int]]:
+    def worker_shards(self, logical: int) -> list[tuple[str, int, int, str]]:
         order = list(range(len(self.shards)))
         if self.shuffle:
             order = list(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards)))
@@ -95,7 +126,7 @@ class _Plan:
         return [self.shards[i] for i in rank_shards[logical :: self.num_workers]]
 
     def batches_per_worker(self) -> int:
-        samples = sum(n for _, n in self.worker_shards(0))
+        samples = sum(shard[1] for shard in self.worker_shards(0))
         return samples // self.batch_size
 
 
@@ -109,34 +140,55 @@ class _ShardStream(IterableDataset):
     def _samples(self, logical: int, skipped: list[int]) -> Iterator[dict[str, Any]]:
         p = self.plan
         dtype = np.dtype(p.dtype)
-        for rel, expected in p.worker_shards(logical):
+        for rel, expected, size, sha256 in p.worker_shards(logical):
             url = str(Path(p.root) / rel)
             count = 0
             try:
-                for sample in wds.tarfile_samples([{"url": url}]):
-                    raw = sample.get("tokens.npy")
-                    if raw is None:
-                        raise CorruptShardError(
-                            f"shard {url}: sample {sample.get('__key__')} has no tokens.npy"
-                        )
-                    tokens = np.load(io.BytesIO(raw), allow_pickle=False)
-                    if tokens.shape != (p.seq_len,) or tokens.dtype != dtype:
-                        raise CorruptShardError(
-                            f"shard {url}: sample {sample['__key__']} has {tokens.dtype}{list(tokens.shape)}, "
-                            f"expected {dtype}[{p.seq_len}]"
-                        )
-                    out = {"tokens": tokens, "index": int(sample["__key__"][1:])}
-                    if p.sft:
-                        try:
-                            out["prompt_len"] = int(sample["prompt_len.txt"])
-                        except (KeyError, ValueError):
+                actual_size = os.stat(url).st_size
+                if actual_size != size:
+                    raise CorruptShardError(
+                        f"shard {url}: {actual_size:,} bytes, manifest says {size:,} (truncated or replaced; "
+                        "re-run the dataset build to repair it)"
+                    )
+                with open(url, "rb") as f:
+                    reader = _HashingReader(f, url)
+                    for sample in group_by_keys(tar_file_expander([{"url": url, "stream": reader}])):
+                        raw = sample.get("tokens.npy")
+                        if raw is None:
                             raise CorruptShardError(
-                                f"shard {url}: SFT sample {sample['__key__']} has no valid prompt_len.txt"
-                            ) from None
-                    count += 1
-                    yield out
-                if count != expected:
-                    raise CorruptShardError(f"shard {url}: truncated, {count} of {expected} samples")
+                                f"shard {url}: sample {sample.get('__key__')} has no tokens.npy"
+                            )
+                        tokens = np.load(io.BytesIO(raw), allow_pickle=False)
+                        if tokens.shape != (p.seq_len,) or tokens.dtype != dtype:
+                            raise CorruptShardError(
+                                f"shard {url}: sample {sample['__key__']} has {tokens.dtype}{list(tokens.shape)}, "
+                                f"expected {dtype}[{p.seq_len}]"
+                            )
+                        out = {"tokens": tokens, "index": int(sample["__key__"][1:])}
+                        if p.sft:
+                            try:
+                                out["prompt_len"] = int(sample["prompt_len.txt"])
+                            except (KeyError, ValueError):
+                                raise CorruptShardError(
+                                    f"shard {url}: SFT sample {sample['__key__']} has no valid prompt_len.txt"
+                                ) from None
+                        count += 1
+                        yield out
+                    if count != expected:
+                        raise CorruptShardError(f"shard {url}: truncated, {count} of {expected} samples")
+                    # Only a shard read from its first byte to its last can be hashed. Every
+                    # shard is (a resumed worker re-reads its shards from the start and drops
+                    # the batches it already produced), except the one a consumer stops in the
+                    # middle of; that one is checked the next time it is read through. The
+                    # samples are out before the verdict: the stat above catches truncation
+                    # and replacement before any sample, the hash a same-size change after.
+                    reader.drain()
+                    actual = reader.sha256.hexdigest()
+                    if actual != sha256:
+                        raise CorruptShardError(
+                            f"shard {url}: sha256 {actual}, manifest says {sha256} (contents changed; "
+                            "re-run the dataset build to repair it)"
+                        )
             except Exception as exc:
                 err = (
                     exc
@@ -158,7 +210,7 @@ class _ShardStream(IterableDataset):
         physical = info.id if info is not None else 0
         logical = (p.start_batch + physical) % p.num_workers
         skip = p.start_batch // p.num_workers + (1 if logical < p.start_batch % p.num_workers else 0)
-        skipped = [0]
+        skipped = [0]  # corrupt shards this logical worker skipped in this epoch so far
         samples: Iterator[dict[str, Any]] = self._samples(logical, skipped)
         if p.shuffle and p.shuffle_buffer > 1:
             seed = _seed_of(p.seed, p.epoch, p.rank, logical)
@@ -174,6 +226,7 @@ class _ShardStream(IterableDataset):
                     "tokens": torch.from_numpy(np.stack([s["tokens"] for s in buf]).astype(np.int64)),
                     "index": torch.tensor([s["index"] for s in buf], dtype=torch.int64),
                     "skipped_shards": torch.tensor(skipped[0]),
+                    "worker": torch.tensor(logical),
                 }
                 if p.sft:
                     lens = torch.tensor([s["prompt_len"] for s in buf], dtype=torch.int64)
@@ -181,6 +234,8 @@ class _ShardStream(IterableDataset):
                 yield batch
             made += 1
             buf = []
+        # No batch follows a shard skipped at the end of the worker's list: report the count.
+        yield {"skipped_shards": torch.tensor(skipped[0]), "worker": torch.tensor(logical)}
 
 
 class TokenBatchLoader:
@@ -219,6 +274,7 @@ class TokenBatchLoader:
                 tokenizer_path=tokenizer_path,
                 vocab_size=model_vocab_size,
                 seq_len=model_seq_len,
+                on_corrupt_shard=cfg.on_corrupt_shard,
             )
         info = self.manifest.split(split)
         self.split = split
@@ -236,10 +292,13 @@ class TokenBatchLoader:
         self.rank, self.world_size, self.loop = rank, world_size, loop
         self.epoch = 0
         self.batch_in_epoch = 0
-        self._skipped_per_worker = [0] * logical
+        # Skipped corrupt shards: in finished epochs (and restored from a checkpoint), plus per
+        # logical worker in the current epoch (each worker counts from the epoch's start).
+        self._skipped_before = 0
+        self._skipped_in_epoch = [0] * logical
         self._plan_args = dict(
             root=str(self.root),
-            shards=tuple((s.path, s.samples) for s in info.shards),
+            shards=tuple((s.path, s.samples, s.bytes, s.sha256) for s in info.shards),
             seq_len=self.manifest.seq_len,
             dtype=self.manifest.dtype,
             batch_size=cfg.batch_size,
@@ -264,24 +323,27 @@ class TokenBatchLoader:
 
     @property
     def skipped_shards(self) -> int:
-        """Corrupt shards skipped so far on this rank (``on_corrupt_shard: skip``)."""
-        return sum(self._skipped_per_worker)
+        """Corrupt shards skipped so far on this rank (``on_corrupt_shard: skip``), across epochs
+        and restored by :meth:`load_state_dict`."""
+        return self._skipped_before + sum(self._skipped_in_epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
             if self.batch_in_epoch >= self.batches_per_epoch:
                 if not self.loop:
                     return
+                self._skipped_before += sum(self._skipped_in_epoch)
+                self._skipped_in_epoch = [0] * len(self._skipped_in_epoch)
                 self.epoch += 1
                 self.batch_in_epoch = 0
             stream = _ShardStream(self._plan(self.epoch, self.batch_in_epoch))
             loader = DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False
             )
-            logical = max(1, self.num_workers)
             for batch in loader:
-                worker = self.batch_in_epoch % logical
-                self._skipped_per_worker[worker] = int(batch.pop("skipped_shards"))
+                self._skipped_in_epoch[int(batch.pop("worker"))] = int(batch.pop("skipped_shards"))
+                if "tokens" not in batch:
+                    continue  # a worker's end-of-epoch report, not a batch
                 self.batch_in_epoch += 1
                 yield batch
             if self.batch_in_epoch < self.batches_per_epoch:
@@ -310,6 +372,7 @@ class TokenBatchLoader:
             "tokenizer_sha256": self.manifest.tokenizer_sha256,
             "num_shards": len(self.manifest.split(self.split).shards),
             "skipped_shards": self.skipped_shards,
+            "skipped_shards_in_epoch": list(self._skipped_in_epoch),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -338,3 +401,10 @@ class TokenBatchLoader:
             )
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        # The resumed workers re-read the epoch from its start and report their counts from
+        # there, replacing the per-worker part; older states carry only the total.
+        in_epoch = state.get("skipped_shards_in_epoch")
+        if not (isinstance(in_epoch, list) and len(in_epoch) == len(self._skipped_in_epoch)):
+            in_epoch = [0] * len(self._skipped_in_epoch)
+        self._skipped_in_epoch = [int(n) for n in in_epoch]
+        self._skipped_before = int(state.get("skipped_shards", 0)) - sum(self._skipped_in_epoch)

@@ -1,4 +1,4 @@
-"""Atomic checkpoints: a DeepSpeed checkpoint plus the explicit train state, never half-written.
+"""Atomic, verified checkpoints: a DeepSpeed checkpoint plus the explicit train state.
 
 Layout under ``<run_dir>/checkpoints``::
 
@@ -7,34 +7,70 @@ Layout under ``<run_dir>/checkpoints``::
     step-000100/rng/rank-K.json  Python and numpy RNG state of rank K
     step-000100/train_state.json step, data-loader state of every data-parallel rank, resolved
                                  config, dataset manifest hash, world layout, counters
+    step-000100/files.json       every other file of the checkpoint with its size and sha256
     latest                       name of the newest complete checkpoint (replaced atomically)
 
-A save writes everything into ``.tmp-step-000100``; rank 0 renames it to ``step-000100`` only
-after every rank has finished, and only then repoints ``latest``. A kill at any moment leaves
-``latest`` on the previous complete checkpoint; stale ``.tmp-*`` folders are removed by the next
-save. Loading unpickles nothing but what DeepSpeed's own loader requires: train state is JSON,
-RNG states are ``torch.load(weights_only=True)``.
+Saving: every rank writes into ``.tmp-step-000100``; once all have finished, the ranks hash the
+files between them and rank 0 writes ``files.json`` (fsynced), renames the folder to
+``step-000100`` and only then repoints ``latest``. Re-saving a step that already exists (a
+finished run relaunched, a stop signal right after a periodic save) never deletes the published
+copy first: it is renamed to ``.old-step-000100``, the new one renamed into place, ``latest``
+repointed, and only then is the old copy deleted. A kill at any moment therefore leaves a complete
+checkpoint for the step ``latest`` names: either that folder, or its ``.old-`` copy when the kill
+fell between the two renames. The next save sweeps stale ``.tmp-*`` folders and either deletes an
+``.old-*`` copy (its replacement is in place) or renames it back (it is the only copy).
+
+Resuming (``find_resume_checkpoint``): the checkpoint ``latest`` names is verified (sizes and
+sha256 against ``files.json``) before it is trusted. A missing, truncated or altered file, or a
+``latest`` naming a folder that is not there, is reported by file name; the run then falls back to
+the newest checkpoint that verifies, with a warning, or with ``checkpoint.on_damaged=error``
+refuses with a ``CheckpointError``. Checkpoints written before ``files.json`` existed are checked
+for ``train_state.json`` only.
+
+Loading unpickles nothing but what DeepSpeed's own loader requires: train state is JSON, RNG
+states are ``torch.load(weights_only=True)``; a file that still fails to load is named in the error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+FILE_LIST = "files.json"
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+_NAME = re.compile(r"^(\.old-)?step-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint with a missing, truncated or altered file; ``file`` is the first bad one found."""
+
+    def __init__(self, file: Path, why: str):
+        super().__init__(f"{file}: {why}")
+        self.file = file
+        self.why = why
+
+
+class CheckpointWarning(UserWarning):
+    """Resuming skipped a damaged or missing checkpoint and fell back to an older complete one."""
 
 
 @dataclass
@@ -51,6 +87,15 @@ def _fsync_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    # a rename is durable only once the directory holding it is flushed
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -77,18 +122,233 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
 
 
 def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint at ``step`` (``step-000100``)."""
     return f"step-{step:06d}"
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+# ------------------------------------------------------------ file list (files.json)
+def file_sha256(path: Path, fsync: bool = False) -> str:
+    """sha256 of a file, read in chunks (checkpoint files can be many GB)."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if fsync:  # the save hashes each file once anyway; flushing it here makes it durable too
+            os.fsync(f.fileno())
+    return digest
+
+
+def _checkpoint_files(root: Path) -> list[str]:
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != FILE_LIST
+    )
+
+
+def write_file_list(root: Path, entries: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write ``root/files.json`` (fsynced): size and sha256 of every file under ``root``.
+
+    ``entries`` (relative path -> {"size", "sha256"}) are used as given, e.g. hashed by several
+    ranks; without them every file is hashed here."""
+    if entries is None:
+        entries = {rel: _describe(root / rel) for rel in _checkpoint_files(root)}
+    _fsync_write(root / FILE_LIST, json.dumps({"version": 1, "files": entries}, indent=1, sort_keys=True))
+
+
+def _describe(path: Path, fsync: bool = False) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": file_sha256(path, fsync=fsync)}
+
+
+def _write_file_list_collective(root: Path) -> None:
+    """Every rank hashes a share of the files (rank 0 lists them); rank 0 writes ``files.json``."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names: list[Any] = [_checkpoint_files(root) if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    mine = {rel: _describe(root / rel, fsync=True) for rel in names[0][rank::world]}
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, mine)
+    if rank == 0:
+        write_file_list(root, {k: v for share in shares for k, v in share.items()})
+
+
+def verify_checkpoint(path: Path, hashes: bool = True) -> None:
+    """Raise ``DamagedCheckpoint`` naming the first file of ``path`` that is missing, of the wrong
+    size or (with ``hashes``) of the wrong sha256 according to its ``files.json``.
+
+    A checkpoint without ``files.json`` (written before it existed) needs a readable
+    ``train_state.json`` only."""
+    if not path.is_dir():
+        raise DamagedCheckpoint(path, "the checkpoint folder does not exist")
+    listing = path / FILE_LIST
+    if not listing.is_file():
+        _read_json(path / "train_state.json")
+        return
+    files = _read_json(listing).get("files")
+    if not isinstance(files, dict) or "train_state.json" not in files:
+        raise DamagedCheckpoint(listing, "expected a 'files' mapping that lists train_state.json")
+    for rel, want in sorted(files.items()):
+        file = path / rel
+        if not (isinstance(want, dict) and isinstance(want.get("size"), int) and "sha256" in want):
+            raise DamagedCheckpoint(listing, f"expected size and sha256 for {rel}, found {want!r}")
+        if not file.is_file():
+            raise DamagedCheckpoint(file, f"missing (listed in {FILE_LIST} with {want['size']} bytes)")
+        size = file.stat().st_size
+        if size != want["size"]:
+            raise DamagedCheckpoint(
+                file, f"{size} bytes, {FILE_LIST} says {want['size']} (truncated or rewritten)"
+            )
+        if hashes and file_sha256(file) != want["sha256"]:
+            raise DamagedCheckpoint(
+                file, f"sha256 differs from {FILE_LIST} (same size, different content: the file was altered)"
+            )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamagedCheckpoint(path, "missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedCheckpoint(path, f"expected a JSON file, could not read it ({exc})") from exc
+
+
+# ------------------------------------------------------------ choosing a checkpoint
+def _step_of(path: Path) -> int:
+    m = _NAME.match(path.name)
+    return int(m.group(2)) if m else -1
+
+
+def _on_disk(ckpt_dir: Path) -> list[Path]:
+    """Published checkpoints and ``.old-`` copies, newest step first (a published one before its copy)."""
+    found = [p for p in ckpt_dir.iterdir() if _NAME.match(p.name) and p.is_dir()] if ckpt_dir.is_dir() else []
+    return sorted(found, key=lambda p: (-_step_of(p), p.name.startswith(OLD_PREFIX)))
+
+
+def _pick(ckpt_dir: Path, hashes: bool) -> tuple[Path | None, list[str], bool]:
+    """(checkpoint to use, problems met on the way, whether it is the one ``latest`` points at)."""
+    problems: list[str] = []
     pointer = ckpt_dir / LATEST
-    if not pointer.is_file():
-        return None
-    path = ckpt_dir / pointer.read_text().strip()
-    if not (path / "train_state.json").is_file():
-        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing")
+    named: str | None = None
+    if pointer.is_file():
+        named = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if not _NAME.match(named) or named.startswith(OLD_PREFIX):
+            problems.append(f"{pointer}: expected a checkpoint name like step-000100, found {named[:60]!r}")
+            named = None
+    on_disk = _on_disk(ckpt_dir)
+    if named is None and not on_disk:
+        return None, problems, True
+    if named is None and not problems:
+        # No pointer yet (a kill after the first rename, before `latest` was written): the newest
+        # checkpoint is complete by construction, so it is what `latest` would have named.
+        named = on_disk[0].name.removeprefix(OLD_PREFIX)
+    if named is not None:
+        target, aside = ckpt_dir / named, ckpt_dir / f"{OLD_PREFIX}{named}"
+        if not target.exists() and aside.is_dir():
+            # killed between the two renames of a re-save: the copy set aside is the published one
+            target = aside
+        try:
+            verify_checkpoint(target, hashes=hashes)
+            return target, problems, not problems
+        except DamagedCheckpoint as exc:
+            if not target.exists():
+                problems.append(f"{pointer} names {named}, which does not exist")
+            else:
+                problems.append(str(exc))
+        tried = {ckpt_dir / named, ckpt_dir / f"{OLD_PREFIX}{named}"}
+    else:
+        tried = set()
+    for path in on_disk:
+        if path in tried:
+            continue
+        try:
+            verify_checkpoint(path, hashes=hashes)
+            return path, problems, False
+        except DamagedCheckpoint as exc:
+            problems.append(str(exc))
+    return None, problems, False
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint a resume would start from, judged by file sizes only (cheap, no warnings);
+    None when there is none. For messages; resuming uses ``select_checkpoint``."""
+    return _pick(ckpt_dir, hashes=False)[0]
+
+
+def select_checkpoint(ckpt_dir: Path, on_damaged: Literal["fallback", "error"] = "fallback") -> Path | None:
+    """The verified checkpoint to resume from, or None when ``ckpt_dir`` holds none.
+
+    The one ``latest`` names is verified (sizes and sha256). If it is missing or damaged: with
+    ``on_damaged="fallback"`` the newest checkpoint that verifies is returned and a
+    ``CheckpointWarning`` names the bad file and why; with ``"error"`` a ``CheckpointError`` does.
+    Checkpoints exist but none verifies: ``CheckpointError`` (starting over would overwrite them)."""
+    path, problems, as_named = _pick(ckpt_dir, hashes=True)
+    found = "; ".join(problems)
+    if path is None and problems:
+        raise CheckpointError(
+            f"{ckpt_dir}: no complete checkpoint to resume from ({found}). Restore the files, or move "
+            "the checkpoints away to start over (or set checkpoint.resume=false)"
+        )
+    if as_named or path is None:
+        return path
+    if on_damaged == "error":
+        raise CheckpointError(
+            f"{found}. Refusing to resume (checkpoint.on_damaged=error); {path.name} is the newest complete "
+            f"checkpoint: set checkpoint.on_damaged=fallback to resume from it, or restore the damaged files"
+        )
+    warnings.warn(
+        f"{found}; resuming from {path.name}, the newest complete checkpoint", CheckpointWarning, stacklevel=2
+    )
     return path
+
+
+def find_resume_checkpoint(
+    ckpt_dir: Path, on_damaged: Literal["fallback", "error"] = "fallback"
+) -> Path | None:
+    """Collective ``select_checkpoint``: rank 0 verifies and chooses, every rank gets the same
+    answer (or raises the same ``CheckpointError``)."""
+    answer: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            path = select_checkpoint(ckpt_dir, on_damaged)
+            answer[0] = ("ok", None if path is None else str(path))
+        except CheckpointError as exc:
+            answer[0] = ("error", str(exc))
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return None if value is None else Path(value)
+
+
+# ------------------------------------------------------------ save
+def _sweep(ckpt_dir: Path) -> None:
+    """Clear what a killed save left behind (rank 0, before a save)."""
+    for stale in ckpt_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in ckpt_dir.glob(f".{LATEST}.tmp-*"):  # a pointer write cut short
+        stale.unlink(missing_ok=True)
+    for old in ckpt_dir.glob(f"{OLD_PREFIX}step-*"):
+        current = ckpt_dir / old.name[len(OLD_PREFIX) :]
+        if not current.exists():
+            os.replace(old, current)  # killed between the two renames: this is the only copy
+            continue
+        try:
+            verify_checkpoint(current, hashes=False)
+        except DamagedCheckpoint:
+            continue  # keep the old copy while its replacement is incomplete; resume can fall back to it
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish(ckpt_dir: Path, tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final`` and repoint ``latest``; an existing ``final`` is deleted last."""
+    aside = ckpt_dir / f"{OLD_PREFIX}{final.name}"
+    if final.exists():
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    _fsync_write(ckpt_dir / LATEST, final.name + "\n")
+    _fsync_dir(ckpt_dir)
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 def save_checkpoint(
@@ -106,13 +366,10 @@ def save_checkpoint(
     """
     rank = dist.get_rank()
     name = checkpoint_name(step)
-    final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
+    final, tmp = ckpt_dir / name, ckpt_dir / f"{TMP_PREFIX}{name}"
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # re-saving a step (e.g. after a resume at that step)
-            shutil.rmtree(final)
+        _sweep(ckpt_dir)
     dist.barrier()
     engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
     tensors, meta = _rng_state()
@@ -125,18 +382,30 @@ def save_checkpoint(
     if rank == 0:
         state = dict(train_state, step=step, data=gathered)
         _fsync_write(tmp / "train_state.json", json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, final)
-        _fsync_write(ckpt_dir / LATEST, name + "\n")
-        done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "train_state.json").is_file())
+    _write_file_list_collective(tmp)  # its broadcast from rank 0 waits for train_state.json
+    if rank == 0:
+        _publish(ckpt_dir, tmp, final)
+        done = sorted(
+            (p for p in ckpt_dir.glob("step-*") if (p / "train_state.json").is_file()), key=_step_of
+        )
         for old in done[: max(0, len(done) - keep)]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
+# ------------------------------------------------------------ load
+def _not_zip_archives(folder: Path) -> list[Path]:
+    """``.pt`` files under ``folder`` that are not complete zip archives (torch.save's format):
+    the usual result of a truncated write, which torch reports without the file's name."""
+    return [p for p in sorted(folder.rglob("*.pt")) if not zipfile.is_zipfile(p)]
+
+
 def load_checkpoint(engine, path: Path, layout: Layout, manifest_sha256: str) -> dict[str, Any]:
-    """Collective. Restores engine, RNG; returns the train state (caller restores the loader)."""
-    state = json.loads((path / "train_state.json").read_text())
+    """Collective. Restores engine, RNG; returns the train state (caller restores the loader).
+
+    Errors from DeepSpeed's loader or ``torch.load`` become ``CheckpointError`` naming the file."""
+    state = _read_json(path / "train_state.json")
     saved = state.get("layout", {})
     if (saved.get("tp"), saved.get("dp")) != (layout.tp, layout.dp):
         raise CheckpointError(
@@ -150,13 +419,26 @@ def load_checkpoint(engine, path: Path, layout: Layout, manifest_sha256: str) ->
             f"{path}: written for a dataset with manifest sha256 {str(state.get('manifest_sha256'))[:12]}…, this "
             f"run's dataset has {manifest_sha256[:12]}…; the data position would not mean the same samples"
         )
-    load_path, _ = engine.load_checkpoint(
-        str(path), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(path), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except Exception as exc:
+        bad = _not_zip_archives(path / "ds")
+        where = (", ".join(map(str, bad)) + " (not a complete torch file)") if bad else str(path / "ds")
+        raise CheckpointError(
+            f"{where}: DeepSpeed could not load the checkpoint: {type(exc).__name__}: {exc}"
+        ) from exc
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed found no checkpoint under tag 'ds'")
     rank = dist.get_rank()
-    tensors = torch.load(path / "rng" / f"rank-{rank:05d}.pt", weights_only=True)
-    meta = json.loads((path / "rng" / f"rank-{rank:05d}.json").read_text())
+    rng_file = path / "rng" / f"rank-{rank:05d}.pt"
+    try:
+        tensors = torch.load(rng_file, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{rng_file}: could not load the RNG state: {type(exc).__name__}: {exc}"
+        ) from exc
+    meta = _read_json(path / "rng" / f"rank-{rank:05d}.json")
     _set_rng_state(tensors, meta)
     return state

@@ -8,7 +8,8 @@
 * ZeRO partitions over the data-parallel group only; ``zero.Init`` gets that group explicitly
   (without ``data_parallel_group`` it partitions over the whole world: silently wrong).
 * A client ``torch.optim.AdamW`` (DeepSpeed's fused/CPU Adam would compile C++ first),
-  explicit ``gradient_clipping`` (0.19.8 defaults it to 1.0), warm-up + cosine LR, bf16.
+  explicit ``gradient_clipping`` (0.19.8 defaults it to 1.0), warm-up + cosine LR, bf16 or fp32
+  as :func:`pipeline.hardware.precision.resolve_precision` decides for the device.
 * The caller runs inner-loop forwards through ``engine.module`` and only the outer loss
   through ``engine(...)`` / ``engine.backward`` / ``engine.step``.
 """
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 
+from pipeline.hardware.device import deepspeed_accelerator, training_device
+from pipeline.hardware.precision import Precision, resolve_precision
 from pipeline.train_config import TrainConfig
 
 
@@ -90,7 +93,7 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def ds_config(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
+def ds_config(cfg: TrainConfig, dp_size: int, precision: Precision) -> dict[str, Any]:
     p = cfg.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage == 3:
@@ -109,7 +112,11 @@ def ds_config(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.data.batch_size * cfg.grad_accum * dp_size,
         "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": p.bf16},
+        # The trainer owns the accumulation boundary: one engine.step() per training step, after
+        # the micro-batches it kept (a non-finite one voids the step on every rank instead of
+        # shifting DeepSpeed's micro-step counter off the step count, LR schedule and checkpoints).
+        "managed_gradient_accumulation": False,
+        "bf16": {"enabled": precision.bf16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,
@@ -120,27 +127,35 @@ def ds_config(cfg: TrainConfig, dp_size: int) -> dict[str, Any]:
 
 def quiet_deepspeed() -> None:
     """Skip the inference-only shm op (a 2-minute C++ build on CPU) and the accelerator probe noise."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    os.environ["DS_ACCELERATOR"] = deepspeed_accelerator()
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def build_engine(cfg: TrainConfig, model_fn: Callable[[], torch.nn.Module]):
+def build_engine(
+    cfg: TrainConfig, model_fn: Callable[[], torch.nn.Module], precision: Precision | None = None
+):
     """Build the model (inside ``zero.Init`` when configured) and wrap it in a DeepSpeed engine.
 
+    ``precision``: the run's resolved precision (bf16 weights + fp32 masters, or fp32 throughout);
+    by default ``cfg.parallel.precision`` resolved for the training device. One ``engine.step()``
+    per optimizer step, after all its micro-batches' ``engine.backward`` (explicit boundary).
     Returns ``(engine, optimizer, scheduler)``. Weights must be final before this call: ZeRO's
     fp32 master copy overwrites later changes at the next step (load through the engine).
     """
     quiet_deepspeed()
     import deepspeed
 
+    if precision is None:
+        precision = resolve_precision(cfg.parallel.precision, training_device())
+
     mpu = MegatronMPU()
     if cfg.parallel.zero_init and cfg.parallel.zero_stage == 3:
         with deepspeed.zero.Init(
             data_parallel_group=mpu.get_data_parallel_group(),
             mpu=mpu,
-            config_dict_or_path=ds_config(cfg, mpu.get_data_parallel_world_size()),
+            config_dict_or_path=ds_config(cfg, mpu.get_data_parallel_world_size(), precision),
         ):
             model = model_fn()
     else:
@@ -163,7 +178,7 @@ def build_engine(cfg: TrainConfig, model_fn: Callable[[], torch.nn.Module]):
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         mpu=mpu,
-        config=ds_config(cfg, mpu.get_data_parallel_world_size()),
+        config=ds_config(cfg, mpu.get_data_parallel_world_size(), precision),
         dist_init_required=False,
     )
     return engine, optimizer, scheduler

@@ -163,7 +163,9 @@ def evaluate_checkpoint(path: str, cfg: EvalRunConfig, out: Path) -> dict[str, A
         result["exposure_bias"] = {}
         for mem in cfg.memory:
             fast = (
-                sampler.adapt_prompts(prompts, seed=cfg.scoring.seed, bf16=cfg.scoring.bf16)
+                sampler.adapt_prompts(
+                    prompts, seed=cfg.scoring.seed, bf16=cfg.scoring.bf16_on(sampler.device)
+                )
                 if mem == "on"
                 else None
             )
@@ -178,7 +180,7 @@ def evaluate_checkpoint(path: str, cfg: EvalRunConfig, out: Path) -> dict[str, A
                 fast=fast,
                 seed=cfg.scoring.seed,
                 static_draws=eb.static_draws,
-                bf16=cfg.scoring.bf16,
+                bf16=cfg.scoring.bf16_on(sampler.device),
             )
             result["exposure_bias"][mem] = curve.to_json()
             print(f"{name} exposure bias memory {mem}: R at the last step {curve.R[-1]:.3f}")

@@ -17,12 +17,13 @@ With ``adapt`` every prompt first writes itself into its own memory, which both 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from data_prep.tasks import TaskExample, score_generation
 from pipeline.eval.likelihood import mc_loglikelihood
+from pipeline.hardware.precision import resolve_precision
 from pipeline.sample import DiffusionSampler, SamplerConfig, cut_at_eos
 
 
@@ -32,7 +33,12 @@ class TaskScoringConfig:
     mc_samples: int = 8  # Monte-Carlo draws per candidate for ranking
     gen_slack: int = 4  # response tokens beyond the longest gold answer
     seed: int = 0
-    bf16: bool = False
+    # auto: bf16 where the device multiplies it natively, else fp32 (pipeline/hardware/precision.py)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+    def bf16_on(self, device: torch.device) -> bool:
+        """Whether scoring on ``device`` autocasts to bf16."""
+        return resolve_precision(self.precision, device).bf16
 
 
 def evaluate_examples(
@@ -43,7 +49,9 @@ def evaluate_examples(
         raise ValueError("no examples to evaluate")
     answers = [[*tok.encode(" " + ex.answer), tok.eos_id] for ex in examples]
     gen_length = max(len(a) for a in answers) + cfg.gen_slack
-    scfg = SamplerConfig(gen_length=gen_length, steps=gen_length, adapt=adapt, seed=cfg.seed, bf16=cfg.bf16)
+    scfg = SamplerConfig(
+        gen_length=gen_length, steps=gen_length, adapt=adapt, seed=cfg.seed, bf16=cfg.bf16_on(sampler.device)
+    )
     gen_scores: list[float] = []
     choices: list[int] = []
     outputs: list[str] = []
@@ -74,7 +82,7 @@ def evaluate_examples(
             fast=fast,
             fast_rows=rows if fast is not None else None,
             batch_size=cfg.batch_size * 4,
-            bf16=cfg.bf16,
+            bf16=scfg.bf16,
         )
         ll = torch.tensor(scored.loglik)
         k = 0

@@ -128,6 +128,19 @@ def pre_anchor_masks(
     return masks[::-1]
 
 
+def pre_anchor_ratio(anchor: torch.Tensor, n_maskable: torch.Tensor, scale: float, j: int) -> torch.Tensor:
+    """The stage-1 noise level ``rho_pre = min(1, scale**j * rho)`` [B], rho = the anchor's realised
+    masked fraction among maskable tokens.
+
+    The spec weights stage 1 by ``w(rho_pre)``, the level the pre-anchor state is drawn *at*;
+    the mask itself holds ``ceil(scale**j * k)`` tokens, whose fraction differs from rho_pre by
+    under one token (3.6 % of the weight on a short row with odd k). We follow the spec: the
+    weight is a property of the noise level, not of the integer rounding of one row.
+    """
+    rho = anchor.sum(1).float() / n_maskable.float()
+    return (rho * scale**j).clamp(max=1.0)
+
+
 # ---------------------------------------------------------------- inner losses
 
 
@@ -289,18 +302,23 @@ def inner_loop(
     pre_masks: list[torch.Tensor] | None = None,
     h_anchor: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
+    reset_generator: torch.Generator | None = None,
 ) -> tuple[FastWeights, list[InnerStats]]:
     """Reset the memory and run the stages (1. pre-anchor ..., 2. anchor); returns phi and stats.
 
     ``h_anchor`` is the anchor's hidden state below the first memory layer when the caller
     already has it (training shares it with the outer loss); otherwise it is computed without
     autograd (inference-time adaptation). ``key_mask`` [B, T] hides padding (batched prompts
-    of different lengths).
+    of different lengths). ``reset_generator`` draws phi0 (default: ``generator``); training
+    passes one that is the same on every data-parallel rank, so a batch-scope memory synced
+    over DP starts from one phi0 for the whole global batch.
     """
     cfg = model.cfg
     spec = mem.spec(cfg.n_layers, cfg.d_model, cfg.ffn_hidden)
     first = spec.layers[0]
-    fast = spec.reset(tokens.shape[0] if mem.scope == "sample" else None, generator, tokens.device)
+    fast = spec.reset(
+        tokens.shape[0] if mem.scope == "sample" else None, reset_generator or generator, tokens.device
+    )
     ckpt = mem.use_checkpoint(cfg.num_params())
     teacher = None
     if mem.inner_loss != "ce":
@@ -318,13 +336,12 @@ def inner_loop(
         pre_masks = pre_anchor_masks(
             noise.mask, noise.maskable, mem.pre_anchor_scale, mem.pre_anchor_steps, generator
         )
-    for m_pre in pre_masks:
+    for idx, m_pre in enumerate(pre_masks):
         x_pre = torch.where(m_pre, mask_id, tokens)
         with torch.no_grad():
             h_pre = model.run_layers(model.embed(x_pre), 0, first, key_mask=key_mask)
-        w = loss_weight(
-            time_of_mask_ratio(m_pre.sum(1) / n_maskable, obj.schedule), obj.schedule, mem.inner_weighting
-        )
+        rho_pre = pre_anchor_ratio(noise.mask, n_maskable, mem.pre_anchor_scale, len(pre_masks) - idx)
+        w = loss_weight(time_of_mask_ratio(rho_pre, obj.schedule), obj.schedule, mem.inner_weighting)
         with frozen_weights(model):
             losses = _position_losses(
                 model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, ckpt, key_mask
@@ -367,19 +384,31 @@ def memdlm_loss(
     generator: torch.Generator,
     dp_group: dist.ProcessGroup | None = None,
     pre_masks: list[torch.Tensor] | None = None,
+    reset_generator: torch.Generator | None = None,
 ) -> MemDLMOutput:
     """MemDLM's outer loss for one batch, after the two-stage inner loop.
 
     ``model`` is the unwrapped module (inner passes); ``outer_forward`` is the module or a
     DeepSpeed engine around it and computes everything the outer gradient flows through.
     tokens [B, T] clean; ``noise`` is the MDLM anchor draw; ``pre_masks`` (most noisy first)
-    replaces the drawn pre-anchor masks (evaluation and tests).
+    replaces the drawn pre-anchor masks (evaluation and tests); ``reset_generator``
+    draws the memory's reset (see :func:`inner_loop`).
     """
     first = mem.spec(model.cfg.n_layers, model.cfg.d_model, model.cfg.ffn_hidden).layers[0]
     # The anchor's pass below the memory: once, with autograd, shared by stage 2 and the outer loss.
     h_anchor = outer_forward(tokens=noise.noisy, end_layer=first)
     fast, stats = inner_loop(
-        model, tokens, noise, obj, mem, mask_id, generator, dp_group, pre_masks, h_anchor
+        model,
+        tokens,
+        noise,
+        obj,
+        mem,
+        mask_id,
+        generator,
+        dp_group,
+        pre_masks,
+        h_anchor,
+        reset_generator=reset_generator,
     )
     # 3. outer: the memory layers with phi2 as a constant (first-order), MDLM loss at M_t
     logits = outer_forward(

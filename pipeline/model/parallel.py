@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import datetime
 import functools
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from pipeline.hardware.device import dist_backend
 
 _SHIM_APPLIED = False
 
@@ -65,10 +69,38 @@ class ParallelDims:
         return self.world // self.tp
 
 
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def rendezvous_store(rank: int, world: int, addr: str, port: int, timeout: datetime.timedelta) -> dist.Store:
+    """The TCP key-value store ranks meet at, served by rank 0 on ``addr`` only.
+
+    torch's own ``env://`` rendezvous listens on every interface of rank 0's host with no
+    authentication; binding the listening socket ourselves keeps a local run on loopback and a
+    multi-node run on the interface that ``addr`` (MASTER_ADDR) resolves to.
+    """
+    if rank != 0:
+        return dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+    ip = socket.gethostbyname(addr)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((ip, port))
+    sock.listen(128)
+    # detach: the store's server owns the listening fd from here on
+    return dist.TCPStore(ip, port, world, is_master=True, timeout=timeout, master_listen_fd=sock.detach())
+
+
 def init_distributed(tp: int = 1, backend: str | None = None, timeout_s: int = 600) -> ParallelDims:
     """Start torch.distributed from env vars (or a 1-process world) and megatron's TP/DP groups.
 
-    Uses nccl on CUDA and gloo on CPU. World = TP x DP; TP ranks are adjacent (megatron order).
+    Backend: gloo on CPU; on CUDA ``cpu:gloo,cuda:nccl`` (NCCL alone rejects CPU tensors).
+    World = TP x DP; TP ranks are adjacent (megatron order). The rendezvous store and gloo bind
+    to loopback when MASTER_ADDR is a loopback address (every local run), to MASTER_ADDR's
+    interface otherwise; under torchrun the agent's store is used as torchrun intends.
     """
     from megatron.core import parallel_state
 
@@ -79,10 +111,21 @@ def init_distributed(tp: int = 1, backend: str | None = None, timeout_s: int = 6
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
+        backend = backend or dist_backend()
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        if _is_loopback(addr):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs too, not the host's address
+        timeout = datetime.timedelta(seconds=timeout_s)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            store = rendezvous_store(rank, world, addr, port, timeout)
+            dist.init_process_group(
+                backend=backend, store=store, rank=rank, world_size=world, timeout=timeout
+            )
     world = dist.get_world_size()
     if world % tp:
         raise ValueError(f"tensor parallel size {tp} does not divide the world size {world}")

@@ -41,7 +41,7 @@ def config(method: str, zero_init: bool = False):
             # eps above float noise: Adam's first steps are ~lr*sign(g), and the sign of a ~1e-9
             # gradient depends on reduction order; with eps=1e-6 such elements barely move.
             "optim.eps=1e-6",
-            "parallel.bf16=false",
+            "parallel.precision=fp32",
             "parallel.param_persistence_threshold=0",
             f"parallel.zero_init={str(zero_init).lower()}",
             f"memory.enabled={'true' if method == 'memdlm' else 'false'}",

@@ -1,9 +1,11 @@
-"""Worker for test_train_resume: the real Trainer on 2 processes (ZeRO-3, DP=2, bf16).
+"""Worker for test_train_resume: the real Trainer on 2 processes (ZeRO-3, DP=2).
 
-    _train_worker.py full   <dataset> <out>   uninterrupted 6 steps (run A) + 3 of 6 steps (run B)
+    _train_worker.py full   <dataset> <out>   uninterrupted 6 steps (run A) + 3 of 6 steps (runs B, D)
     _train_worker.py crash  <dataset> <out>   run C: 3 steps saved, then SIGKILL inside the step-6 save
-    _train_worker.py resume <dataset> <out>   resume B and C to step 6
-Rank 0 writes each run's logged losses to <out>/<run>.json.
+    _train_worker.py resave <dataset> <out>   run D relaunched at step 3, a stop signal re-saves step 3:
+                                              SIGKILL between the swap's two renames
+    _train_worker.py resume <dataset> <out>   resume B, C and D to step 6
+Rank 0 writes each run's logged losses to <out>/<run>.json (an error resuming D to <out>/D-error.txt).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main(mode: str, dataset: str, out_dir: str) -> None:
     if mode == "full":
         record(out, "A", Trainer(cfg(dataset, out / "A")).run())
         record(out, "B-first", Trainer(cfg(dataset, out / "B")).run(stop_after=3))
+        record(out, "D-first", Trainer(cfg(dataset, out / "D")).run(stop_after=3))
     elif mode == "crash":
         trainer = Trainer(cfg(dataset, out / "C"))
         record(out, "C-first", trainer.run(stop_after=3))
@@ -65,9 +68,29 @@ def main(mode: str, dataset: str, out_dir: str) -> None:
 
         ckpt.os.replace = die_on_publish
         trainer.run()
+    elif mode == "resave":
+        import pipeline.engine.checkpoint as ckpt
+        import pipeline.train as train_mod
+
+        trainer = Trainer(cfg(dataset, out / "D"))  # resumes at step 3
+        real_replace = os.replace
+
+        def die_inside_resave(src, dst):
+            if Path(src).name == ".tmp-step-000003":
+                os.kill(os.getpid(), signal.SIGKILL)  # the new copy is complete, not yet in place
+            return real_replace(src, dst)
+
+        ckpt.os.replace = die_inside_resave
+        train_mod.STOP_REQUESTED["signal"] = signal.SIGTERM  # saves step 3 again before any step
+        trainer.run()
     elif mode == "resume":
         record(out, "B-second", Trainer(cfg(dataset, out / "B")).run())
         record(out, "C-second", Trainer(cfg(dataset, out / "C")).run())
+        try:  # recorded, not raised: B and C are judged on their own
+            record(out, "D-second", Trainer(cfg(dataset, out / "D")).run())
+        except Exception as exc:
+            if dist.get_rank() == 0:
+                (out / "D-error.txt").write_text(f"{type(exc).__name__}: {exc}")
     dist.barrier()
     dist.destroy_process_group()
 

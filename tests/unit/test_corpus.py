@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 
 import pytest
 
@@ -97,3 +98,37 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
     assert docs[0].text == "caf\ufffd cr\ufffdme\nok \ufffd\ufffd end\n"
     assert stats.replaced_bytes == 4
     assert stats.per_file_replaced == {str(p): 4}
+
+
+def test_tilde_in_a_quoted_corpus_glob_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    assert resolve_inputs(["~/texts/*.jsonl"]) == [tmp_path / "texts" / "a.jsonl"]
+    with pytest.raises(
+        CorpusError, match=r"corpus path '~/none\.txt' does not exist \(expanded: .*/none\.txt\)"
+    ):
+        resolve_inputs(["~/none.txt"])
+
+
+def test_random_bytes_named_txt_are_refused_but_latin1_prose_is_read(tmp_path):
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(CorpusError, match=r"noise\.txt: [\d,]+ of 4,096 bytes \(\d+%\) are not UTF-8 text"):
+        _docs([noise])
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("plain words in UTF-16\n".encode("utf-16") * 20)
+    with pytest.raises(CorpusError, match=r"utf16\.txt: .*NUL bytes: UTF-16 text\?"):
+        _docs([utf16])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(("Le café est déjà prêt, à côté de la forêt.\n" * 50).encode("latin-1"))
+    docs, stats = _docs([latin1])
+    assert len(docs) == 1 and stats.replaced_bytes == 50 * 8  # replaced and counted, not refused
+
+
+def test_json_error_message_reads_at_column_once(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a\tb"}\n')  # a raw tab inside a JSON string is invalid
+    with pytest.raises(CorpusError) as err:
+        _docs([p])
+    assert str(err.value).endswith("d.jsonl:1: not valid JSON (Invalid control character at column 12)")

@@ -159,7 +159,10 @@ def test_inner_steps_equal_hand_computed_clipped_sgd(setup):
     out = _run_memdlm(model, tokens, noise, mem, seed=5, pre_masks=[pre])
     spec = mem.spec(4, 64, 96)
     phi = dict(spec.reset(None, torch.Generator().manual_seed(5)).by_layer[3])
-    w_pre = 1.0 / (pre.sum(1) / noise.maskable.sum(1))
+    # the spec's stage-1 weight: w(rho_pre), rho_pre = min(1, 1.5 rho) (not the rounded mask's fraction)
+    k, n = noise.mask.sum(1), noise.maskable.sum(1)
+    assert (k % 2 == 1).any()  # a row where ceil(1.5 k) / n differs from 1.5 k / n
+    w_pre = 1.0 / (1.5 * k / n).clamp(max=1.0)
     raw = torch.autograd.grad(ref.stage_loss(model, tokens, pre, w_pre, {3: phi}, 3), [phi["gate.B"]])[0]
     assert raw.norm() > mem.clip_norm  # the check below exercises the clip
     phi1 = ref.inner_sgd(
@@ -174,6 +177,30 @@ def test_inner_steps_equal_hand_computed_clipped_sgd(setup):
     for k in ("gate.A", "gate.B", "up.A", "up.B", "down.A", "down.B"):
         torch.testing.assert_close(out.fast.by_layer[3][k], phi2[k].detach(), rtol=1e-4, atol=1e-6)
     assert out.stage_stats[0].skipped.item() == 0
+
+
+def test_stage_one_weight_is_w_of_the_target_ratio_not_of_the_rounded_mask(setup):
+    model, tokens, noise = setup
+    row = slice(0, 1)
+    one = type(noise)(noise.t[row], noise.mask[row], noise.noisy[row], noise.maskable[row])
+    k, n = int(one.mask.sum()), int(one.maskable.sum())
+    extra = math.ceil(1.5 * k) - k
+    # an anchor with an odd masked count: 1.5 k is not an integer
+    if k % 2 == 0:
+        first_masked = int(one.mask[0].nonzero()[0])
+        one.mask[0, first_masked] = False
+        one.noisy[0, first_masked] = tokens[0, first_masked]
+        k, extra = k - 1, math.ceil(1.5 * (k - 1)) - (k - 1)
+    (pre,) = pre_anchor_masks(one.mask, one.maskable, 1.5, 1, torch.Generator().manual_seed(9))
+    assert int(pre.sum()) == k + extra  # the mask is rounded up to whole tokens ...
+    losses = {}
+    for weighting in ("elbo", "uniform"):
+        mem = MemoryConfig(enabled=True, inner_weighting=weighting)
+        out = _run_memdlm(model, tokens[row], one, mem, seed=5, pre_masks=[pre])
+        losses[weighting] = float(out.stage_stats[0].loss)
+    # ... but the weight is w(rho_pre) = 1 / min(1, 1.5 k / n), the spec's noise level
+    assert losses["elbo"] / losses["uniform"] == pytest.approx(1.0 / min(1.0, 1.5 * k / n), rel=1e-5)
+    assert abs(1.0 / min(1.0, 1.5 * k / n) - n / (k + extra)) > 1e-3  # the two readings differ here
 
 
 def test_outer_gradient_is_first_order_with_final_fast_weights_frozen(setup):

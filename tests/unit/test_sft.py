@@ -116,7 +116,7 @@ def test_fine_tuning_starts_from_the_exported_weights(world1, tiny_dataset, tmp_
             "steps=1",
             f"init_from={export}",
             "parallel.param_persistence_threshold=0",
-            "parallel.bf16=false",
+            "parallel.precision=fp32",
             "optim.lr=1e-4",
             "optim.warmup_steps=0",
         ),

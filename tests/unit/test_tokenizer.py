@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 
 from data_prep.config import TokenizerConfig
-from data_prep.tokenizer import TokenizerTrainingError, sample_lines, train_tokenizer
+from data_prep.tokenizer import MAX_LINE_BYTES, TokenizerTrainingError, sample_lines, train_tokenizer
 from pipeline.data.tokenizer import TokenizerError, load_tokenizer
 from tests.conftest import make_text
 
@@ -70,3 +70,16 @@ def test_missing_or_garbage_model_file(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match=r"junk\.model: not a sentencepiece model"):
         load_tokenizer(tmp_path / "junk.model")
+
+
+def test_one_line_document_over_the_sentencepiece_limit_still_trains_a_tokenizer(tmp_path, capsys):
+    rng = random.Random(4)
+    words = make_text(rng, 400).split()
+    line = " ".join(words * 4)  # one line of ~60 KB: sentencepiece alone drops it and has nothing left
+    assert len(line.encode()) > 10 * MAX_LINE_BYTES
+    lines = sample_lines([line], max_lines=10_000, seed=0, progress=False)
+    assert "note: 1 line(s) longer than 4192 bytes" in capsys.readouterr().out
+    assert all(len(x.encode()) <= MAX_LINE_BYTES for x in lines)
+    assert "".join(lines) == line  # cut after spaces, nothing lost
+    tok = train_tokenizer(lines, TokenizerConfig(vocab_size=400), tmp_path / "t.model", progress=False)
+    assert tok.decode(tok.encode(line[:500])) == line[:500]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pipeline.train as train_mod
-from pipeline.engine.checkpoint import CheckpointError
+from pipeline.engine.checkpoint import CheckpointError, write_file_list
 from pipeline.engine.export import export_model, load_exported
 from pipeline.train import Trainer, TrainingDiverged
 from pipeline.train_config import load_train_config
@@ -32,7 +32,7 @@ def _cfg(dataset, run_dir, *extra):
 
 
 def test_export_round_trip_gives_identical_logits(world1, tiny_dataset, tmp_path):
-    cfg = _cfg(tiny_dataset, tmp_path / "run", "parallel.bf16=false", "memory.enabled=true")
+    cfg = _cfg(tiny_dataset, tmp_path / "run", "parallel.precision=fp32", "memory.enabled=true")
     trainer = Trainer(cfg)
     trainer.run()
     out = export_model(
@@ -69,11 +69,13 @@ def test_resume_with_another_layout_or_dataset_is_refused(world1, tiny_dataset, 
     state = json.loads(state_path.read_text())
     state["layout"] = {"world": 2, "tp": 1, "dp": 2}
     state_path.write_text(json.dumps(state))
+    write_file_list(state_path.parent)  # an intact checkpoint of another layout, not a damaged one
     with pytest.raises(CheckpointError, match=r"written with TP=1 x DP=2, this run is TP=1 x DP=1"):
         Trainer(_cfg(tiny_dataset, run, "steps=3"))
     state["layout"] = {"world": 1, "tp": 1, "dp": 1}
     state["manifest_sha256"] = "0" * 64
     state_path.write_text(json.dumps(state))
+    write_file_list(state_path.parent)
     with pytest.raises(CheckpointError, match=r"written for a dataset with manifest sha256 000000000000"):
         Trainer(_cfg(tiny_dataset, run, "steps=3"))
 
@@ -91,7 +93,7 @@ def test_repeated_non_finite_losses_stop_with_the_last_good_checkpoint(
 
     monkeypatch.setattr(train_mod, "mdlm_loss", poisoned)
     # steps 3 and 4 are skipped (weights untouched, so the step-4 checkpoint is still good); the 5th stops
-    with pytest.raises(TrainingDiverged, match=r"3 consecutive non-finite losses at step 4; .*step-000004"):
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive non-finite losses at step 5; .*step-000004"):
         trainer.run()
     assert trainer.nonfinite_total == 3
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000004"
@@ -111,7 +113,7 @@ def test_gradient_accumulation_of_two_halves_equals_one_full_batch(world1):
             [
                 "model_preset=tiny",
                 "steps=2",
-                "parallel.bf16=false",
+                "parallel.precision=fp32",
                 "parallel.param_persistence_threshold=0",
                 f"grad_accum={grad_accum}",
                 f"data.batch_size={4 // grad_accum}",
@@ -129,7 +131,7 @@ def test_gradient_accumulation_of_two_halves_equals_one_full_batch(world1):
                 sl = slice(m * per, (m + 1) * per)
                 part = Noise(noise.t[sl], noise.mask[sl], noise.noisy[sl], noise.maskable[sl])
                 engine.backward(mdlm_loss(engine, tokens[sl], part, cfg.objective))
-                engine.step()
+            engine.step()  # the trainer's explicit accumulation boundary
         from pipeline.engine.export import consolidated_state_dict
 
         return consolidated_state_dict(engine.module)
@@ -137,3 +139,108 @@ def test_gradient_accumulation_of_two_halves_equals_one_full_batch(world1):
     one, two = run(1), run(2)
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_a_non_finite_micro_batch_voids_the_whole_step_under_gradient_accumulation(
+    world1, tiny_dataset, tmp_path
+):
+    from pipeline.engine.export import consolidated_state_dict
+
+    def trainer_for(name: str) -> Trainer:
+        return Trainer(
+            _cfg(tiny_dataset, tmp_path / name, "memory.enabled=false", "grad_accum=2", "data.batch_size=2")
+        )
+
+    clean = trainer_for("clean")
+    clean_lr = [clean.train_step()["lr"] for _ in range(4)]
+    trainer = trainer_for("poisoned")
+    real = trainer._micro_loss
+
+    def poisoned(tokens, micro, prompt=None):
+        loss, stats = real(tokens, micro, prompt)
+        return (loss * float("nan") if trainer.step == 1 and micro == 0 else loss), stats
+
+    trainer._micro_loss = poisoned
+    records, weights = [], []
+    for _ in range(4):
+        records.append(trainer.train_step())
+        weights.append(consolidated_state_dict(trainer.engine.module))
+    assert "loss" not in records[1] and records[1]["nonfinite_total"] == 1
+    for k in weights[0]:  # the void step changed nothing
+        assert torch.equal(weights[1][k], weights[0][k]), k
+    assert any(not torch.equal(weights[2][k], weights[1][k]) for k in weights[0])
+    # the LR schedule follows the step count, and DeepSpeed applied exactly the 3 real updates
+    assert [records[i]["lr"] for i in (0, 2, 3)] == [clean_lr[i] for i in (0, 2, 3)]
+    assert trainer.engine.global_steps == 3
+    adam_steps = {int(s["step"]) for s in trainer.engine.optimizer.optimizer.state.values()}
+    assert adam_steps == {3}
+    # both micro-batches of the void step were consumed: the data position matches the clean run
+    assert trainer.loader.state_dict() == clean.loader.state_dict()
+
+
+def test_resuming_behind_the_last_logged_step_records_every_step_exactly_once(world1, tiny_dataset, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    first = Trainer(_cfg(tiny_dataset, run, "steps=6", "memory.enabled=false"))
+    first.run(stop_after=3)  # logged steps 1-3; checkpoints at 2 and 3
+    # the job "died" after logging step 3 but before its step-3 checkpoint was usable
+    shutil.rmtree(run / "checkpoints" / "step-000003")
+    second = Trainer(_cfg(tiny_dataset, run, "steps=6", "memory.enabled=false"))
+    assert second.step == 2
+    second.run()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    client, run_id = second.tracker.client, second.tracker.run_id
+    assert run_id == first.tracker.run_id
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+    assert "step" not in client.get_run(run_id).data.metrics  # the x axis is not a metric
+
+
+def test_step_flops_count_every_micro_batch_of_the_step(world1, tiny_dataset, tmp_path):
+    trainer = Trainer(
+        _cfg(tiny_dataset, tmp_path / "run", "memory.enabled=true", "grad_accum=2", "data.batch_size=2")
+    )
+    real, masked = trainer._micro_loss, []
+
+    def counting(tokens, micro, prompt=None):
+        loss, stats = real(tokens, micro, prompt)
+        masked.append(float(stats["masked"]))
+        return loss, stats
+
+    trainer._micro_loss = counting
+    rec = trainer.train_step()
+    cfg = trainer.cfg
+    tokens = cfg.data.batch_size * cfg.model.seq_len * cfg.grad_accum
+    m = sum(masked)  # both micro-batches: the same tokens the step's time covers
+    want = trainer.flops.mdlm_step(tokens, m) + trainer.flops.memdlm_extra(tokens, [min(tokens, 1.5 * m)], m)
+    assert rec["tokens_per_s"] * rec["seconds"] == pytest.approx(tokens)
+    assert rec["model_tflops_per_s"] * 1e12 * rec["seconds"] == pytest.approx(want, rel=1e-9)
+
+
+def test_skipped_corrupt_shards_are_agreed_across_ranks_and_logged(world1, tiny_dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"][1:]:  # truncated: sizes no longer fit the manifest
+        (data / shard["path"]).write_bytes((data / shard["path"]).read_bytes()[:1000])
+    overrides = tiny_run_overrides(
+        data,
+        tmp_path / "mlruns",
+        f"run_dir={tmp_path / 'run'}",
+        "steps=8",  # 7 batches of 16 per intact shard: a truncated one is reached whatever the order
+        "data.batch_size=16",
+        "eval.every=0",
+        "data.on_corrupt_shard=skip",
+        "memory.enabled=false",
+    )
+    with pytest.warns(UserWarning):
+        trainer = Trainer(load_train_config(None, overrides))
+    records = trainer.run()
+    assert records[-1]["data/skipped_shards"] >= 1
+    history = trainer.tracker.client.get_metric_history(trainer.tracker.run_id, "data/skipped_shards")
+    assert max(m.value for m in history) >= 1
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000008" / "train_state.json").read_text())
+    assert state["counters"]["skipped_shards_total"] == records[-1]["data/skipped_shards"]
