@@ -4,11 +4,18 @@ Each task sets up torch.distributed from submitit's JobEnvironment (MASTER_ADDR/
 WORLD_SIZE, LOCAL_RANK) and runs ``pipeline.train``. The task is ``Checkpointable``: when Slurm
 preempts it or its time runs out, submitit requeues it and the new allocation resumes from the
 run's newest checkpoint (``checkpoint.every`` bounds the steps lost).
+
+Where submitit 1.5.4 has no public API for what this module needs, the private entry point is
+reached only through ``_submitit_private`` (one place, a clear error naming the installed version);
+``tests/unit/test_submitit_api.py`` exercises each of them on the installed submitit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import shlex
 import signal
 import sys
 import time
@@ -41,12 +48,18 @@ class TrainTask(submitit.helpers.Checkpointable):
         # requeue at once, mid-step; instead every task only raises a flag, the training loop saves
         # a checkpoint at the next step boundary on all ranks together, and then rank 0 hands over
         # to submitit's handler (checkpoint() below + requeue).
-        submitit_handler = signal.getsignal(env._usr_sig())
-        signal.signal(env._usr_sig(), lambda signum, frame: train.STOP_REQUESTED.update(signal=signum))
+        sig = preempt_signal()
+        submitit_handler = signal.getsignal(sig)
+        if not callable(submitit_handler):
+            raise RuntimeError(
+                f"submitit {submitit.__version__} installed no handler for {sig.name} before running the "
+                f"task (1.5.4 does, in JobEnvironment._handle_signals); nothing would requeue the job"
+            )
+        signal.signal(sig, lambda signum, frame: train.STOP_REQUESTED.update(signal=signum))
         print(f"task {env.global_rank}/{env.num_tasks} on {env.hostname} (job {env.job_id})", flush=True)
         rc = train.main(train_args)
         if rc == train.STOPPED_EXIT:
-            if env.global_rank == 0 and callable(submitit_handler):
+            if env.global_rank == 0:
                 submitit_handler(train.STOP_REQUESTED["signal"], None)  # checkpoint() + requeue + exit
             time.sleep(300)  # the other ranks wait for the requeue to end them
             return rc
@@ -57,6 +70,38 @@ class TrainTask(submitit.helpers.Checkpointable):
     def checkpoint(self, train_args: list[str], threads: int) -> submitit.helpers.DelayedSubmission:
         # Requeue the same task; pipeline.train resumes from the newest checkpoint by itself.
         return submitit.helpers.DelayedSubmission(TrainTask(), train_args, threads)
+
+
+SUBMITIT_WRITTEN_FOR = "1.5.4"
+
+
+def _submitit_private(module: str, name: str) -> Any:
+    """``module.name`` from submitit's internals, for what its public API does not offer.
+
+    Raises a RuntimeError naming the installed submitit when the name is gone, rather than an
+    AttributeError deep in a launch."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(
+            f"submitit {submitit.__version__} has no {module}.{name}, which launch/submit.py uses "
+            f"(written for submitit {SUBMITIT_WRITTEN_FOR}): pin that version or port launch/submit.py"
+        ) from exc
+
+
+def preempt_signal() -> signal.Signals:
+    """The signal submitit treats as "time is up / preempted" (USR2 unless $SUBMITIT_PREEMPT_SIGNAL).
+
+    Public: ``JobEnvironment.USR_SIG`` names it; it is what ``#SBATCH --signal`` asks Slurm to send
+    and what submitit installs its checkpoint-and-requeue handler on."""
+    name = getattr(submitit.JobEnvironment, "USR_SIG", None)
+    try:
+        return signal.Signals[f"SIG{name}"]
+    except KeyError:
+        raise RuntimeError(
+            f"submitit {submitit.__version__}: JobEnvironment.USR_SIG is {name!r}, not a signal name "
+            f"(submitit {SUBMITIT_WRITTEN_FOR} has 'USR2'; $SUBMITIT_PREEMPT_SIGNAL overrides it)"
+        ) from None
 
 
 def _has_cuda() -> bool:
@@ -99,12 +144,16 @@ def slurm_parameters(cluster: ClusterConfig) -> dict[str, Any]:
 
 
 def sbatch_preview(cluster: ClusterConfig, folder: Path) -> str:
-    """The sbatch script submitit would submit for this cluster (nothing is submitted)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    """The sbatch script submitit would submit for this cluster (nothing is submitted).
 
+    submitit's Slurm executor refuses to be built where ``srun`` is missing, and has no public way
+    to render its script, so this calls the function it renders with (private) directly, with the
+    arguments ``AutoExecutor.update_parameters`` maps ``slurm_parameters`` to; a test compares the
+    result with the executor's own script."""
+    make_sbatch_string = _submitit_private("submitit.slurm.slurm", "_make_sbatch_string")
     p = slurm_parameters(cluster)
-    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
-    return _make_sbatch_string(
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return make_sbatch_string(
         command=command,
         folder=str(folder),
         job_name=p["name"],
@@ -117,16 +166,18 @@ def sbatch_preview(cluster: ClusterConfig, folder: Path) -> str:
         qos=p.get("slurm_qos"),
         account=p.get("slurm_account"),
         constraint=p.get("slurm_constraint"),
-        mem=(f"{p['mem_gb']}GB" if p["mem_gb"] else "0") if "mem_gb" in p else None,
+        mem=f"{p['mem_gb']}GB" if "mem_gb" in p else None,  # as submitit converts mem_gb
         setup=p["slurm_setup"],
         additional_parameters=p["slurm_additional_parameters"] or None,
     )
 
 
-def follow(job: submitit.Job, poll_s: float = 1.0) -> None:
-    """Echo the rank-0 task's output (stdout, and stderr where the progress bar goes) while the job runs."""
+def follow(job: submitit.Job, poll_s: float = 1.0, timeout_s: float | None = None) -> None:
+    """Echo the rank-0 task's output (stdout, and stderr where the progress bar goes) while the job
+    runs; TimeoutError if it still runs after ``timeout_s``."""
     streams = [(Path(job.paths.stdout), sys.stdout), (Path(job.paths.stderr), sys.stderr)]
     offsets = [0, 0]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     def pump() -> None:
         for i, (path, sink) in enumerate(streams):
@@ -140,12 +191,79 @@ def follow(job: submitit.Job, poll_s: float = 1.0) -> None:
 
     while not job.done():
         pump()
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job.job_id} still running after {timeout_s} s")
         time.sleep(poll_s)
     pump()
 
 
-def submit(cluster: ClusterConfig, train_args: list[str], run_dir: Path, wait: bool = True) -> submitit.Job:
-    """Submit the job; for the local executor, stream rank 0's output and wait for every task."""
+def _live_parents() -> dict[int, int]:
+    """pid -> parent pid of every live process, from /proc (empty where there is no /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_bytes().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if fields[0] not in (b"Z", b"X"):  # zombies are dead, only not yet reaped
+            parents[int(entry.parent.name)] = int(fields[1])
+    return parents
+
+
+def _proc_tree(root: int, parents: dict[int, int]) -> set[int]:
+    """``root`` and its descendants among ``parents``."""
+    tree = {root} & parents.keys()
+    while found := {pid for pid, ppid in parents.items() if ppid in tree} - tree:
+        tree |= found
+    return tree
+
+
+def stop_local(job: submitit.Job, grace_s: float = 10.0) -> None:
+    """Cancel a local job and make sure its controller, its tasks and what they started are gone.
+
+    ``LocalJob.cancel`` only sends SIGINT to the controller process, which interrupts and then
+    kills its tasks but not their children; a controller that dies first orphans the tasks. So the
+    process tree is listed while the controller lives (orphans are re-parented, lost to ancestry),
+    and what outlives it (or ``grace_s``) gets SIGTERM, then SIGKILL."""
+    root = int(job.job_id)
+    tree = _proc_tree(root, _live_parents())
+    job.cancel()
+    deadline = time.monotonic() + grace_s
+    while not job.done() and time.monotonic() < deadline:  # done() polls: reaps the controller
+        tree |= _proc_tree(root, _live_parents())  # tasks started since the first look
+        time.sleep(0.1)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + 5
+        while (alive := tree & _live_parents().keys()) and time.monotonic() < deadline:
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(0.1)
+    job.done()
+
+
+def wait_for(job: submitit.Job, local: bool, timeout_s: float | None = None) -> list[Any]:
+    """Follow the job to its end and return every task's result (raises if one failed).
+
+    A ``local`` job is stopped, every task and its children, when waiting ends early: Ctrl-C, an
+    error, or ``timeout_s`` passed (TimeoutError). A Slurm job is left to Slurm (``scancel``)."""
+    try:
+        follow(job, timeout_s=timeout_s)
+    except BaseException:
+        if local:
+            stop_local(job)
+        raise
+    return job.results()  # job.result() asserts on multi-task jobs
+
+
+def submit(
+    cluster: ClusterConfig,
+    train_args: list[str],
+    run_dir: Path,
+    wait: bool = True,
+    timeout_s: float | None = None,
+) -> submitit.Job:
+    """Submit the job; with ``wait``, stream rank 0's output and wait for every task (``wait_for``)."""
     folder = run_dir / "submitit"
     folder.mkdir(parents=True, exist_ok=True)
     threads = (
@@ -160,6 +278,5 @@ def submit(cluster: ClusterConfig, train_args: list[str], run_dir: Path, wait: b
         flush=True,
     )
     if wait:
-        follow(job)
-        job.results()  # raises if any task failed (job.result() asserts on multi-task jobs)
+        wait_for(job, local=cluster.executor == "local", timeout_s=timeout_s)
     return job

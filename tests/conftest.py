@@ -165,3 +165,36 @@ def export_random_model(
 def tiny_export(tmp_path_factory, tiny_dataset, world1) -> Path:
     """A random-weight tiny MemDLM export (seq_len 512) with the tiny dataset's tokenizer."""
     return export_random_model(tmp_path_factory.mktemp("export") / "export", tiny_dataset / "tokenizer.model")
+
+
+# Process hygiene (tests/_proc.py). Every process this session starts inherits this tag, so the
+# end-of-session guard finds the ones left behind even after they leave the process tree (a new
+# session, a dead parent).
+_SESSION = os.environ["MEMDLM_TEST_SESSION"] = f"{os.getpid()}-{os.urandom(4).hex()}"
+_first_seen: dict[int, str] = {}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    """Remember which test a leftover process outlived, for the session report (/proc is small)."""
+    from tests._proc import leftovers
+
+    for proc in leftovers(_SESSION, os.getpid(), wait_s=0):
+        _first_seen.setdefault(proc.pid, item.nodeid)
+
+
+def pytest_sessionfinish(session):
+    """Fail the session, naming them, if processes it started are still alive; then end them."""
+    from tests._proc import end, leftovers
+
+    left = leftovers(_SESSION, os.getpid())
+    if not left:
+        return
+    report = session.config.pluginmanager.get_plugin("terminalreporter")
+    if report is not None:
+        report.ensure_newline()
+        report.write_sep("=", f"{len(left)} process(es) left behind by the tests (now killed)", red=True)
+        for proc in left:
+            report.write_line(f"{proc}  [alive after {_first_seen.get(proc.pid, 'the session')}]")
+    end(left)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

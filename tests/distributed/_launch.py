@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import _proc
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def torchrun(script: Path, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``script`` under torchrun; on timeout (``TimeoutExpired`` with the output so far), error
+    or Ctrl-C, torchrun and its workers (each in a session of its own) are killed, not orphaned."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     cmd = [
         sys.executable,
@@ -23,4 +26,4 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: int = 600) -> subpro
         str(script),
         *args,
     ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return _proc.run(cmd, env=env, timeout=timeout, cwd=ROOT)

@@ -20,6 +20,7 @@ def test_local_executor_runs_two_tasks_to_a_finished_checkpoint(tiny_dataset, tm
         cluster,
         tiny_job_args(tiny_dataset, tmp_path, "steps=3", "eval.every=0", "checkpoint.every=0"),
         run_dir,
+        timeout_s=600,  # a hung job fails the test and is stopped, tasks and all (launch.submit.stop_local)
     )
     assert job.results() == [0, 0]
     state = json.loads((run_dir / "checkpoints" / "step-000003" / "train_state.json").read_text())

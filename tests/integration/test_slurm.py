@@ -18,7 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from launch.clusters import ClusterConfig
-from launch.submit import submit
+from launch.submit import preempt_signal, submit
+from tests import _proc
 from tests.conftest import tiny_job_args
 
 
@@ -40,7 +41,17 @@ def slurm():
         pytest.skip(reason)
 
 
-def _job(tiny_dataset, tmp_path: Path, steps: int, every: int):
+@pytest.fixture
+def jobs():
+    """The Slurm jobs a test submits; whatever it leaves queued or running (a failed assertion, a
+    timeout) is cancelled when it ends, so no job outlives its test."""
+    submitted: list = []
+    yield submitted
+    for job in submitted:
+        job.cancel(check=False)  # scancel: a no-op for a finished job
+
+
+def _job(jobs: list, tiny_dataset, tmp_path: Path, steps: int, every: int):
     args = tiny_job_args(
         tiny_dataset,
         tmp_path,
@@ -54,14 +65,14 @@ def _job(tiny_dataset, tmp_path: Path, steps: int, every: int):
         executor="slurm", partition="debug", tasks_per_node=2, cpus_per_task=1, time_min=10
     )
     run_dir = tmp_path / "run"
-    return submit(cluster, args, run_dir, wait=False), run_dir
+    jobs.append(submit(cluster, args, run_dir, wait=False))
+    return jobs[-1], run_dir
 
 
 def _wait(job, seconds: float = 300) -> list:
     deadline = time.time() + seconds
     while not job.done():
         if time.time() > deadline:
-            subprocess.run(["scancel", job.job_id], check=False)
             pytest.fail(f"Slurm job {job.job_id} did not finish in {seconds} s")
         time.sleep(1)
     return job.results()
@@ -69,12 +80,13 @@ def _wait(job, seconds: float = 300) -> list:
 
 def test_make_pretrain_on_the_ci_slurm_cluster_runs_to_the_end(slurm, tmp_path):
     run_dir, mlruns = tmp_path / "run", tmp_path / "mlruns"
-    proc = subprocess.run(
-        ["make", "pretrain", "CLUSTER=ci-slurm", "WAIT=1", f"ARGS=run_dir={run_dir} tracking.root={mlruns}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    cmd = ["make", "pretrain", "CLUSTER=ci-slurm", "WAIT=1", f"ARGS=run_dir={run_dir} tracking.root={mlruns}"]
+    try:
+        proc = _proc.run(cmd, timeout=600)
+    except subprocess.TimeoutExpired as exc:  # make was ended, but its job lives on in Slurm
+        for job_id in re.findall(r"submitted job (\d+)", exc.stdout or ""):
+            subprocess.run(["scancel", job_id], check=False, timeout=30)
+        raise
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"run directory: {run_dir}" in proc.stdout
     state = json.loads((run_dir / "checkpoints" / "step-000004" / "train_state.json").read_text())
@@ -86,8 +98,10 @@ def test_make_pretrain_on_the_ci_slurm_cluster_runs_to_the_end(slurm, tmp_path):
     assert (run_dir / "export" / "model.safetensors").is_file()
 
 
-def test_two_task_job_runs_through_sbatch_and_leaves_checkpoints_and_metrics(slurm, tiny_dataset, tmp_path):
-    job, run_dir = _job(tiny_dataset, tmp_path, steps=6, every=3)
+def test_two_task_job_runs_through_sbatch_and_leaves_checkpoints_and_metrics(
+    slurm, jobs, tiny_dataset, tmp_path
+):
+    job, run_dir = _job(jobs, tiny_dataset, tmp_path, steps=6, every=3)
     assert _wait(job) == [0, 0]
     state = json.loads((run_dir / "checkpoints" / "step-000006" / "train_state.json").read_text())
     assert state["layout"]["world"] == 2
@@ -96,15 +110,16 @@ def test_two_task_job_runs_through_sbatch_and_leaves_checkpoints_and_metrics(slu
     assert [m.step for m in history] == [5, 6]
 
 
-def test_a_timed_out_job_saves_on_the_signal_is_requeued_and_finishes(slurm, tiny_dataset, tmp_path):
+def test_a_timed_out_job_saves_on_the_signal_is_requeued_and_finishes(slurm, jobs, tiny_dataset, tmp_path):
     # No periodic checkpoints: whatever the requeued job resumes from was saved on the signal.
-    job, run_dir = _job(tiny_dataset, tmp_path, steps=300, every=0)
+    job, run_dir = _job(jobs, tiny_dataset, tmp_path, steps=300, every=0)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.is_file() and metrics.read_text().strip()):
         assert time.time() < deadline and not job.done(), "training did not start before the job ended"
         time.sleep(0.5)
-    job._interrupt(timeout=True)  # what Slurm sends before the time limit
+    # What Slurm sends every task before the time limit (submitit's own Job._interrupt is private).
+    subprocess.run(["scancel", "--signal", preempt_signal().name.removeprefix("SIG"), job.job_id], check=True)
     assert _wait(job, 400) == [0, 0]
     out = Path(job.paths.stdout).read_text()
     saved = re.search(r"stop requested: checkpoint saved at step (\d+)", out)

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.tracking import Tracker, TrackingConfig
 from pipeline.train import Trainer
 from pipeline.train_config import load_train_config
+from tests import _proc
 from tests.conftest import tiny_run_overrides
 
 
@@ -71,7 +72,9 @@ def _free_port() -> int:
 
 def test_runs_logged_through_an_mlflow_server_come_back_from_its_rest_api(tmp_path):
     port = _free_port()
-    server = subprocess.Popen(
+    url = f"http://127.0.0.1:{port}"
+    # started() ends the server and every worker it spawned (terminate() alone left huey consumers)
+    with _proc.started(
         [
             sys.executable,
             "-m",
@@ -90,9 +93,7 @@ def test_runs_logged_through_an_mlflow_server_come_back_from_its_rest_api(tmp_pa
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
+    ) as server:
         deadline = time.time() + 120
         while True:
             try:
@@ -116,6 +117,3 @@ def test_runs_logged_through_an_mlflow_server_come_back_from_its_rest_api(tmp_pa
         assert {p["key"]: p["value"] for p in run["data"]["params"]} == {"optim.lr": "0.001"}
         assert {m["key"]: m["value"] for m in run["data"]["metrics"]} == {"loss": 2.0}  # the latest value
         assert Path(tmp_path / "runs").is_dir()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

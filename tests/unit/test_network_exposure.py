@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from pipeline.tracking import redact_config, redact_uri
+from tests import _proc
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,9 +50,7 @@ def test_single_node_rendezvous_and_gloo_listen_on_loopback_only():
         "PYTHONWARNINGS": "ignore",
     }
     env.pop("GLOO_SOCKET_IFNAME", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
+    proc = _proc.run([sys.executable, "-c", PROBE], env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     listening = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [int(env["MASTER_PORT"])] == [p for ip, p in listening if p == int(env["MASTER_PORT"])]
