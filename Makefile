@@ -32,7 +32,7 @@ help: ## list the targets
 venv: $(STAMP) ## create .venv and install the pinned dependencies (idempotent)
 
 $(STAMP): requirements.txt pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "memdlm-train needs Python 3.11 (set PYTHON=python3.11)")'
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)) and "memdlm-train needs Python 3.11 or 3.12 (set PYTHON=python3.11 or PYTHON=python3.12)")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing pinned dependencies into $(VENV) (first run: ~2 min)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
@@ -72,27 +72,31 @@ sample: venv ## generate: make sample CHECKPOINT=runs/local/export PROMPT="..." 
 	$(PY) -m pipeline.sample --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" $(ARGS)
 
 eval: venv ## tasks (memory off/on) + exposure bias: make eval CHECKPOINT="runs/local/export [more exports]" -> runs/eval/latest
-	$(PY) -m pipeline.eval.run $(foreach c,$(CHECKPOINT),--checkpoint $(c)) --config $(EVAL_CONFIG) $(ARGS)
+	$(PY) -m launch.evaluate $(foreach c,$(CHECKPOINT),--checkpoint $(c)) --config $(EVAL_CONFIG) $(ARGS)
 
-compare: venv ## MDLM vs MemDLM, same seed/data/budget -> runs/compare/latest/{compare.json,loss_curves.png} [STEPS=100]
+compare: venv ## MDLM vs MemDLM, same seed/data/budget -> runs/compare/latest/{compare.md,loss_curves.png} + dashboard URL [STEPS=100]
 	$(PY) -m launch.compare --steps $(STEPS) $(ARGS)
 
-mlflow-ui: venv ## the MLflow dashboard of runs/mlflow.db on http://127.0.0.1:5000 (local only)
+mlflow-ui: venv ## the MLflow dashboard of runs/mlflow.db on http://127.0.0.1:5000 (local only); prints the newest comparison's URL
+	@$(PY) -m launch.compare --url --root runs --port $(PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 bench: bench-data bench-step bench-scale bench-sample ## all benchmarks (results in bench/results/)
 
 bench-data: venv ## tokeniser + loader throughput vs training consumption -> bench/results/data.json
-	$(PY) -m bench.data
+	$(PY) -m bench.data $(ARGS)
 
 bench-scale: venv ## per-rank memory + step time at world 1/2 (DP, TP), memory model -> bench/results/scale.json
-	$(PY) -m bench.scale
+	$(PY) -m bench.scale $(ARGS)
 
 bench-sample: venv ## sampler tokens/s, memory off vs adapted to each prompt (small preset) -> bench/results/sample.json
 	$(PY) -m bench.sample $(ARGS)
 
 bench-step: venv ## MemDLM vs MDLM step time, FLOP ratio, MFU (small preset) -> bench/results/step.json
-	$(PY) -m bench.step
+	$(PY) -m bench.step $(ARGS)
+
+bench-gpu-check: ## on a bare GPU machine: install carried wheels, pretrain/resume/sample/eval/bench -> bench/results/gpu_check.json
+	bash bench/gpu_check.sh $(ARGS)
 
 clean: ## remove prepared data, runs and caches (keeps .venv and the sample-corpus download)
 	rm -rf data runs .pytest_cache .ruff_cache

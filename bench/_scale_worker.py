@@ -27,6 +27,7 @@ def device_mib() -> float:
 def main(tp: int, steps: int, out: str, preset: str = "small", global_batch: int = GLOBAL_BATCH) -> None:
     init_distributed(tp=tp)
     from pipeline.engine.deepspeed import build_engine
+    from pipeline.hardware.precision import resolve_precision
     from pipeline.memory.inner_loop import memdlm_loss
     from pipeline.model.transformer import DLMTransformer
     from pipeline.objectives.mdlm import draw_noise, maskable_positions
@@ -42,9 +43,10 @@ def main(tp: int, steps: int, out: str, preset: str = "small", global_batch: int
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
+    precision = resolve_precision(cfg.parallel.precision or "auto", device)  # as the trainer resolves it
     baseline = rss_mib()  # interpreter, torch, DeepSpeed, megatron: not part of the memory model
     torch.manual_seed(0)
-    engine, _, _ = build_engine(cfg, lambda: DLMTransformer(cfg.model))
+    engine, _, _ = build_engine(cfg, lambda: DLMTransformer(cfg.model), precision)
     g = torch.Generator(device).manual_seed(dp_rank())
     tokens = torch.randint(6, cfg.model.vocab_size, (per_rank, cfg.model.seq_len), generator=g, device=device)
     times = []
@@ -52,7 +54,7 @@ def main(tp: int, steps: int, out: str, preset: str = "small", global_batch: int
         noise = draw_noise(tokens, maskable_positions(tokens, 0), cfg.objective, 4, g)
         dist.barrier()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
             loss = memdlm_loss(
                 engine.module, engine, tokens, noise, cfg.objective, cfg.memory, 4, g, dp_group()
             ).loss
@@ -67,6 +69,8 @@ def main(tp: int, steps: int, out: str, preset: str = "small", global_batch: int
         "peak_rss_mib": rss_mib(),
         "peak_device_mib": device_mib(),  # torch.cuda.max_memory_allocated on GPUs
         "step_s": statistics.median(times),
+        "precision": precision.dtype,
+        "precision_reason": precision.reason,
     }
     recs = [None] * dist.get_world_size()
     dist.all_gather_object(recs, rec)

@@ -7,7 +7,7 @@ Prepares the sample dataset if needed (configs/data/sample.yaml), then measures
 * ``loader_tokens_per_s_{1worker,2workers}``: one epoch of the train split through
   TokenBatchLoader (batch 8 x 256), worker start-up included;
 * ``train_tokens_per_s_default``: the default CPU run (configs/train/local.yaml: small preset,
-  MemDLM, batch 8, DeepSpeed ZeRO-3, bf16) stepping through the real Trainer, which the loader
+  MemDLM, batch 8, DeepSpeed ZeRO-3, in the precision the trainer resolves: ``precision``) stepping through the real Trainer, which the loader
   must outpace by >= 20x (``train_tokens_per_s_mdlm``: the same with the memory off).
 Writes bench/results/data.json.
 """
@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine, write
-from data_prep.config import PrepConfig
 from data_prep.corpus import CorpusStats, iter_documents
 from data_prep.sample_corpus import sample_documents
 from data_prep.shard import encode_documents, prepare_dataset
 from pipeline.config import load_config
 from pipeline.data.stream import DataConfig, TokenBatchLoader
-from pipeline.data.tokenizer import load_tokenizer
+from pipeline.dataset.prep_config import PrepConfig
+from pipeline.dataset.tokenizer import load_tokenizer
 
 
 def tokenize_throughput(prep: PrepConfig) -> dict:
@@ -54,7 +54,8 @@ def loader_throughput(path: str, workers: int, batch: int = 8) -> float:
 
 
 def train_throughput(steps: int = 6) -> dict:
-    """Tokens/s of the default run (configs/train/local.yaml: MemDLM, ZeRO-3, bf16) and of its MDLM twin."""
+    """Tokens/s of the default run (configs/train/local.yaml: MemDLM, ZeRO-3, the trainer's own
+    precision choice) and of its MDLM twin."""
     import tempfile
 
     from pipeline.train import Trainer
@@ -77,7 +78,12 @@ def train_throughput(steps: int = 6) -> dict:
             trainer = Trainer(cfg)
             records = [trainer.train_step() for _ in range(steps)]
             out[method] = statistics.median(r["tokens_per_s"] for r in records[2:])
-    return {"train_tokens_per_s_default": out["memdlm"], "train_tokens_per_s_mdlm": out["mdlm"]}
+            precision = {"precision": trainer.precision.dtype, "precision_reason": trainer.precision.reason}
+    return {
+        "train_tokens_per_s_default": out["memdlm"],
+        "train_tokens_per_s_mdlm": out["mdlm"],
+        **precision,
+    }
 
 
 def main() -> None:

@@ -3,8 +3,9 @@ memory model's predictions for the 1B and 7B presets on 8-256 GPUs.
 
     python -m bench.scale [--steps 4]
 
-Each configuration runs MemDLM (ZeRO-3, bf16, global batch 8 x 256) in its own torchrun launch
-(gloo, OMP_NUM_THREADS = cores / world). The memory model (pipeline/engine/memory_model.py) is
+Each configuration runs MemDLM (ZeRO-3, global batch 8 x 256, in the precision training resolves
+for the device: bf16 where native, fp32 on an AVX2-only CPU) in its own torchrun launch
+(gloo, OMP_NUM_THREADS = cores / world). The memory model (pipeline/perf/memory_model.py) is
 checked against what is measured: measured peak RSS minus the process's RSS before the model
 existed (interpreter + libraries) vs the predicted training-state + activation bytes.
 Writes bench/results/scale.json.
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import machine, write
-from pipeline.engine.memory_model import estimate_memory
+from pipeline.perf.memory_model import estimate_memory
 from pipeline.train_config import load_train_config
 
 LAYOUTS = [(1, 1, 1), (2, 1, 2), (2, 2, 1)]  # (world, tp, dp)
@@ -81,6 +82,8 @@ def main() -> None:
                 "predicted_mib_per_rank": pred.total / 2**20,
                 "predicted_over_measured": pred.total / 2**20 / above_baseline,
                 "step_s": max(r["step_s"] for r in recs),
+                "precision": recs[0]["precision"],
+                "precision_reason": recs[0]["precision_reason"],
                 "per_rank": recs,
             }
         )

@@ -1,11 +1,17 @@
 """MemDLM vs MDLM step time on the small config, same batch, one process, alternating.
 
-    python -m bench.step [--preset small] [--batch 8] [--steps 8]
+    python -m bench.step [--preset small] [--batch 8] [--steps 16] [--precision auto|bf16|fp32]
 
-Each step is forward + backward + AdamW under bf16 autocast, with bf16 weights in the model and
-fp32 master weights in the optimizer (DeepSpeed's bf16 mode, which the trainer uses). Also measures the machine's bf16
-matmul peak and reports MDLM's MFU against it, and the FLOP ratio from ``estimate_flops``
-(the lower bound the measured time ratio is compared to). Writes bench/results/step.json.
+The precision is picked the way training picks it (``parallel.precision`` of the default training
+config, ``auto`` unless ``--precision`` says otherwise, resolved by
+``pipeline.hardware.precision.resolve_precision``): bf16 where the device multiplies it natively
+(GPUs, AMX CPUs), fp32 on an AVX2-only CPU. Each step is forward + backward + AdamW; in bf16 under
+autocast with bf16 weights in the model and fp32 masters in the optimizer (DeepSpeed's bf16 mode),
+in fp32 with fp32 weights throughout. MFU is against ``pipeline.hardware.peak.peak_flops`` in that
+dtype (``--peak-tflops``, else the table of known GPUs' dense bf16 peaks, else a cached matmul
+measurement time-boxed to ``--peak-budget`` s), as the trainer computes it. Also the FLOP ratio from
+``estimate_flops`` (the lower bound the measured time ratio is compared to).
+Writes bench/results/<--out>.json (default step.json).
 """
 
 from __future__ import annotations
@@ -17,14 +23,15 @@ import time
 
 import torch
 
-from bench.common import machine, write
+from bench.common import machine, precision_record, sync, training_precision, write
 from pipeline.config import load_config
+from pipeline.hardware.precision import Precision
 from pipeline.memory.inner_loop import MemoryConfig, memdlm_loss, pre_anchor_masks
 from pipeline.model.config import ModelConfig
-from pipeline.model.flops import bf16_matmul_peak, estimate_flops, estimate_mfu, sync
 from pipeline.model.parallel import init_distributed
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
+from pipeline.perf.flops import estimate_flops, estimate_mfu
 
 MASK_ID = 4
 
@@ -33,14 +40,25 @@ class StepBench:
     """One model + optimizer; ``step(method)`` runs a full training step on a fresh noise draw."""
 
     def __init__(
-        self, preset: str, batch: int, device: str, seed: int = 0, memory: MemoryConfig | None = None
+        self,
+        preset: str,
+        batch: int,
+        device: str,
+        seed: int = 0,
+        memory: MemoryConfig | None = None,
+        precision: Precision | None = None,
     ):
         self.cfg = load_config(ModelConfig, f"configs/model/{preset}.yaml")
+        self.precision = precision or training_precision(None, device)
         torch.manual_seed(seed)
-        # As in DeepSpeed's bf16 mode: bf16 weights in the model, fp32 masters in the optimizer.
-        self.model = DLMTransformer(self.cfg).to(device=device, dtype=torch.bfloat16)
+        # As DeepSpeed does: in bf16, bf16 weights in the model and fp32 masters in the optimizer;
+        # in fp32, the optimizer steps the model's own fp32 weights.
+        self.model = DLMTransformer(self.cfg).to(device=device, dtype=self.precision.torch_dtype)
         self.params = [p for p in self.model.parameters()]
-        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        if self.precision.bf16:
+            self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        else:
+            self.master = self.params
         self.opt = torch.optim.AdamW(self.master, lr=1e-4)
         self.device = device
         g = torch.Generator(device).manual_seed(seed)
@@ -58,9 +76,11 @@ class StepBench:
         self.step_no += 1
         noise = draw_noise(self.tokens, maskable_positions(self.tokens, 0), self.obj, MASK_ID, g)
         n_tok = self.tokens.numel()
-        sync()
+        sync(self.device)
         t0 = time.perf_counter()
-        with torch.autocast(self.device, dtype=torch.bfloat16):
+        with torch.autocast(
+            torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.precision.bf16
+        ):
             if method == "mdlm":
                 loss = mdlm_loss(self.model, self.tokens, noise, self.obj)
             else:
@@ -71,15 +91,17 @@ class StepBench:
                     self.model, self.model, self.tokens, noise, self.obj, self.mem, MASK_ID, g, pre_masks=pre
                 ).loss
         loss.backward()
-        for p, m in zip(self.params, self.master, strict=True):
-            m.grad = p.grad.float()
-            p.grad = None
+        if self.precision.bf16:
+            for p, m in zip(self.params, self.master, strict=True):
+                m.grad = p.grad.float()
+                p.grad = None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, m in zip(self.params, self.master, strict=True):
-                p.copy_(m)
-        sync()
+        if self.precision.bf16:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.master, strict=True):
+                    p.copy_(m)
+        sync(self.device)
         seconds = time.perf_counter() - t0
         masked = float(noise.mask.sum())
         flops = self.est.mdlm_step(n_tok, masked)
@@ -88,8 +110,17 @@ class StepBench:
         return seconds, flops
 
 
-def run(preset: str, batch: int, steps: int, device: str) -> dict:
-    bench = StepBench(preset, batch, device)
+def run(
+    preset: str,
+    batch: int,
+    steps: int,
+    device: str,
+    precision: str | None = None,
+    peak_tflops: float = 0.0,
+    peak_budget_s: float = 6.0,
+) -> dict:
+    resolved = training_precision(precision, device)
+    bench = StepBench(preset, batch, device, precision=resolved)
     for method in ("mdlm", "memdlm"):  # warm-up (allocator, autocast caches)
         bench.step(method)
         bench.step(method)
@@ -102,7 +133,7 @@ def run(preset: str, batch: int, steps: int, device: str) -> dict:
             flops[method].append(f)
     med = {m: statistics.median(v) for m, v in times.items()}
     tokens = batch * bench.cfg.seq_len
-    peak = bf16_matmul_peak(device)
+    peak, peak_fields = precision_record(resolved, device, peak_tflops, peak_budget_s)
     mdlm_flops_per_s = statistics.mean(flops["mdlm"]) / med["mdlm"]
     result = {
         "preset": preset,
@@ -121,7 +152,7 @@ def run(preset: str, batch: int, steps: int, device: str) -> dict:
             m / d for m, d in zip(times["memdlm"], times["mdlm"], strict=True)
         ),
         "memdlm_over_mdlm_flops_ratio": statistics.mean(flops["memdlm"]) / statistics.mean(flops["mdlm"]),
-        "bf16_matmul_peak_flops": peak,
+        **peak_fields,
         "mdlm_model_flops_per_s": mdlm_flops_per_s,
         "mdlm_mfu": estimate_mfu(mdlm_flops_per_s, peak),
         "memdlm_mfu": estimate_mfu(statistics.mean(flops["memdlm"]) / med["memdlm"], peak),
@@ -139,17 +170,35 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default=None,
+        help="default: the training config's parallel.precision (auto: bf16 where native, else fp32)",
+    )
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="MFU denominator; 0 = table/measure")
+    p.add_argument("--peak-budget", type=float, default=6.0, help="seconds for a peak measurement")
     p.add_argument("--out", default="step")
     args = p.parse_args()
     os.environ.setdefault("MASTER_PORT", "29731")
     init_distributed(tp=1)
-    result = run(args.preset, args.batch, args.steps, args.device)
+    result = run(
+        args.preset,
+        args.batch,
+        args.steps,
+        args.device,
+        args.precision,
+        args.peak_tflops,
+        args.peak_budget,
+    )
+    print(f"precision: {result['precision']} ({result['precision_reason']})")
+    print(f"MFU peak: {result['peak_flops'] / 1e12:.3g} TFLOP/s ({result['peak_flops_source']})")
     for k in (
         "mdlm_tokens_per_s",
         "memdlm_tokens_per_s",
         "memdlm_over_mdlm_step_ratio",
         "memdlm_over_mdlm_flops_ratio",
-        "bf16_matmul_peak_flops",
+        "peak_flops",
         "mdlm_mfu",
     ):
         print(f"{k:32s} {result[k]:.4g}")

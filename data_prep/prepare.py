@@ -3,7 +3,7 @@
     python -m data_prep.prepare --config configs/data/sample.yaml
     python -m data_prep.prepare --corpus 'books/*.txt,notes.jsonl' --out data/books tokenizer.vocab_size=16000
 
-Dotted ``key=value`` overrides follow the config file (see data_prep/config.py for the keys).
+Dotted ``key=value`` overrides follow the config file (see pipeline/dataset/prep_config.py for the keys).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 
-from data_prep.config import PrepConfig
 from data_prep.corpus import CorpusError
 from data_prep.sample_corpus import SampleCorpusError
 from data_prep.sft import SFTDataError
@@ -20,9 +19,10 @@ from data_prep.shard import DatasetPrepError, prepare_dataset
 from data_prep.task_data import TaskDataConfig, prepare_task_data
 from data_prep.tasks import TaskFileError
 from data_prep.tokenizer import TokenizerTrainingError
-from pipeline.config import ConfigError, load_config, read_yaml
-from pipeline.data.manifest import DatasetError, Manifest
-from pipeline.data.tokenizer import TokenizerError
+from pipeline.dataset import ConfigError, load_config, read_yaml
+from pipeline.dataset.manifest import DatasetError, Manifest
+from pipeline.dataset.prep_config import PrepConfig
+from pipeline.dataset.tokenizer import TokenizerError
 
 USER_ERRORS = (
     ConfigError,

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from pipeline.data.manifest import FORMAT_VERSION, Manifest, ShardInfo, SplitInfo, write_manifest
-from pipeline.data.tokenizer import Tokenizer, load_tokenizer, sha256_file
+from pipeline.dataset.manifest import FORMAT_VERSION, Manifest, ShardInfo, SplitInfo, write_manifest
+from pipeline.dataset.tokenizer import Tokenizer, load_tokenizer, sha256_file
 
 
 class SFTDataError(ValueError):

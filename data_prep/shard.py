@@ -35,11 +35,10 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data_prep.config import SAMPLE_CORPUS, PrepConfig
 from data_prep.corpus import CorpusStats, Document, iter_documents, resolve_inputs
 from data_prep.tokenizer import sample_lines, train_tokenizer
-from pipeline.config import to_dict
-from pipeline.data.manifest import (
+from pipeline.dataset import to_dict
+from pipeline.dataset.manifest import (
     FORMAT_VERSION,
     DatasetError,
     Manifest,
@@ -48,7 +47,8 @@ from pipeline.data.manifest import (
     load_manifest,
     write_manifest,
 )
-from pipeline.data.tokenizer import Tokenizer, load_tokenizer, sha256_file
+from pipeline.dataset.prep_config import SAMPLE_CORPUS, PrepConfig
+from pipeline.dataset.tokenizer import Tokenizer, load_tokenizer, sha256_file
 
 # Long strings make BPE encoding super-linear: encode documents in chunks cut at newlines.
 _ENCODE_CHUNK_CHARS = 8192

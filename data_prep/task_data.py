@@ -20,8 +20,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data.manifest import DatasetError, Manifest, load_manifest
+from pipeline.dataset import ConfigError, load_config
+from pipeline.dataset.manifest import DatasetError, Manifest, load_manifest
 
 
 @dataclass
@@ -64,7 +64,7 @@ def prepare_task_data(cfg: TaskDataConfig) -> Manifest:
     """Write (or confirm) the SFT dataset of ``cfg``; returns its manifest."""
     from data_prep.sft import write_sft_dataset
     from data_prep.tasks import generate, load_filler, resolve_filler_path
-    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.dataset.tokenizer import load_tokenizer
 
     if not Path(cfg.tokenizer).is_file():
         raise DatasetError(

@@ -1,6 +1,6 @@
 """Train a sentencepiece model with the special tokens a diffusion LM needs.
 
-Layout of the special ids (checked again by :func:`pipeline.data.tokenizer.load_tokenizer`):
+Layout of the special ids (checked again by :func:`pipeline.dataset.tokenizer.load_tokenizer`):
 ``0 [PAD]``, ``1 <unk>``, ``2 BOS``, ``3 EOS``, ``4 [MASK]``, ``5 "\\n"``. Normalisation is the
 identity, whitespace is kept, and unknown characters fall back to bytes, so
 ``decode(encode(text)) == text`` exactly: what the shards hold is exactly the corpus text.
@@ -20,8 +20,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tqdm import tqdm
 
-from data_prep.config import TokenizerConfig
-from pipeline.data.tokenizer import MASK_PIECE, NEWLINE_PIECE, Tokenizer, load_tokenizer
+from pipeline.dataset.prep_config import TokenizerConfig
+from pipeline.dataset.tokenizer import MASK_PIECE, NEWLINE_PIECE, Tokenizer, load_tokenizer
 
 # sentencepiece's own default: the trainer silently drops longer sentences, and a corpus whose
 # lines are all longer (one-line documents) ends in its "!sentences_.empty()" internal error.

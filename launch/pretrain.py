@@ -4,7 +4,8 @@
 
 Resolves ``configs/cluster/<name>.yaml``, prepares the dataset it names (idempotent: a ready
 dataset is only checked), checks the training config against the dataset and the world size,
-then submits through submitit (local tasks on this machine, or Slurm). ``--dry-run`` prints the
+writes the resolved config (every default) to ``<run_dir>/config.json`` and submits through
+submitit (local tasks on this machine, or Slurm) a job that loads exactly that file. ``--dry-run`` prints the
 resolved configs and the sbatch script instead. The run directory (resolved config, metrics,
 checkpoints, export, submitit logs) is printed at start and end.
 """
@@ -18,15 +19,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from data_prep.prepare import USER_ERRORS, load_dataset_config, prepare_any
-from launch.clusters import load_cluster
+from launch.clusters import ClusterConfig, load_cluster
 from launch.submit import sbatch_preview, submit
+from pipeline.build import export_tracking_credentials
 from pipeline.config import ConfigError
-from pipeline.data.manifest import verify_manifest
 from pipeline.data.stream import TokenBatchLoader
-from pipeline.train_config import load_train_config
+from pipeline.dataset.manifest import verify_manifest
+from pipeline.train_config import TrainConfig, load_train_config, write_resolved_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -49,54 +51,79 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "overrides", nargs="*", help="training key=value overrides, e.g. steps=50 memory.enabled=false"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _dry_run(cluster: ClusterConfig, cfg: TrainConfig, run_dir: Path) -> None:
+    print("# cluster:", json.dumps(asdict(cluster), indent=2))
+    print("# training config (resolved):", json.dumps(asdict(cfg), indent=2))
+    if cluster.executor == "slurm":
+        print("# the sbatch script submitit would submit:")
+        print(sbatch_preview(cluster, run_dir / "submitit"))
+    print(f"# dry run: nothing prepared or submitted; the run directory would be {run_dir}")
+
+
+def _prepare_data(cluster: ClusterConfig, cfg: TrainConfig, train_path: str, data_config: str) -> None:
+    """Build (or check) the dataset the config reads, and check it fits the config and world size."""
+    if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():
+        raise ConfigError(
+            f"{train_path}: init_from={cfg.init_from} is not an export directory (no model.safetensors); "
+            "train the base model first (`make pretrain CLUSTER=local` writes runs/local/export)"
+        )
+    prep = load_dataset_config(data_config)
+    if Path(prep.out_dir).resolve() != Path(cfg.data.path).resolve():
+        raise ConfigError(
+            f"{train_path}: data.path={cfg.data.path} but {data_config} prepares {prep.out_dir}; make them agree"
+        )
+    manifest = prepare_any(prep)
+    verify_manifest(
+        manifest,
+        prep.out_dir,
+        vocab_size=cfg.model.vocab_size,
+        seq_len=cfg.model.seq_len,
+        on_corrupt_shard=cfg.data.on_corrupt_shard,
+    )
+    # Fails now, not an hour into the job, if the shards cannot be split evenly over the ranks.
+    TokenBatchLoader(cfg.data, rank=0, world_size=cluster.world_size // cfg.parallel.tp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         cluster = load_cluster(args.cluster)
         train_path = args.config or cluster.train
-        cfg = load_train_config(train_path, args.overrides)
+        cfg = load_train_config(train_path, args.overrides)  # resolved once, here
         if cluster.world_size % cfg.parallel.tp:
             raise ConfigError(
                 f"parallel.tp={cfg.parallel.tp} does not divide the cluster's {cluster.world_size} tasks"
             )
         run_dir = Path(cfg.run_dir).resolve()
         if args.dry_run:
-            print("# cluster:", json.dumps(asdict(cluster), indent=2))
-            print("# training config (resolved):", json.dumps(asdict(cfg), indent=2))
-            if cluster.executor == "slurm":
-                print("# the sbatch script submitit would submit:")
-                print(sbatch_preview(cluster, run_dir / "submitit"))
-            print(f"# dry run: nothing prepared or submitted; the run directory would be {run_dir}")
+            _dry_run(cluster, cfg, run_dir)
             return 0
-        if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():
-            raise ConfigError(
-                f"{train_path}: init_from={cfg.init_from} is not an export directory (no model.safetensors); "
-                "train the base model first (`make pretrain CLUSTER=local` writes runs/local/export)"
-            )
-        data_config = args.data_config or cluster.data
-        prep = load_dataset_config(data_config)
-        if Path(prep.out_dir).resolve() != Path(cfg.data.path).resolve():
-            raise ConfigError(
-                f"{train_path}: data.path={cfg.data.path} but {data_config} prepares {prep.out_dir}; make them agree"
-            )
-        manifest = prepare_any(prep)
-        verify_manifest(manifest, prep.out_dir, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len)
-        # Fails now, not an hour into the job, if the shards cannot be split evenly over the ranks.
-        TokenBatchLoader(cfg.data, rank=0, world_size=cluster.world_size // cfg.parallel.tp)
+        _prepare_data(cluster, cfg, train_path, args.data_config or cluster.data)
+        # The job loads exactly this file: every default written out, nothing parsed twice.
+        resolved = write_resolved_config(cfg, run_dir / "config.json")
+        export_tracking_credentials(cfg)  # the file holds the URI without them; the job's env has them
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    train_args = ["--config", train_path, "--export", *args.overrides]
     print(
         f"run directory: {run_dir} ({cfg.method}, {cluster.world_size} task(s), TP={cfg.parallel.tp})",
         flush=True,
     )
     try:
-        job = submit(cluster, train_args, run_dir, wait=cluster.executor == "local" or args.wait)
+        job = submit(
+            cluster,
+            ["--resolved", str(resolved), "--export"],
+            run_dir,
+            wait=cluster.executor == "local" or args.wait,
+        )
     except Exception as exc:  # submitit wraps task failures; the task's own error is in its log
         print(f"error: job failed: {exc}", file=sys.stderr)
         return 1
     if cluster.executor == "local" or args.wait:
-        print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, export/, submitit/)")
+        print(f"run directory: {run_dir} (config.json, metrics.jsonl, checkpoints/, export/, submitit/)")
     else:
         print(f"job {job.job_id} queued; logs in {run_dir / 'submitit'}")
     return 0

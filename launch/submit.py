@@ -25,6 +25,7 @@ from typing import Any
 import submitit
 
 from launch.clusters import ClusterConfig
+from pipeline.stop import STOPPED_EXIT, StopSignal
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -55,12 +56,13 @@ class TrainTask(submitit.helpers.Checkpointable):
                 f"submitit {submitit.__version__} installed no handler for {sig.name} before running the "
                 f"task (1.5.4 does, in JobEnvironment._handle_signals); nothing would requeue the job"
             )
-        signal.signal(sig, lambda signum, frame: train.STOP_REQUESTED.update(signal=signum))
+        stop = StopSignal()
+        signal.signal(sig, stop.handler)
         print(f"task {env.global_rank}/{env.num_tasks} on {env.hostname} (job {env.job_id})", flush=True)
-        rc = train.main(train_args)
-        if rc == train.STOPPED_EXIT:
+        rc = train.main(train_args, stop=stop)
+        if rc == STOPPED_EXIT:
             if env.global_rank == 0:
-                submitit_handler(train.STOP_REQUESTED["signal"], None)  # checkpoint() + requeue + exit
+                submitit_handler(stop.signum, None)  # checkpoint() + requeue + exit
             time.sleep(300)  # the other ranks wait for the requeue to end them
             return rc
         if rc != 0:

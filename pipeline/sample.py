@@ -1,285 +1,22 @@
-"""Iterative denoising sampler for exported checkpoints, with optional inference-time memory.
+"""Generate from an exported checkpoint: the command line over :mod:`pipeline.sampler`.
 
     make sample CHECKPOINT=runs/local/export PROMPT="In the beginning"
     python -m pipeline.sample --checkpoint runs/local/export --prompt "In the beginning" \
         --gen-length 64 --steps 64 --block-length 16 --temperature 0 --adapt both
-
-The response starts fully masked right after the prompt. It is produced block by block
-(semi-autoregressive; one block = the whole response by default); within a block, each of its
-``steps / blocks`` steps predicts every still-masked position of the block and commits a fixed
-number of them (an even split of the block, remainder to the first steps, as LLaDA does):
-
-* ``low_confidence`` remasking keeps the committed tokens the model is most sure of
-  (probability of the chosen token) and leaves the rest masked;
-* ``random`` remasking commits a uniformly random subset.
-
-``temperature > 0`` picks tokens by the Gumbel-max trick, ``argmax(logits / T + Gumbel)``,
-i.e. a draw from ``softmax(logits / T)``; 0 is greedy. Committed tokens never change.
-
-Batched: prompts of different lengths share a batch (right-padded; padding keys are hidden
-from attention) and every random draw of a row comes from that row's own generator, seeded
-from ``seed`` and the prompt's tokens; so a prompt gets the same output alone or in any batch.
-With ``adapt`` each prompt first writes itself into its own fresh memory
-(pipeline/memory/adapt.py), which then stays fixed while generating.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
 
 from pipeline.config import ConfigError
 from pipeline.hardware.precision import resolve_precision
-from pipeline.memory.adapt import adapt_to_context
-from pipeline.memory.fast_weights import FastWeights
-from pipeline.memory.inner_loop import MemoryConfig
+from pipeline.sampler import SamplerConfig, cut_at_eos, load_sampler
 
 
-@dataclass
-class SamplerConfig:
-    gen_length: int = 64  # response tokens
-    steps: int = 64  # denoising steps over the whole response
-    block_length: int = 0  # semi-autoregressive block size; 0 = one block (the whole response)
-    remasking: Literal["low_confidence", "random"] = "low_confidence"
-    temperature: float = 0.0  # Gumbel-max temperature; 0 = greedy
-    adapt: bool = False  # inference-time adaptation on the prompt (spec section 5)
-    anchor_ratio: float = 0.2
-    pre_anchor_ratio: float = 0.3
-    seed: int = 0
-    bf16: bool = False  # autocast the forward passes to bf16 (faster on CPUs with AMX)
-
-    @property
-    def block(self) -> int:
-        return self.block_length or self.gen_length
-
-    def validate(self) -> None:
-        if self.gen_length < 1:
-            raise ConfigError(f"key 'gen_length': got {self.gen_length}, expected >= 1")
-        if self.gen_length % self.block:
-            raise ConfigError(
-                f"key 'block_length': {self.block_length} does not divide gen_length={self.gen_length}"
-            )
-        blocks = self.gen_length // self.block
-        if self.steps < blocks or self.steps % blocks:
-            raise ConfigError(
-                f"key 'steps': got {self.steps}, expected a multiple of the {blocks} block(s) "
-                f"(gen_length {self.gen_length} / block_length {self.block})"
-            )
-        if self.steps // blocks > self.block:
-            raise ConfigError(
-                f"key 'steps': {self.steps // blocks} steps per block exceed the block's {self.block} tokens "
-                "(a step would commit nothing)"
-            )
-        if self.temperature < 0:
-            raise ConfigError(f"key 'temperature': got {self.temperature}, expected >= 0")
-
-
-def commit_schedule(block: int, steps: int) -> list[int]:
-    """Tokens committed at each of ``steps`` steps of one block: an even split, remainder first."""
-    base, extra = divmod(block, steps)
-    return [base + (1 if i < extra else 0) for i in range(steps)]
-
-
-def prompt_seed(seed: int, prompt: list[int]) -> int:
-    """A row's seed: stable across processes and batch compositions (no salted ``hash``)."""
-    h = hashlib.sha256(repr((seed, list(prompt))).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def row_generators(prompts: list[list[int]], seed: int, device: torch.device) -> list[torch.Generator]:
-    return [torch.Generator(device=device).manual_seed(prompt_seed(seed, p)) for p in prompts]
-
-
-@dataclass
-class Packed:
-    """A batch laid out for generation: prompt, then the response, then padding."""
-
-    tokens: torch.Tensor  # [B, T] prompt | [MASK] x gen_length | pad
-    prompt: torch.Tensor  # [B, T] bool
-    response: torch.Tensor  # [B, T] bool
-    real: torch.Tensor  # [B, T] bool: prompt or response (attention keys)
-
-
-def pack(
-    prompts: list[list[int]], gen_length: int, mask_id: int, pad_id: int, device: torch.device
-) -> Packed:
-    """Right-pad ``prompts`` each followed by ``gen_length`` masks; shapes [B, max_len + gen_length]."""
-    T = max(len(p) for p in prompts) + gen_length
-    B = len(prompts)
-    tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    pos = torch.arange(T, device=device)[None]
-    prompt = pos < lens[:, None]
-    response = (pos >= lens[:, None]) & (pos < lens[:, None] + gen_length)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-    tokens[response] = mask_id
-    return Packed(tokens, prompt, response, prompt | response)
-
-
-@dataclass
-class Generation:
-    tokens: torch.Tensor  # [B, gen_length] the response
-    commit_step: torch.Tensor  # [B, gen_length] the step that committed each position
-    fast: FastWeights | None  # the adapted memory (phi2), if any
-    trace: list[torch.Tensor] | None  # [B, gen_length] response after each step (trace=True)
-
-
-class DiffusionSampler:
-    """Generates with a TP=1 ``DLMTransformer`` (e.g. from ``load_exported``).
-
-    ``vocab_size`` is the tokenizer's: the padded tail of the embedding, ``[MASK]`` and
-    ``[PAD]`` are never produced. ``memory`` is the checkpoint's memory config (used only
-    when adapting).
-    """
-
-    def __init__(self, model, *, vocab_size: int, mask_id: int, pad_id: int, memory: MemoryConfig):
-        self.model = model
-        self.vocab_size = vocab_size
-        self.mask_id, self.pad_id = mask_id, pad_id
-        self.memory = memory
-        self.device = next(model.parameters()).device
-
-    def _banned(self) -> torch.Tensor:
-        V = self.model.cfg.padded_vocab_size
-        banned = torch.arange(V, device=self.device) >= self.vocab_size
-        banned[[self.mask_id, self.pad_id]] = True
-        return banned
-
-    def adapt(self, packed: Packed, cfg: SamplerConfig, gens: list[torch.Generator]) -> FastWeights:
-        """Each row's memory, written from its prompt alone (spec section 5)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            return adapt_to_context(
-                self.model,
-                torch.where(packed.prompt, packed.tokens, self.pad_id),
-                packed.prompt,
-                self.memory,
-                self.mask_id,
-                generators=gens,
-                init_generator=torch.Generator(device=self.device).manual_seed(cfg.seed),
-                anchor_ratio=cfg.anchor_ratio,
-                pre_anchor_ratio=cfg.pre_anchor_ratio,
-            )
-
-    def adapt_prompts(self, prompts: list[list[int]], *, seed: int = 0, bf16: bool = False) -> FastWeights:
-        """One memory per prompt (rows in order), exactly as ``generate`` with ``adapt`` makes them."""
-        cfg = SamplerConfig(gen_length=1, steps=1, adapt=True, seed=seed, bf16=bf16)
-        packed = pack(prompts, 1, self.mask_id, self.pad_id, self.device)
-        return self.adapt(packed, cfg, row_generators(prompts, seed, self.device))
-
-    def generate(self, prompts: list[list[int]], cfg: SamplerConfig, *, trace: bool = False) -> Generation:
-        """Responses [B, gen_length] for token-id ``prompts`` (each non-empty)."""
-        cfg.validate()
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one prompt and every prompt needs a token")
-        longest = max(len(p) for p in prompts) + cfg.gen_length
-        if longest > self.model.cfg.seq_len:
-            raise ValueError(
-                f"prompt + gen_length = {longest} tokens exceeds the model's seq_len {self.model.cfg.seq_len}"
-            )
-        packed = pack(prompts, cfg.gen_length, self.mask_id, self.pad_id, self.device)
-        gens = row_generators(prompts, cfg.seed, self.device)
-        fast = self.adapt(packed, cfg, gens) if cfg.adapt else None
-        x = packed.tokens.clone()
-        B, G = len(prompts), cfg.gen_length
-        start = packed.response.float().argmax(1)  # first response position per row
-        offs = torch.arange(G, device=self.device)
-        resp_idx = start[:, None] + offs[None]  # [B, G] absolute positions of the response
-        commit = torch.full((B, G), -1, dtype=torch.long, device=self.device)
-        banned = self._banned()
-        states: list[torch.Tensor] = []
-        blocks = G // cfg.block
-        per_block = cfg.steps // blocks
-        step = 0
-        for blk in range(blocks):
-            in_block = (offs >= blk * cfg.block) & (offs < (blk + 1) * cfg.block)  # [G]
-            for k in commit_schedule(cfg.block, per_block):
-                resp = x.gather(1, resp_idx)
-                active = (resp == self.mask_id) & in_block[None]  # same count in every row
-                m = int(active[0].sum())
-                positions = torch.zeros_like(x, dtype=torch.bool).scatter_(1, resp_idx, active)
-                with (
-                    torch.no_grad(),
-                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16),
-                ):
-                    logits = self.model(
-                        tokens=x,
-                        fast=None if fast is None else fast.by_layer,
-                        positions=positions,
-                        key_mask=packed.real,
-                    )
-                logits = logits.double().masked_fill(banned, float("-inf")).view(B, m, -1)
-                x0, chosen = _choose(logits, k, cfg, gens)
-                slot_pos = active.nonzero()[:, 1].view(B, m)  # response offsets of the active slots
-                picked = slot_pos.gather(1, chosen)  # [B, k]
-                new_resp = resp.scatter(1, picked, x0.gather(1, chosen))
-                x.scatter_(1, resp_idx, new_resp)
-                commit.scatter_(1, picked, step)
-                if trace:
-                    states.append(new_resp.clone())
-                step += 1
-        return Generation(tokens=x.gather(1, resp_idx), commit_step=commit, fast=fast, trace=states or None)
-
-
-def _choose(
-    logits: torch.Tensor, k: int, cfg: SamplerConfig, gens: list[torch.Generator]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One denoising step's decision for the m masked slots of the block in every row.
-
-    logits [B, m, V] (float64, banned ids at -inf) -> (x0 [B, m]: the token each slot would
-    take, chosen [B, k]: the slots committed now). Random draws come from the row generators.
-    """
-    _, m, V = logits.shape
-    if cfg.temperature > 0:  # Gumbel-max: argmax(logits / T + G) is a draw from softmax(logits / T)
-        u = torch.stack([torch.rand(m, V, generator=g, device=g.device, dtype=torch.float64) for g in gens])
-        gumbel = -torch.log((-torch.log(u.clamp_min(1e-300))).clamp_min(1e-300)).to(logits.device)
-        x0 = (logits / cfg.temperature + gumbel).argmax(-1)
-    else:
-        x0 = logits.argmax(-1)
-    if cfg.remasking == "low_confidence":  # the model's probability of the token it would commit
-        conf = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
-    else:
-        conf = torch.stack([torch.rand(m, generator=g, device=g.device, dtype=torch.float64) for g in gens])
-        conf = conf.to(logits.device)
-    return x0, conf.topk(k, dim=1).indices
-
-
-def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
-    """The response up to (not including) its first EOS."""
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto``: the GPU when there is one, else the CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def load_sampler(
-    checkpoint: str | Path, device: str = "auto"
-) -> tuple[DiffusionSampler, Any, dict[str, Any]]:
-    """``(sampler, tokenizer, info)`` for an export directory (see pipeline/engine/export.py)."""
-    device = resolve_device(device)
-    from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.engine.export import load_exported
-
-    model, info = load_exported(checkpoint, device=device)
-    tok = load_tokenizer(Path(checkpoint) / "tokenizer.model")
-    mem = MemoryConfig(**info["memory"])
-    sampler = DiffusionSampler(
-        model, vocab_size=tok.vocab_size, mask_id=tok.mask_id, pad_id=tok.pad_id, memory=mem
-    )
-    return sampler, tok, info
-
-
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -306,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: bf16 where the device multiplies it natively (GPU, AMX CPU), else fp32",
     )
     ap.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if not (Path(args.checkpoint) / "model.safetensors").is_file():
         print(
             f"error: {args.checkpoint}: not an export directory (no model.safetensors); "

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The plots moved to pipeline/plots.py; re-exported for the callers that import them from here.
+from pipeline.plots import ema, plot_loss_curves  # noqa: F401
+
 # The user's setting, read once at import: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI
 # into os.environ, so any in-process call of it would otherwise redirect our later runs.
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
@@ -28,6 +31,11 @@ MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_CHARS = 6000
 LOGGED_THROUGH_TAG = "memdlm.logged_through_step"
+# What MLflow 3's UI reads to open an experiment in its model-training view (runs and charts)
+# rather than the GenAI overview (traces): server/js, ExperimentKind.CUSTOM_MODEL_DEVELOPMENT.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` (PORT=5000)
 
 
 @dataclass
@@ -37,6 +45,17 @@ class TrackingConfig:
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under ``root``
     root: str = "runs"  # the embedded store: <root>/mlflow.db and <root>/mlartifacts
     flush_every: int = 50  # logged steps per batched write
+    # MLflow's system metrics (system/cpu_utilization_percentage, system/gpu_*: GPU ones need
+    # nvidia-ml-py) sampled by a background thread. null: MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+    # if set (the tests set it false), else on.
+    system_metrics: bool | None = None
+    system_metrics_interval_s: float = 10.0
+
+    def system_metrics_on(self) -> bool:
+        if self.system_metrics is not None:
+            return self.system_metrics
+        env = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+        return True if env is None else env.strip().lower() in ("1", "true", "yes")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -52,14 +71,15 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def redact_uri(uri: str) -> str:
-    """``https://user:secret@host/x`` -> ``https://***@host/x`` (credentials never logged)."""
+    """``https://user:secret@host/x`` -> ``https://host/x``: credentials are never written or logged
+    (the trainer hands them to MLflow as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(uri)
     if parts.username is None and parts.password is None:
         return uri
     host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    netloc = host + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -84,6 +104,26 @@ def tracking_uri(cfg: TrackingConfig, run_root: Path) -> str:
     return cfg.uri or _USER_TRACKING_URI or f"sqlite:///{run_root.resolve()}/mlflow.db"
 
 
+def ui_url(uri: str, route: str, local_ui: str = LOCAL_UI) -> str:
+    """The dashboard URL of ``route`` (``/experiments/1/runs?...``): on the tracking server itself
+    for an http(s) store (credentials removed), else on ``make mlflow-ui``'s address."""
+    base = redact_uri(uri) if uri.startswith(("http://", "https://")) else local_ui
+    return f"{base.rstrip('/')}/#{route}"
+
+
+def ensure_training_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name`` (created if missing), tagged as a model-training experiment
+    unless someone chose another kind for it."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+        )
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
+
+
 class Tracker:
     """One MLflow run (created, or resumed by id). Use on rank 0 only."""
 
@@ -95,13 +135,10 @@ class Tracker:
         self.cfg = cfg
         self.uri = tracking_uri(cfg, run_root)
         self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(cfg.experiment)
-        if exp is None:
-            # Artifact root set explicitly: the default would be relative to the working directory.
-            artifacts = None if self.uri.startswith("http") else (run_root.resolve() / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts)
-        else:
-            self.experiment_id = exp.experiment_id
+        # Artifact root set explicitly: the default would be relative to the working directory.
+        artifacts = None if self.uri.startswith("http") else (run_root.resolve() / "mlartifacts").as_uri()
+        self.experiment_id = ensure_training_experiment(self.client, cfg.experiment, artifacts)
+        self._system = None  # mlflow's SystemMetricsMonitor while the run is open
         self.run_name = run_name
         self.run_id: str | None = None
         self._buffer: list = []
@@ -126,6 +163,7 @@ class Tracker:
             # the resumed job recomputes them bit for bit, so they are not sent twice.
             tag = self.client.get_run(run_id).data.tags.get(LOGGED_THROUGH_TAG)
             self.resumed_through = int(tag) if tag is not None else -1
+            self._start_system_metrics(resume=True)
             return run_id
         all_tags = dict(tags)
         if parent_run_id:
@@ -135,7 +173,23 @@ class Tracker:
         items = [Param(k, v) for k, v in sorted(params.items())]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+        self._start_system_metrics(resume=False)
         return self.run_id
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """CPU/memory/disk/network (and GPU with nvidia-ml-py) as ``system/*`` metrics of this run,
+        sampled every ``system_metrics_interval_s`` by MLflow's own monitor thread."""
+        if not self.cfg.system_metrics_on():
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=self.cfg.system_metrics_interval_s,
+            resume_logging=resume,
+            tracking_uri=self.uri,
+        )
+        self._system.start()
 
     def log(self, step: int, metrics: Mapping[str, float], timestamp_ms: int | None = None) -> None:
         """Buffer finite metrics of ``step``; flushed every ``flush_every`` calls (and by ``flush``)."""
@@ -171,37 +225,7 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
+        if self._system is not None:
+            self._system.finish()  # its last samples, before the run closes
+            self._system = None
         self.client.set_terminated(self.run_id, status=status)
-
-
-def plot_loss_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Train loss (raw and smoothed) and eval loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in records if "loss" in r]
-    loss = [r["loss"] for r in records if "loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if steps:
-        ax.plot(steps, loss, alpha=0.35, label="train (raw)")
-        ax.plot(steps, ema(loss), label="train (EMA 0.9)")
-    ev = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
-    if ev:
-        ax.plot(*zip(*ev, strict=True), "o-", label="eval")
-    ax.set(xlabel="step", ylabel="loss", title=title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def ema(values: list[float], beta: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average (as TensorBoard's smoothing)."""
-    out, m = [], 0.0
-    for i, v in enumerate(values, start=1):
-        m = beta * m + (1 - beta) * v
-        out.append(m / (1 - beta**i))
-    return out

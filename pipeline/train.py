@@ -1,30 +1,27 @@
-"""The training loop: MDLM or MemDLM on DeepSpeed ZeRO over megatron-core TP.
+"""Training: MDLM or MemDLM on DeepSpeed ZeRO over megatron-core TP. Read :meth:`Trainer.run` first.
 
-    torchrun --nproc_per_node 2 -m pipeline.train --config configs/train/local.yaml parallel.tp=2
+    make pretrain CLUSTER=local                       # through the launcher (writes run_dir/config.json)
+    python -m pipeline.train --resolved runs/local/config.json --export
     python -m pipeline.train --config configs/train/local.yaml steps=50 memory.enabled=false
+    torchrun --nproc_per_node 2 -m pipeline.train --config configs/train/local.yaml parallel.tp=2
 
-Per step: stream a batch (its position is part of the checkpoint), draw the anchor noise from
-a generator seeded by (seed, step, micro-batch, data-parallel rank) and the memory's reset from
-one seeded by (seed, step, micro-batch) alone (the same on every DP rank: one memory per global
-batch), compute the MDLM loss or MemDLM's outer loss (inner loop through ``engine.module``, outer
-loss through ``engine``), backward, and one optimizer step per training step (DeepSpeed's
-accumulation boundary is ours: ``managed_gradient_accumulation: false``). A non-finite loss on
-any rank voids the whole step on every rank (data consumed, LR schedule advanced, no update);
+Per step: stream ``grad_accum`` micro-batches (their position is part of the checkpoint); draw
+the anchor noise from a generator seeded by (seed, step, micro-batch, data-parallel rank) and the
+memory's reset from one seeded by (seed, step, micro-batch) alone (the same on every DP rank: one
+memory per global batch); compute the MDLM loss or MemDLM's outer loss (inner loop through
+``engine.module``, outer loss through ``engine``); backward; then one optimizer step (DeepSpeed's
+accumulation boundary is ours: ``managed_gradient_accumulation: false``). A non-finite loss on any
+rank voids the whole step on every rank (data consumed, LR schedule advanced, no update);
 ``max_nonfinite_steps`` in a row stop the run with the last good checkpoint untouched.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
-import os
-import resource
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,9 +30,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline.build import build_dataset, build_runtime, build_tracker, model_factory, run_record
 from pipeline.config import ConfigError
-from pipeline.data.manifest import DatasetError, load_manifest, verify_manifest
 from pipeline.data.stream import TokenBatchLoader
+from pipeline.dataset.manifest import DatasetError
+from pipeline.dataset.seeding import seed_of
 from pipeline.engine.checkpoint import (
     CheckpointError,
     Layout,
@@ -44,12 +43,9 @@ from pipeline.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.hardware.device import training_device
-from pipeline.hardware.peak import peak_flops
-from pipeline.hardware.precision import Precision, resolve_precision
-from pipeline.memory.adapt import adapt_to_context
+from pipeline.eval.heldout import evaluate_heldout
 from pipeline.memory.inner_loop import memdlm_loss
-from pipeline.model.flops import estimate_flops, estimate_mfu
+from pipeline.metrics import MetricsFile, peak_memory_mib, throughput
 from pipeline.model.parallel import (
     ParallelDims,
     destroy_distributed,
@@ -58,156 +54,141 @@ from pipeline.model.parallel import (
     dp_size,
     init_distributed,
 )
-from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import draw_noise, maskable_positions, mdlm_loss
-from pipeline.tracking import Tracker, flatten, git_commit, plot_loss_curves, redact_config
-from pipeline.train_config import TrainConfig, load_train_config
+from pipeline.perf.flops import estimate_flops
+from pipeline.stop import STOPPED_EXIT, StoppedForRequeue, StopSignal
+from pipeline.tracking import plot_loss_curves
+from pipeline.train_config import TrainConfig, load_resolved_config, load_train_config
 
-# DeepSpeed 0.19.8 calls torch.distributed collectives that torch 2.13 marks deprecated; the
-# warning repeats every step and buries the progress bar.
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+__all__ = ["STOPPED_EXIT", "StoppedForRequeue", "Trainer", "TrainingDiverged", "main"]
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses."""
 
 
-class StoppedForRequeue(RuntimeError):
-    """The run saved a checkpoint because a stop was requested (a scheduler's time-out signal)."""
-
-
-# Set by a signal handler (see launch/submit.py); read at every step boundary, where all ranks
-# agree on it with one all-reduce, save a checkpoint together and stop.
-STOP_REQUESTED = {"signal": 0}
-STOPPED_EXIT = 3  # main()'s status after a requested stop (checkpoint saved, not finished)
-
-
 def _generator(device: torch.device, *parts: int) -> torch.Generator:
-    seed = int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") & (
-        2**63 - 1
-    )
-    return torch.Generator(device).manual_seed(seed)
+    return torch.Generator(device).manual_seed(seed_of(*parts))
 
 
-def _check_init_tokenizer(export: str, dataset_sha: str, dataset: str) -> None:
-    from pipeline.data.tokenizer import sha256_file
-
-    tok = Path(export) / "tokenizer.model"
-    if tok.is_file() and sha256_file(tok) != dataset_sha:
-        raise DatasetError(
-            f"init_from={export}: its tokenizer ({tok}) is not the one {dataset} was tokenised with; "
-            "prepare the fine-tuning data with the pretrained model's tokenizer"
-        )
-
-
-def drop_records_after(path: Path, step: int) -> None:
-    """Keep only the records of steps <= ``step`` in a metrics.jsonl (atomically).
-
-    A job killed after its last checkpoint has logged steps that the resumed job trains again;
-    without this they would appear twice.
-    """
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-
-
-def _peak_memory_mib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _say(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
 
 
 class Trainer:
-    """Holds the engine, the data stream and the counters; ``run()`` trains to ``cfg.steps``."""
+    """The run's parts (engine, data stream, tracker) and its explicit state (step and counters)."""
 
-    def __init__(self, cfg: TrainConfig, parent_run_id: str | None = None, native_bf16: bool | None = None):
-        self.cfg = cfg
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        parent_run_id: str | None = None,
+        native_bf16: bool | None = None,
+        stop: StopSignal | None = None,
+    ):
+        self.cfg, self.stop = cfg, stop or StopSignal()
         self.dims: ParallelDims = init_distributed(cfg.parallel.tp)
         self.rank = dist.get_rank()
-        self.device = training_device()
-        # ``native_bf16`` overrides the hardware check (tests of the AVX2 decision on any host)
-        self.precision: Precision = resolve_precision(cfg.parallel.precision, self.device, native_bf16)
-        self.peak_flops, peak_source = peak_flops(self.device, self.precision.torch_dtype, cfg.peak_tflops)
-        # The resolved config (every default) plus what was decided for this machine; credentials
-        # in tracking.uri never reach the run directory or MLflow.
-        self.resolved = redact_config(asdict(cfg))
-        self.resolved["runtime"] = {
-            "precision": self.precision.dtype,
-            "precision_reason": self.precision.reason,
-            "peak_flops": self.peak_flops,
-            "peak_flops_source": peak_source,
-            "device": str(self.device),
-        }
-        if self.rank == 0:
-            print(f"precision: {self.precision.dtype} ({self.precision.reason})", flush=True)
-            print(f"MFU peak: {self.peak_flops / 1e12:.3g} TFLOP/s ({peak_source})", flush=True)
+        runtime = build_runtime(cfg, native_bf16)
+        self.device, self.precision, self.peak_flops = runtime.device, runtime.precision, runtime.peak_flops
+        self.resolved = run_record(cfg, runtime)
+        _say(f"precision: {self.precision.dtype} ({self.precision.reason})")
+        _say(f"MFU peak: {self.peak_flops / 1e12:.3g} TFLOP/s ({runtime.peak_source})")
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.manifest = load_manifest(cfg.data.path)
-        verify_manifest(
-            self.manifest,
-            cfg.data.path,
-            vocab_size=cfg.model.vocab_size,
-            seq_len=cfg.model.seq_len,
-            on_corrupt_shard=cfg.data.on_corrupt_shard,
-        )
-        if cfg.objective.mode != self.manifest.kind:
-            raise ConfigError(
-                f"key 'objective.mode': '{cfg.objective.mode}' does not fit the dataset {cfg.data.path}, whose "
-                f"manifest says kind '{self.manifest.kind}' (set objective.mode={self.manifest.kind})"
-            )
-        self.manifest_sha = hashlib.sha256((Path(cfg.data.path) / "manifest.json").read_bytes()).hexdigest()
-        ids = self.manifest.special_ids
-        self.mask_id, self.pad_id = int(ids["mask"]), int(ids["pad"])
+        data = build_dataset(cfg)
+        self.manifest, self.manifest_sha = data.manifest, data.manifest_sha256
+        self.mask_id, self.pad_id = data.mask_id, data.pad_id
         from pipeline.engine.deepspeed import build_engine
 
+        _say(f"building the engine ({cfg.model.num_params() / 1e6:.1f}M parameters, {self.dims})")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (and TP size)
-        if cfg.init_from:
-            _check_init_tokenizer(cfg.init_from, self.manifest.tokenizer_sha256, cfg.data.path)
-        self.engine, _, self.scheduler = build_engine(cfg, self._new_model, self.precision)
+        self.engine, _, self.scheduler = build_engine(cfg, model_factory(cfg), self.precision)
         self.model = self.engine.module
         self.loader = TokenBatchLoader(cfg.data, rank=dp_rank(), world_size=dp_size())
         self.flops = estimate_flops(cfg.model, cfg.memory)
-        self.step = 0
-        self.nonfinite_total = 0
-        self.nonfinite_run = 0
-        self.inner_skipped_total = 0.0
-        self.skipped_shards_total = 0
+        self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        self.inner_skipped_total, self.skipped_shards_total = 0.0, 0
         self.history: list[dict[str, Any]] = []
-        resumed_run_id = None
-        if cfg.checkpoint.resume:
-            resumed_run_id = self._maybe_resume()
+        resumed_run_id = self._maybe_resume() if cfg.checkpoint.resume else None
         self.batches = iter(self.loader)
-        self.tracker: Tracker | None = None
-        if self.rank == 0 and cfg.tracking.enabled:  # only rank 0 talks to MLflow
-            self.tracker = Tracker(cfg.tracking, self.run_dir.name)
-            tags = {
-                "git_commit": git_commit(Path(__file__).resolve().parent),
-                "method": cfg.method,
-                "world_size": str(self.dims.world),
-                "tp": str(self.dims.tp),
-                "dp": str(self.dims.dp),
-                "run_dir": str(self.run_dir.resolve()),
-                "model_params": str(cfg.model.num_params()),
-            }
-            self.tracker.start(
-                flatten(self.resolved), tags, run_id=resumed_run_id, parent_run_id=parent_run_id
+        self.tracker = build_tracker(cfg, self.resolved, self.dims, resumed_run_id, parent_run_id)
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
+
+    # ------------------------------------------------------------ the loop
+    def run(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Train to ``cfg.steps`` (or ``stop_after`` more steps); returns the logged records."""
+        cfg = self.cfg
+        target = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        self._write_run_dir()
+        bar = tqdm(total=target, initial=self.step, desc=cfg.method, unit="step", disable=self.rank != 0)
+        try:
+            while self.step < target:
+                if self.stop.agreed(self.device):  # every rank stops at the same step
+                    self.save()
+                    raise StoppedForRequeue(f"stop requested: checkpoint saved at step {self.step}")
+                rec = self.train_step()
+                bar.update(1)
+                if "loss" in rec:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
+                    if self.rank == 0:
+                        bar.write(f"evaluating at step {self.step}")
+                    rec.update(self.evaluate())
+                if self.step % cfg.log_every == 0 or self.step == target or "eval/loss" in rec:
+                    self._log(rec)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < target:
+                    self.save()
+            bar.close()
+            self.save()
+        except StoppedForRequeue:
+            self._end_tracking("KILLED")  # reopened as RUNNING by the resumed job
+            raise
+        except BaseException:
+            self._end_tracking("FAILED")
+            raise
+        if self.step >= cfg.steps:
+            self._end_tracking("FINISHED")
+        elif self.tracker:
+            self.tracker.flush()
+        return self.history
+
+    def _write_run_dir(self) -> None:
+        """config.json (resolved + runtime), the dataset's manifest; records past a resume dropped."""
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics.drop_after(self.step)  # logged past the checkpoint we resumed from
+        (self.run_dir / "config.json").write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
+        shutil.copyfile(Path(self.cfg.data.path) / "manifest.json", self.run_dir / "dataset_manifest.json")
+
+    def _log(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        if self.rank == 0:
+            self.metrics.append(rec)
+            if self.tracker:
+                self.tracker.log(self.step, rec)
+
+    def _end_tracking(self, status: str) -> None:
+        """Artifacts (config, dataset manifest, loss-curve PNG) on a finished run; the run's status."""
+        if not self.tracker:
+            return
+        self.tracker.flush()
+        if status == "FINISHED":
+            png = plot_loss_curves(
+                self.metrics.records(),
+                self.run_dir / "loss_curves.png",
+                f"{self.cfg.method}: {self.run_dir.name}",
             )
+            manifest = Path(self.cfg.data.path) / "manifest.json"
+            self.tracker.log_artifacts([self.run_dir / "config.json", manifest, png])
+        self.tracker.end(status)
 
-    def _new_model(self) -> DLMTransformer:
-        """The model, with the ``init_from`` weights when fine-tuning. They are loaded here, before
-        DeepSpeed builds its fp32 master copy: weights set after that are overwritten at step 1."""
-        model = DLMTransformer(self.cfg.model)
-        if self.cfg.init_from:
-            from pipeline.engine.export import load_initial_weights
-
-            load_initial_weights(model, self.cfg.init_from, self.cfg.model)
-        return model
+    def evaluate(self) -> dict[str, float]:
+        """Held-out numbers (pipeline/eval/heldout.py); collective over DP ranks."""
+        return evaluate_heldout(
+            self.model, self.cfg, self.mask_id, self.pad_id, self.device, self.precision.bf16
+        )
 
     # ------------------------------------------------------------ checkpoints
     def _layout(self) -> Layout:
@@ -274,13 +255,28 @@ class Trainer:
                     g,
                     dp_group(),
                     reset_generator=g_reset,
+                    measure=self._logs_next_step(),  # the memory's gain: on logged steps only
                 )
                 for k, st in enumerate(out.stage_stats):
                     stats[f"inner/stage{k + 1}_loss"] = st.loss
                     stats[f"inner/stage{k + 1}_grad_norm"] = st.grad_norm
                     stats[f"inner/stage{k + 1}_skipped"] = st.skipped
+                    stats[f"inner/stage{k + 1}_update_norm"] = st.update_norm
+                    stats[f"inner/stage{k + 1}_clipped_frac"] = st.clipped
+                if out.gain is not None:
+                    stats["memory/gain"] = out.gain
+                    stats["memory/loss_phi0"] = out.loss_phi0
                 return out.loss, stats
             return mdlm_loss(self.engine, tokens, noise, cfg.objective, dp_group()), stats
+
+    def _logs_next_step(self) -> bool:
+        """Whether the step being computed (``self.step + 1``) is logged (see ``run``)."""
+        step, cfg = self.step + 1, self.cfg
+        return (
+            step % cfg.log_every == 0
+            or step == cfg.steps
+            or bool(cfg.eval.every and step % cfg.eval.every == 0)
+        )
 
     def _agree(self, finite: bool) -> tuple[bool, int]:
         """One collective per micro-batch: did every rank get a finite loss, and how many corrupt
@@ -331,7 +327,7 @@ class Trainer:
         out["nonfinite_total"] = self.nonfinite_total
         out["inner_skipped_total"] = self.inner_skipped_total
         out["data/skipped_shards"] = self.skipped_shards_total
-        out["peak_memory_mib"] = _peak_memory_mib()
+        out["peak_memory_mib"] = peak_memory_mib()
         return out
 
     def _void_step(self) -> None:
@@ -377,173 +373,54 @@ class Trainer:
         for k, v in extra.items():
             out[k] = float(v) / n
         self.inner_skipped_total += sum(v for k, v in out.items() if k.endswith("_skipped")) * n
-        masked_step = float(red[1])
-        flops = self.flops.mdlm_step(tokens_per_step, masked_step)
-        if self.cfg.memory.enabled:
-            flops += self.flops.memdlm_extra(
+        out.update(
+            throughput(
+                self.flops,
+                self.cfg.memory,
                 tokens_per_step,
-                [min(tokens_per_step, 1.5 * masked_step)] * self.cfg.memory.pre_anchor_steps,
-                masked_step,
+                float(red[1]),
+                seconds,
+                self.dims.world,
+                self.peak_flops,
             )
-        out["model_tflops_per_s"] = flops / seconds / 1e12 / self.dims.world
-        out["mfu"] = estimate_mfu(flops / seconds / self.dims.world, self.peak_flops)
+        )
         return out
 
-    # ------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, float]:
-        """Held-out loss with the memory off; with ``eval.adapt``, also the continuation loss
-        after inference-time adaptation on the context only (never on the scored tokens)."""
-        cfg, ev = self.cfg, self.cfg.eval
-        val = TokenBatchLoader(
-            cfg.data, split="val", rank=dp_rank(), world_size=dp_size(), shuffle=False, loop=False
-        )
-        C = int(cfg.model.seq_len * ev.context_fraction)
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # NCCL takes device tensors only
-        for i, batch in enumerate(val):
-            if i >= ev.batches:
-                break
-            tokens = batch["tokens"].to(self.device)
-            prompt = batch["prompt_mask"].to(self.device) if "prompt_mask" in batch else None
-            maskable = maskable_positions(tokens, self.pad_id, prompt)
-            # The context the memory may read: the prompt (SFT) or the first C tokens; the
-            # continuation scored after adapting is the rest.
-            if prompt is not None:
-                context = prompt
-            else:
-                context = (torch.arange(tokens.shape[1], device=tokens.device) < C).expand_as(tokens)
-            g = _generator(self.device, cfg.seed, 10**9, i, dp_rank())  # same draws at every evaluation
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16):
-                with torch.no_grad():
-                    noise = draw_noise(tokens, maskable, cfg.objective, self.mask_id, g)
-                    sums[0] += float(mdlm_loss(self.model, tokens, noise, cfg.objective))
-                    cnoise = draw_noise(tokens, maskable & ~context, cfg.objective, self.mask_id, g)
-                    sums[1] += float(mdlm_loss(self.model, tokens, cnoise, cfg.objective))
-                if ev.adapt and cfg.memory.enabled:
-                    rows = [
-                        _generator(self.device, cfg.seed, 10**9, i, dp_rank(), b)
-                        for b in range(tokens.shape[0])
-                    ]
-                    fast = adapt_to_context(
-                        self.model,
-                        torch.where(context, tokens, self.pad_id),
-                        context & (tokens != self.pad_id),
-                        cfg.memory,
-                        self.mask_id,
-                        generators=rows,
-                        init_generator=g,
-                        anchor_ratio=ev.anchor_ratio,
-                        pre_anchor_ratio=ev.pre_anchor_ratio,
-                    )
-                    with torch.no_grad():
-                        adapted = functools.partial(self.model, fast=fast.by_layer)
-                        sums[2] += float(mdlm_loss(adapted, tokens, cnoise, cfg.objective))
-            sums[3] += 1
-        dist.all_reduce(sums)
-        n = max(1.0, float(sums[3]))
-        out = {"eval/loss": float(sums[0]) / n, "eval/continuation_loss": float(sums[1]) / n}
-        if ev.adapt and cfg.memory.enabled:
-            out["eval/continuation_loss_adapted"] = float(sums[2]) / n
-        return out
 
-    # ------------------------------------------------------------ the loop
-    def run(self, stop_after: int | None = None) -> list[dict[str, Any]]:
-        """Train to ``cfg.steps`` (or ``stop_after`` more steps); returns the logged records."""
-        cfg = self.cfg
-        target = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
-        metrics_path = self.run_dir / "metrics.jsonl"
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            drop_records_after(metrics_path, self.step)  # logged past the checkpoint we resumed from
-            (self.run_dir / "config.json").write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
-            # the dataset this run reads, beside its config (the manifest names tokenizer and shards)
-            shutil.copyfile(Path(cfg.data.path) / "manifest.json", self.run_dir / "dataset_manifest.json")
-        bar = tqdm(
-            total=target,
-            initial=self.step,
-            desc=cfg.method,
-            unit="step",
-            disable=self.rank != 0,
-            dynamic_ncols=True,
-        )
-        try:
-            while self.step < target:
-                if self._stop_requested():
-                    self.save()
-                    raise StoppedForRequeue(f"stop requested: checkpoint saved at step {self.step}")
-                rec = self.train_step()
-                bar.update(1)
-                if "loss" in rec:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
-                    rec.update(self.evaluate())
-                if (
-                    self.step % cfg.log_every == 0
-                    or self.step == target
-                    or any(k.startswith("eval/") for k in rec)
-                ):
-                    self.history.append(rec)
-                    if self.rank == 0:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        if self.tracker:
-                            self.tracker.log(self.step, rec)
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < target:
-                    self.save()
-            bar.close()
-            if self.step >= target:
-                self.save()
-        except StoppedForRequeue:
-            if self.tracker:
-                self.tracker.flush()
-                self.tracker.end("KILLED")  # reopened as RUNNING by the resumed job
-            raise
-        except BaseException:
-            if self.tracker:
-                self.tracker.end("FAILED")
-            raise
-        if self.tracker:
-            self.tracker.flush()
-            if self.step >= cfg.steps:
-                self.finish_tracking()
-        return self.history
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([float(STOP_REQUESTED["signal"])], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(flag.item() > 0)
-
-    def finish_tracking(self) -> None:
-        """Artifacts (resolved config, dataset manifest, loss-curve PNG) and the run's end."""
-        assert self.tracker is not None
-        records = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
-        png = plot_loss_curves(
-            records, self.run_dir / "loss_curves.png", f"{self.cfg.method}: {self.run_dir.name}"
-        )
-        manifest = Path(self.cfg.data.path) / "manifest.json"
-        self.tracker.log_artifacts([self.run_dir / "config.json", manifest, png])
-        self.tracker.end()
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
+    """Train (and export with ``--export``); returns 0, 2 on a user error, STOPPED_EXIT on a stop."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="configs/train/local.yaml")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--resolved", help="a resolved config.json (what the launcher writes): loaded as is")
+    source.add_argument("--config", default="configs/train/local.yaml", help="a training YAML (+ overrides)")
     parser.add_argument("--export", action="store_true", help="write a consolidated export at the end")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of --config, e.g. optim.lr=1e-3")
     args = parser.parse_args(argv)
+    if args.resolved and args.overrides:  # before the try: nothing to tear down yet
+        print(
+            f"error: --resolved {args.resolved} is loaded as is: derive a new config instead", file=sys.stderr
+        )
+        return 2
     try:
-        cfg = load_train_config(args.config, args.overrides)
-        trainer = Trainer(cfg)
+        cfg = (
+            load_resolved_config(args.resolved)
+            if args.resolved
+            else load_train_config(args.config, args.overrides)
+        )
+        trainer = Trainer(cfg, stop=stop)
         trainer.run()
         if args.export:
             from pipeline.engine.export import export_model
 
+            _say(f"exporting to {Path(cfg.run_dir) / 'export'}")
+            tokenizer = Path(cfg.data.path) / trainer.manifest.tokenizer_file
             export_model(
                 trainer.engine,
                 cfg,
                 Path(cfg.run_dir) / "export",
-                Path(cfg.data.path) / trainer.manifest.tokenizer_file,
+                tokenizer,
                 trainer.manifest.special_ids,
                 trainer.step,
             )

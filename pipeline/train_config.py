@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pipeline.config import ConfigError, from_dict, merge, parse_overrides, read_yaml
 from pipeline.data.stream import DataConfig
-from pipeline.memory.inner_loop import MemoryConfig
+from pipeline.memory.config import MemoryConfig
 from pipeline.model.config import ModelConfig
 from pipeline.objectives.mdlm import ObjectiveConfig
 from pipeline.tracking import TrackingConfig
@@ -133,3 +133,35 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
     """Load a training config (YAML + dotted overrides), resolving ``model_preset``."""
     source = f"{path}{' + overrides' if overrides else ''}"
     return from_dict(TrainConfig, resolve_train_dict(path, overrides), source)
+
+
+def load_resolved_config(path: str | Path) -> TrainConfig:
+    """Load a resolved config (``<run_dir>/config.json``, written by the launcher) exactly as it is.
+
+    No preset, no overrides: every value is in the file. Its ``runtime`` section records what an
+    earlier start decided on its machine (precision, peak) and is not an input.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the resolved config ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    data.pop("runtime", None)
+    return from_dict(TrainConfig, data, str(path))
+
+
+def write_resolved_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write ``cfg`` with every default as JSON (atomically): the file the job loads."""
+    import json
+    from dataclasses import asdict
+
+    from pipeline.atomic_io import atomic_write_text
+    from pipeline.tracking import redact_config
+
+    return atomic_write_text(
+        Path(path), json.dumps(redact_config(asdict(cfg)), indent=2, sort_keys=True) + "\n"
+    )

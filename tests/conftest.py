@@ -44,7 +44,7 @@ def write_txt_corpus(root: Path, n_docs: int = 24, seed: int = 0, lines: tuple[i
 
 
 def prep_config(out_dir: Path, corpus: list[str], **overrides):
-    from data_prep.config import PrepConfig, TokenizerConfig
+    from pipeline.dataset.prep_config import PrepConfig, TokenizerConfig
 
     tok = overrides.pop("tokenizer", {})
     base = dict(
@@ -135,8 +135,8 @@ def export_random_model(
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.memory.inner_loop import MemoryConfig
+    from pipeline.dataset.tokenizer import load_tokenizer
+    from pipeline.memory.config import MemoryConfig
     from pipeline.model.transformer import DLMTransformer
     from pipeline.objectives.mdlm import ObjectiveConfig
 

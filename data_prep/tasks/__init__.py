@@ -30,6 +30,7 @@ from data_prep.tasks.common import (
     resolve_filler_path,
     write_jsonl,
 )
+from pipeline.dataset.tasks import score_generation
 
 __all__ = [
     "TASKS",
@@ -50,12 +51,6 @@ TASKS: dict[str, Generator] = {
     niah.TASK: niah.generate_example,
     variable_tracking.TASK: variable_tracking.generate_example,
     babi.TASK: babi.generate_example,
-}
-
-_SCORERS: dict[str, Callable[[Sequence[str], str], float]] = {
-    niah.TASK: niah.score,
-    variable_tracking.TASK: variable_tracking.score,
-    babi.TASK: babi.score,
 }
 
 _COMMON_ARGS = frozenset({"context_tokens", "count_tokens", "filler"})
@@ -99,9 +94,3 @@ def generate(
         )
         for i in range(n)
     ]
-
-
-def score_generation(example: TaskExample, text: str) -> float:
-    """Score a model's generated ``text`` for ``example`` in [0, 1] with the task's own rule."""
-    _check_task(example.task)
-    return _SCORERS[example.task](example.values, text)

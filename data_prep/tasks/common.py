@@ -20,106 +20,30 @@ the tokenizer (so a different ``count_tokens`` changes only how much filler fits
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from pipeline.dataset.seeding import seed_of
+from pipeline.dataset.tasks import TaskExample, TaskFileError, numbers, read_jsonl, words, write_jsonl
+
+__all__ = ["TaskExample", "TaskFileError", "numbers", "read_jsonl", "words", "write_jsonl"]
 
 CountTokens = Callable[[str], int]
-
-_FIELD_TYPES: dict[str, type] = {
-    "task": str,
-    "id": str,
-    "prompt": str,
-    "answer": str,
-    "values": list,
-    "candidates": list,
-    "answer_index": int,
-    "meta": dict,
-}
-
-
-@dataclass
-class TaskExample:
-    """One prompt with its gold answer, what the scorer looks for, and multiple-choice candidates."""
-
-    task: str
-    id: str
-    prompt: str  # full context + question, ends with "\nAnswer:"
-    answer: str  # gold response text (short)
-    values: list[str]  # what score_generation looks for in a generation
-    candidates: list[str]  # for likelihood ranking; candidates[answer_index] == answer
-    answer_index: int
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (a deep copy: editing it leaves the example alone)."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: Any) -> TaskExample:
-        """Build from :meth:`to_json` output; ValueError names the missing or bad key."""
-        if not isinstance(obj, dict):
-            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-        kwargs: dict[str, Any] = {}
-        for name, typ in _FIELD_TYPES.items():
-            if name not in obj:
-                if name == "meta":  # optional: hand-written files may leave it out
-                    kwargs[name] = {}
-                    continue
-                raise ValueError(f"missing key {name!r}")
-            value = obj[name]
-            # bool is an int subclass; a true/false answer_index is a bug, not an index
-            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-                raise ValueError(f"bad key {name!r}: expected {typ.__name__}, got {type(value).__name__}")
-            if typ is list and not all(isinstance(v, str) for v in value):
-                raise ValueError(f"bad key {name!r}: expected a list of strings")
-            kwargs[name] = value
-        if not 0 <= kwargs["answer_index"] < len(kwargs["candidates"]):
-            raise ValueError(
-                f"bad key 'answer_index': {kwargs['answer_index']} is out of range "
-                f"for {len(kwargs['candidates'])} candidates"
-            )
-        return cls(**kwargs)
-
-
-class TaskFileError(ValueError):
-    """A task or filler file that cannot be read; the message names the file (and line)."""
-
 
 # --------------------------------------------------------------------------- seeding
 
 
 def stable_seed(*parts: object) -> int:
-    """A 64-bit seed from ``parts`` that is the same in every process (unlike salted ``hash()``)."""
-    text = "\x00".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    """A seed from ``parts`` that is the same in every process (unlike salted ``hash()``)."""
+    return seed_of(*(str(p) for p in parts))
 
 
 def example_rng(task: str, seed: int, index: int) -> random.Random:
     """The private random stream of example ``index`` of ``task`` under ``seed``."""
     return random.Random(stable_seed(task, seed, index))
-
-
-# --------------------------------------------------------------------------- scoring helpers
-
-_WORD = re.compile(r"[^\W_]+")
-_NUMBER = re.compile(r"\d+")
-
-
-def words(text: str) -> list[str]:
-    """Case-folded alphanumeric runs: scorers compare these, so case and punctuation never matter."""
-    return _WORD.findall(text.casefold())
-
-
-def numbers(text: str) -> list[str]:
-    """Maximal digit runs, so ``1234567`` does not match inside ``12345678``."""
-    return _NUMBER.findall(text)
 
 
 def place_answer(rng: random.Random, answer: str, wrong: Sequence[str]) -> tuple[list[str], int]:
@@ -295,50 +219,4 @@ def load_filler(path: str | Path, max_sentences: int = 20000) -> list[str]:
         raise TaskFileError(f"filler: {exc}") from None
     if not out:
         raise TaskFileError(f"{path}: no sentences of 4-60 words found")
-    return out
-
-
-# --------------------------------------------------------------------------- jsonl
-
-
-def write_jsonl(examples: Iterable[TaskExample], path: str | Path) -> int:
-    """Write one example per line atomically (tmp file + os.replace); return the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, path)
-    finally:
-        # a failure part-way leaves the old file (if any) and no stray tmp file
-        tmp.unlink(missing_ok=True)
-    return count
-
-
-def read_jsonl(path: str | Path) -> list[TaskExample]:
-    """Read :func:`write_jsonl` output; TaskFileError names the file, line and missing/bad key."""
-    path = Path(path)
-    if not path.is_file():
-        raise TaskFileError(f"{path}: task file not found")
-    out = []
-    lineno = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TaskFileError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-                try:
-                    out.append(TaskExample.from_json(obj))
-                except ValueError as exc:
-                    raise TaskFileError(f"{path}:{lineno}: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise TaskFileError(f"{path}:{lineno + 1}: not UTF-8 ({exc.reason})") from None
     return out

@@ -27,7 +27,8 @@ import re
 import string
 from collections.abc import Sequence
 
-from data_prep.tasks.common import CountTokens, TaskExample, build_prompt, example_rng, place_answer, words
+from data_prep.tasks.common import CountTokens, TaskExample, build_prompt, example_rng, place_answer
+from pipeline.dataset.tasks import score_variable_tracking
 
 TASK = "variable_tracking"
 
@@ -145,9 +146,4 @@ def generate_example(
     )
 
 
-def score(values: Sequence[str], text: str) -> float:
-    """1.0 when every name in ``values`` appears in ``text`` as a whole word, else 0.0."""
-    if not values:
-        return 0.0
-    found = set(words(text))
-    return 1.0 if all(v.casefold() in found for v in values) else 0.0
+score = score_variable_tracking  # the rule lives in the task-file contract (pipeline/dataset/tasks.py)

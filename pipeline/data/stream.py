@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.config import ConfigError
-from pipeline.data.manifest import DatasetError, Manifest, load_manifest, verify_manifest
+from pipeline.dataset.manifest import DatasetError, Manifest, load_manifest, verify_manifest
+from pipeline.dataset.seeding import seed_of
 
 STATE_VERSION = 1
 
@@ -94,10 +95,6 @@ class DataConfig:
             raise ConfigError(f"key 'data.shuffle_buffer': got {self.shuffle_buffer}, expected >= 0")
 
 
-def _seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
 @dataclass(frozen=True)
 class _Plan:
     """Everything a worker needs to reproduce its part of one epoch (picklable)."""
@@ -137,58 +134,63 @@ class _ShardStream(IterableDataset):
         super().__init__()
         self.plan = plan
 
-    def _samples(self, logical: int, skipped: list[int]) -> Iterator[dict[str, Any]]:
+    def _read_shard(self, url: str, expected: int, size: int, sha256: str) -> Iterator[dict[str, Any]]:
+        """The samples of one shard, checked against the manifest; CorruptShardError otherwise."""
         p = self.plan
         dtype = np.dtype(p.dtype)
-        for rel, expected, size, sha256 in p.worker_shards(logical):
-            url = str(Path(p.root) / rel)
+        actual_size = os.stat(url).st_size
+        if actual_size != size:
+            raise CorruptShardError(
+                f"shard {url}: {actual_size:,} bytes, manifest says {size:,} (truncated or replaced; "
+                "re-run the dataset build to repair it)"
+            )
+        count = 0
+        with open(url, "rb") as f:
+            reader = _HashingReader(f, url)
+            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": reader}])):
+                raw = sample.get("tokens.npy")
+                if raw is None:
+                    raise CorruptShardError(f"shard {url}: sample {sample.get('__key__')} has no tokens.npy")
+                tokens = np.load(io.BytesIO(raw), allow_pickle=False)
+                if tokens.shape != (p.seq_len,) or tokens.dtype != dtype:
+                    raise CorruptShardError(
+                        f"shard {url}: sample {sample['__key__']} has {tokens.dtype}{list(tokens.shape)}, "
+                        f"expected {dtype}[{p.seq_len}]"
+                    )
+                out = {"tokens": tokens, "index": int(sample["__key__"][1:])}
+                if p.sft:
+                    try:
+                        out["prompt_len"] = int(sample["prompt_len.txt"])
+                    except (KeyError, ValueError):
+                        raise CorruptShardError(
+                            f"shard {url}: SFT sample {sample['__key__']} has no valid prompt_len.txt"
+                        ) from None
+                count += 1
+                yield out
+            if count != expected:
+                raise CorruptShardError(f"shard {url}: truncated, {count} of {expected} samples")
+            # Only a shard read from its first byte to its last can be hashed. Every shard is (a
+            # resumed worker re-reads its shards from the start and drops the batches it already
+            # produced), except the one a consumer stops in the middle of; that one is checked the
+            # next time it is read through. The samples are out before the verdict: the stat above
+            # catches truncation and replacement before any sample, the hash a same-size change after.
+            reader.drain()
+            actual = reader.sha256.hexdigest()
+            if actual != sha256:
+                raise CorruptShardError(
+                    f"shard {url}: sha256 {actual}, manifest says {sha256} (contents changed; "
+                    "re-run the dataset build to repair it)"
+                )
+
+    def _samples(self, logical: int, skipped: list[int]) -> Iterator[dict[str, Any]]:
+        """The samples of this logical worker's shards; a corrupt one fails or is skipped and counted."""
+        for rel, expected, size, sha256 in self.plan.worker_shards(logical):
+            url = str(Path(self.plan.root) / rel)
             count = 0
             try:
-                actual_size = os.stat(url).st_size
-                if actual_size != size:
-                    raise CorruptShardError(
-                        f"shard {url}: {actual_size:,} bytes, manifest says {size:,} (truncated or replaced; "
-                        "re-run the dataset build to repair it)"
-                    )
-                with open(url, "rb") as f:
-                    reader = _HashingReader(f, url)
-                    for sample in group_by_keys(tar_file_expander([{"url": url, "stream": reader}])):
-                        raw = sample.get("tokens.npy")
-                        if raw is None:
-                            raise CorruptShardError(
-                                f"shard {url}: sample {sample.get('__key__')} has no tokens.npy"
-                            )
-                        tokens = np.load(io.BytesIO(raw), allow_pickle=False)
-                        if tokens.shape != (p.seq_len,) or tokens.dtype != dtype:
-                            raise CorruptShardError(
-                                f"shard {url}: sample {sample['__key__']} has {tokens.dtype}{list(tokens.shape)}, "
-                                f"expected {dtype}[{p.seq_len}]"
-                            )
-                        out = {"tokens": tokens, "index": int(sample["__key__"][1:])}
-                        if p.sft:
-                            try:
-                                out["prompt_len"] = int(sample["prompt_len.txt"])
-                            except (KeyError, ValueError):
-                                raise CorruptShardError(
-                                    f"shard {url}: SFT sample {sample['__key__']} has no valid prompt_len.txt"
-                                ) from None
-                        count += 1
-                        yield out
-                    if count != expected:
-                        raise CorruptShardError(f"shard {url}: truncated, {count} of {expected} samples")
-                    # Only a shard read from its first byte to its last can be hashed. Every
-                    # shard is (a resumed worker re-reads its shards from the start and drops
-                    # the batches it already produced), except the one a consumer stops in the
-                    # middle of; that one is checked the next time it is read through. The
-                    # samples are out before the verdict: the stat above catches truncation
-                    # and replacement before any sample, the hash a same-size change after.
-                    reader.drain()
-                    actual = reader.sha256.hexdigest()
-                    if actual != sha256:
-                        raise CorruptShardError(
-                            f"shard {url}: sha256 {actual}, manifest says {sha256} (contents changed; "
-                            "re-run the dataset build to repair it)"
-                        )
+                for sample in self._read_shard(url, expected, size, sha256):
+                    count += 1
+                    yield sample
             except Exception as exc:
                 err = (
                     exc
@@ -197,7 +199,7 @@ class _ShardStream(IterableDataset):
                         f"shard {url}: unreadable after {count} samples ({type(exc).__name__}: {exc})"
                     )
                 )
-                if p.on_corrupt_shard == "fail":
+                if self.plan.on_corrupt_shard == "fail":
                     raise err from None
                 skipped[0] += 1
                 warnings.warn(
@@ -213,7 +215,7 @@ class _ShardStream(IterableDataset):
         skipped = [0]  # corrupt shards this logical worker skipped in this epoch so far
         samples: Iterator[dict[str, Any]] = self._samples(logical, skipped)
         if p.shuffle and p.shuffle_buffer > 1:
-            seed = _seed_of(p.seed, p.epoch, p.rank, logical)
+            seed = seed_of(p.seed, p.epoch, p.rank, logical)
             samples = wds.shuffle(p.shuffle_buffer, initial=p.shuffle_buffer, seed=seed)(samples)
         buf: list[dict[str, Any]] = []
         made = 0
@@ -281,14 +283,7 @@ class TokenBatchLoader:
         self.num_workers = cfg.num_workers
         logical = max(1, cfg.num_workers)
         n = len(info.shards)
-        if n % (world_size * logical):
-            worlds = info.supported_world_sizes(logical)
-            raise DatasetError(
-                f"{self.root}: split '{split}' has {n} shards, which {world_size} rank(s) x {logical} worker(s) "
-                f"cannot share equally (uneven ranks would hang collectives). With num_workers={cfg.num_workers} "
-                f"supported world sizes are {worlds}; or re-prepare the dataset with {split}_shards a multiple "
-                f"of {world_size * logical}"
-            )
+        self._check_even_split(info, n, world_size, logical)
         self.rank, self.world_size, self.loop = rank, world_size, loop
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -296,7 +291,17 @@ class TokenBatchLoader:
         # logical worker in the current epoch (each worker counts from the epoch's start).
         self._skipped_before = 0
         self._skipped_in_epoch = [0] * logical
-        self._plan_args = dict(
+        self._plan_args = self._plan_arguments(info, logical, shuffle)
+        self.batches_per_epoch = logical * self._plan(0, 0).batches_per_worker()
+        if self.batches_per_epoch == 0:
+            raise DatasetError(
+                f"{self.root}: split '{split}' gives a rank {info.samples_per_shard * n // (world_size * logical)} "
+                f"samples per worker, fewer than batch_size={cfg.batch_size}"
+            )
+
+    def _plan_arguments(self, info, logical: int, shuffle: bool) -> dict[str, Any]:
+        cfg, rank, world_size = self.cfg, self.rank, self.world_size
+        return dict(
             root=str(self.root),
             shards=tuple((s.path, s.samples, s.bytes, s.sha256) for s in info.shards),
             seq_len=self.manifest.seq_len,
@@ -311,11 +316,15 @@ class TokenBatchLoader:
             on_corrupt_shard=cfg.on_corrupt_shard,
             sft=self.manifest.kind == "sft",
         )
-        self.batches_per_epoch = logical * self._plan(0, 0).batches_per_worker()
-        if self.batches_per_epoch == 0:
+
+    def _check_even_split(self, info, n: int, world_size: int, logical: int) -> None:
+        if n % (world_size * logical):
+            worlds = info.supported_world_sizes(logical)
             raise DatasetError(
-                f"{self.root}: split '{split}' gives a rank {info.samples_per_shard * n // (world_size * logical)} "
-                f"samples per worker, fewer than batch_size={cfg.batch_size}"
+                f"{self.root}: split '{self.split}' has {n} shards, which {world_size} rank(s) x {logical} "
+                f"worker(s) cannot share equally (uneven ranks would hang collectives). With num_workers="
+                f"{self.cfg.num_workers} supported world sizes are {worlds}; or re-prepare the dataset with "
+                f"{self.split}_shards a multiple of {world_size * logical}"
             )
 
     def _plan(self, epoch: int, start_batch: int) -> _Plan:

@@ -16,19 +16,20 @@ commits. Then, all NLLs averaged over the positions of the mask in question:
 R grows over the steps when the model's own commits mislead it; MemDLM claims a flatter R.
 A memory (``fast``, per row, e.g. adapted on the prompt) is used in every forward.
 
-    python -m pipeline.eval.run --checkpoint runs/local/export   # includes this (make eval)
+    python -m launch.evaluate --checkpoint runs/local/export   # includes this (make eval)
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.memory.fast_weights import FastWeights
-from pipeline.sample import commit_schedule, pack, prompt_seed
+from pipeline.plots import plot_exposure_bias  # noqa: F401  (moved; imported from here by callers)
+from pipeline.sampler import commit_schedule, pack, prompt_seed
 
 
 @dataclass
@@ -87,11 +88,7 @@ def exposure_bias(
     ``fast`` is a per-sample memory with one row per pair (or None). The static masks of row
     ``b`` come from a generator seeded from ``seed`` and its prompt.
     """
-    G = len(responses[0])
-    if any(len(r) != G for r in responses) or len(prompts) != len(responses):
-        raise ValueError("exposure_bias needs one response per prompt, all of the same length")
-    if not 1 <= steps <= G:
-        raise ValueError(f"steps={steps}: expected 1..{G} (the response length)")
+    G = _response_length(prompts, responses, steps)
     device = next(model.parameters()).device
     B = len(prompts)
     packed = pack(prompts, G, mask_id, pad_id, device)  # prompt | [MASK] x G | pad, as the sampler
@@ -113,50 +110,51 @@ def exposure_bias(
         if k > 0:
             l_seq = -logp.gather(1, truth[masked][:, None]).sum()
             l_ctrl = _nll_sum(model, truth, masked, real, mem, mask_id, vocab_size, bf16)
-            l_static = torch.zeros((), dtype=torch.float64, device=device)
             per_row = count // B
-            for _ in range(static_draws):
-                smask = torch.zeros_like(masked)
-                for b, g in enumerate(gens):
-                    pick = torch.randperm(G, generator=g, device=g.device)[:per_row].to(device)
-                    smask[b, resp_pos[b, pick]] = True
-                l_static += _nll_sum(model, truth, smask, real, mem, mask_id, vocab_size, bf16)
+            nll = functools.partial(
+                _nll_sum, model, truth, real=real, fast=mem, mask_id=mask_id, vocab=vocab_size, bf16=bf16
+            )
+            l_static = sum(nll(_static_mask(masked, resp_pos, per_row, gens)) for _ in range(static_draws))
             curve.steps.append(k)
             curve.masked_ratio.append(per_row / G)
             curve.L_seq.append(float(l_seq) / count)
             curve.L_control.append(float(l_ctrl) / count)
             curve.L_static.append(float(l_static) / (count * static_draws))
-        # commit the n most confident greedy predictions of each row (never [MASK] or [PAD])
-        conf, tok = logp.index_fill(1, torch.tensor([mask_id, pad_id], device=device), float("-inf")).max(-1)
-        conf, tok = conf.view(B, -1), tok.view(B, -1)
-        slots = masked.nonzero()[:, 1].view(B, -1)  # absolute positions of the masked slots
-        chosen = conf.topk(n_commit, dim=1).indices
-        pos = slots.gather(1, chosen)
-        x.scatter_(1, pos, tok.gather(1, chosen))
-        masked.scatter_(1, pos, False)
+        _commit_greedy(logp, x, masked, n_commit, (mask_id, pad_id))
     return curve
 
 
-def plot_exposure_bias(curves: dict[str, ExposureBiasCurve], path: str | Path) -> Path:
-    """R(step) per setting (and the selection-only control dashed) into a PNG."""
-    import matplotlib
+def _response_length(prompts: list[list[int]], responses: list[list[int]], steps: int) -> int:
+    G = len(responses[0])
+    if any(len(r) != G for r in responses) or len(prompts) != len(responses):
+        raise ValueError("exposure_bias needs one response per prompt, all of the same length")
+    if not 1 <= steps <= G:
+        raise ValueError(f"steps={steps}: expected 1..{G} (the response length)")
+    return G
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 4.0 + 0.22 * 2 * len(curves)))
-    for i, (name, c) in enumerate(curves.items()):
-        color = f"C{i}"
-        ax.plot(c.steps, c.R, color=color, marker="o", ms=3, label=f"{name}: L_seq / L_static")
-        sel = c.to_json()["R_selection"]
-        ax.plot(c.steps, sel, color=color, ls="--", lw=1, label=f"{name}: control (selection only)")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("denoising steps taken")
-    ax.set_ylabel("exposure-bias ratio R")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
-    ax.set_title("Exposure bias over the denoising trajectory")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+def _static_mask(
+    masked: torch.Tensor, resp_pos: torch.Tensor, per_row: int, gens: list[torch.Generator]
+) -> torch.Tensor:
+    """A random mask of ``per_row`` response positions per row (the true forward process's state)."""
+    smask = torch.zeros_like(masked)
+    G = resp_pos.shape[1]
+    for b, g in enumerate(gens):
+        pick = torch.randperm(G, generator=g, device=g.device)[:per_row].to(masked.device)
+        smask[b, resp_pos[b, pick]] = True
+    return smask
+
+
+def _commit_greedy(
+    logp: torch.Tensor, x: torch.Tensor, masked: torch.Tensor, n_commit: int, banned: tuple[int, int]
+) -> None:
+    """Commit the ``n_commit`` most confident greedy predictions of each row into ``x`` (in place),
+    never [MASK] or [PAD]; logp [N, V] at the masked positions (row-major)."""
+    B = x.shape[0]
+    conf, tok = logp.index_fill(1, torch.tensor(banned, device=x.device), float("-inf")).max(-1)
+    conf, tok = conf.view(B, -1), tok.view(B, -1)
+    slots = masked.nonzero()[:, 1].view(B, -1)  # absolute positions of the masked slots
+    chosen = conf.topk(n_commit, dim=1).indices
+    pos = slots.gather(1, chosen)
+    x.scatter_(1, pos, tok.gather(1, chosen))
+    masked.scatter_(1, pos, False)

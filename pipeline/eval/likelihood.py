@@ -13,12 +13,13 @@ The mean over draws is a lower bound on ``log p(c | p)`` whose variance falls wi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.memory.fast_weights import FastWeights
-from pipeline.sample import prompt_seed
+from pipeline.sampler import prompt_seed
 
 
 def select_rows(fast: FastWeights, rows: torch.Tensor) -> FastWeights:
@@ -60,6 +61,32 @@ def _ce(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Te
     return torch.nn.functional.cross_entropy(logits, target, reduction="none")
 
 
+def _check_pairs(prompts: list[list[int]], conts: list[list[int]], limit: int) -> None:
+    if any(len(c) == 0 for c in conts):
+        raise ValueError("every continuation needs at least one token")
+    if len(prompts) != len(conts):
+        raise ValueError(f"{len(prompts)} prompts but {len(conts)} continuations")
+    for p, c in zip(prompts, conts, strict=True):
+        if len(p) + len(c) > limit:
+            raise ValueError(
+                f"prompt + continuation = {len(p) + len(c)} tokens exceeds the model's seq_len {limit}"
+            )
+
+
+def _draw_elbo_mask(cont: torch.Tensor, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ELBO draw per row: ``l ~ U{1..L}`` continuation positions masked, weight ``L / l``."""
+    mask = torch.zeros_like(cont)
+    weight = torch.zeros(len(gens), dtype=torch.float64, device=cont.device)
+    for j, g in enumerate(gens):
+        pos = cont[j].nonzero().squeeze(1)
+        L = pos.numel()
+        l_ = int(torch.randint(1, L + 1, (1,), generator=g, device=g.device))
+        pick = torch.randperm(L, generator=g, device=g.device)[:l_].to(cont.device)
+        mask[j, pos[pick]] = True
+        weight[j] = L / l_
+    return mask, weight
+
+
 def mc_loglikelihood(
     model,
     prompts: list[list[int]],
@@ -82,17 +109,8 @@ def mc_loglikelihood(
     (e.g. the memory adapted on that pair's prompt). A prompt may be empty (unconditional);
     a continuation may not.
     """
-    if any(len(c) == 0 for c in conts):
-        raise ValueError("every continuation needs at least one token")
-    if len(prompts) != len(conts):
-        raise ValueError(f"{len(prompts)} prompts but {len(conts)} continuations")
+    _check_pairs(prompts, conts, model.cfg.seq_len)
     device = next(model.parameters()).device
-    limit = model.cfg.seq_len
-    for p, c in zip(prompts, conts, strict=True):
-        if len(p) + len(c) > limit:
-            raise ValueError(
-                f"prompt + continuation = {len(p) + len(c)} tokens exceeds the model's seq_len {limit}"
-            )
     loglik = [0.0] * len(prompts)
     greedy = [False] * len(prompts)
     for lo in range(0, len(prompts), batch_size):
@@ -101,35 +119,22 @@ def mc_loglikelihood(
         tokens, cont, real = _pack_pairs(P, C, pad_id, device)
         mem = None
         if fast is not None:
-            rows = torch.tensor([fast_rows[i] for i in idx], device=device)
-            mem = select_rows(fast, rows).by_layer
-        gens = [torch.Generator(device=device).manual_seed(prompt_seed(seed, p)) for p in P]
-
+            mem = select_rows(fast, torch.tensor([fast_rows[i] for i in idx], device=device)).by_layer
+        forward = functools.partial(_forward, model, tokens, real=real, mem=mem, mask_id=mask_id, bf16=bf16)
         if check_greedy:  # everything masked, argmax at every position
-            logits = _forward(model, tokens, cont, real, mem, mask_id, bf16)
-            hits = (logits.float()[:, :vocab_size].argmax(-1) == tokens[cont]).float()
-            row_of = cont.nonzero()[:, 0]
-            wrong = torch.zeros(len(idx), device=device).index_add(0, row_of, 1.0 - hits)
+            hits = (forward(cont).float()[:, :vocab_size].argmax(-1) == tokens[cont]).float()
+            wrong = torch.zeros(len(idx), device=device).index_add(0, cont.nonzero()[:, 0], 1.0 - hits)
             for j, i in enumerate(idx):
                 greedy[i] = bool(wrong[j] == 0)
+        gens = [torch.Generator(device=device).manual_seed(prompt_seed(seed, p)) for p in P]
         total = torch.zeros(len(idx), dtype=torch.float64, device=device)
         for _ in range(samples):
-            mask = torch.zeros_like(cont)
-            weight = torch.zeros(len(idx), dtype=torch.float64, device=device)
-            for j, g in enumerate(gens):
-                pos = cont[j].nonzero().squeeze(1)
-                L = pos.numel()
-                l_ = int(torch.randint(1, L + 1, (1,), generator=g, device=g.device))
-                pick = torch.randperm(L, generator=g, device=g.device)[:l_].to(device)
-                mask[j, pos[pick]] = True
-                weight[j] = L / l_
-            ce = _ce(
-                _forward(model, tokens, mask, real, mem, mask_id, bf16), tokens[mask], vocab_size
-            ).double()
-            row_of = mask.nonzero()[:, 0]
-            total -= weight * torch.zeros(len(idx), dtype=torch.float64, device=device).index_add(
-                0, row_of, ce
+            mask, weight = _draw_elbo_mask(cont, gens)
+            ce = _ce(forward(mask), tokens[mask], vocab_size).double()
+            per_row = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add(
+                0, mask.nonzero()[:, 0], ce
             )
+            total -= weight * per_row
         for j, i in enumerate(idx):
             loglik[i] = float(total[j]) / samples
     return Scored(loglik=loglik, greedy=greedy)

@@ -31,7 +31,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from pipeline.eval.likelihood import mc_loglikelihood
-from pipeline.sample import SamplerConfig, cut_at_eos, load_sampler
+from pipeline.sampler import SamplerConfig, cut_at_eos, load_sampler
 
 
 @register_model("memdlm")

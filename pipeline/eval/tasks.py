@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import torch
 
-from data_prep.tasks import TaskExample, score_generation
+from pipeline.dataset.tasks import TaskExample, score_generation
 from pipeline.eval.likelihood import mc_loglikelihood
 from pipeline.hardware.precision import resolve_precision
-from pipeline.sample import DiffusionSampler, SamplerConfig, cut_at_eos
+from pipeline.sampler import DiffusionSampler, SamplerConfig, cut_at_eos
 
 
 @dataclass

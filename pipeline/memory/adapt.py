@@ -22,8 +22,9 @@ from dataclasses import replace
 
 import torch
 
+from pipeline.memory.config import MemoryConfig
 from pipeline.memory.fast_weights import FastWeights
-from pipeline.memory.inner_loop import MemoryConfig, inner_loop
+from pipeline.memory.inner_loop import inner_loop
 from pipeline.objectives.mdlm import Noise, ObjectiveConfig
 
 

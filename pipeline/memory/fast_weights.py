@@ -24,46 +24,23 @@ changes nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core.tensor_parallel import (
-    copy_to_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-)
 
+from pipeline.model.delta import COLUMN_TARGETS, ROW_TARGETS, apply_column_delta, apply_row_delta
 from pipeline.model.parallel import tp_rank, tp_size
 
-COLUMN_TARGETS = ("qkv", "gate", "up")
-ROW_TARGETS = ("out", "down")
+__all__ = [
+    "COLUMN_TARGETS",
+    "ROW_TARGETS",
+    "TARGETS",
+    "FastWeightSpec",
+    "FastWeights",
+    "apply_column_delta",
+    "apply_row_delta",
+]
 TARGETS = {"ffn": ("gate", "up", "down"), "ffn+attn": ("qkv", "out", "gate", "up", "down")}
-
-
-def _low_rank(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x [B, T, i] times m^T, m [o, i] (shared) or [B, o, i] (per sample) -> [B, T, o]."""
-    if m.dim() == 2:
-        return x @ m.t().to(x.dtype)
-    return torch.einsum("bti,boi->bto", x, m.to(x.dtype))
-
-
-def apply_column_delta(x: torch.Tensor, fast: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    """Extra output of a column-parallel linear: x [B, T, in] (replicated) -> [B, T, out/tp]."""
-    if name + ".W" in fast:
-        # dW is sharded like W; the copy makes autograd all-reduce x's gradient over TP.
-        return _low_rank(copy_to_tensor_model_parallel_region(x), fast[name + ".W"])
-    u = _low_rank(x, fast[name + ".A"])  # [B, T, r], identical on every TP rank
-    # Backward all-reduces dL/du over TP so A (replicated) gets the full gradient.
-    u = copy_to_tensor_model_parallel_region(u)
-    return fast["scale"].to(x.dtype) * _low_rank(u, fast[name + ".B"])
-
-
-def apply_row_delta(x: torch.Tensor, fast: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    """Extra output of a row-parallel linear: x [B, T, in/tp] (sharded) -> [B, T, out] (summed over TP)."""
-    if name + ".W" in fast:
-        return reduce_from_tensor_model_parallel_region(_low_rank(x, fast[name + ".W"]))
-    u = reduce_from_tensor_model_parallel_region(_low_rank(x, fast[name + ".A"]))  # [B, T, r]: sum of shards
-    return fast["scale"].to(x.dtype) * _low_rank(u, fast[name + ".B"])
 
 
 @dataclass

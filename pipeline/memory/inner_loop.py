@@ -22,14 +22,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
-from pipeline.config import ConfigError
-from pipeline.memory.fast_weights import TARGETS, FastWeights, FastWeightSpec
+from pipeline.memory.config import MemoryConfig
+from pipeline.memory.fast_weights import FastWeights
 from pipeline.model.parallel import tp_group, tp_size
 from pipeline.objectives.mdlm import (
     Noise,
@@ -40,59 +39,6 @@ from pipeline.objectives.mdlm import (
     time_of_mask_ratio,
     weighted_loss,
 )
-
-
-@dataclass
-class MemoryConfig:
-    """MemDLM's parametric memory; ``enabled: false`` trains plain MDLM."""
-
-    enabled: bool = False
-    rank: int = 32
-    alpha: float = 64.0
-    layer_fraction: float = 0.1  # fast weights on the last 10 % of layers
-    targets: Literal["ffn", "ffn+attn"] = "ffn"
-    adapter: Literal["lora", "full"] = "lora"
-    # batch: one memory per global batch (inner grads summed over DP ranks when sync_dp);
-    # sample: one memory per sequence (batched low-rank products).
-    scope: Literal["batch", "sample"] = "batch"
-    sync_dp: bool = True
-    inner_lr: float = 0.1
-    clip_norm: float = 1.0  # per tensor (per sample in sample scope)
-    pre_anchor_scale: float = 1.5
-    pre_anchor_steps: int = 1  # stage-1 steps, most noisy first (scale**k x the anchor ratio)
-    anchor_step: bool = True  # stage 2
-    inner_loss: Literal["ce", "logit_kl", "reverse_kl", "hidden_cos", "hidden_mse"] = "ce"
-    inner_weighting: Literal["elbo", "uniform"] = "elbo"
-    # Recompute the memory layers in backward; null = automatic: on for models of >= 1B parameters.
-    checkpoint: bool | None = None
-
-    def validate(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"key 'memory.rank': got {self.rank}, expected >= 1")
-        if not 0.0 < self.layer_fraction <= 1.0:
-            raise ConfigError(f"key 'memory.layer_fraction': got {self.layer_fraction}, expected 0 < x <= 1")
-        if self.pre_anchor_scale < 1.0:
-            raise ConfigError(f"key 'memory.pre_anchor_scale': got {self.pre_anchor_scale}, expected >= 1")
-        if self.pre_anchor_steps < 0:
-            raise ConfigError(f"key 'memory.pre_anchor_steps': got {self.pre_anchor_steps}, expected >= 0")
-        if self.clip_norm <= 0 or self.inner_lr < 0:
-            raise ConfigError("keys 'memory.clip_norm' (> 0) and 'memory.inner_lr' (>= 0) out of range")
-
-    def use_checkpoint(self, model_params: int) -> bool:
-        return self.checkpoint if self.checkpoint is not None else model_params >= 1_000_000_000
-
-    def spec(self, n_layers: int, d_model: int, ffn_hidden: int) -> FastWeightSpec:
-        first = FastWeightSpec.first_memory_layer(n_layers, self.layer_fraction)
-        return FastWeightSpec(
-            layers=tuple(range(first, n_layers)),
-            targets=TARGETS[self.targets],
-            adapter=self.adapter,
-            rank=self.rank,
-            alpha=self.alpha,
-            d_model=d_model,
-            ffn_hidden=ffn_hidden,
-        )
-
 
 # ---------------------------------------------------------------- masks
 
@@ -219,6 +165,11 @@ class InnerStats:
     loss: torch.Tensor  # global inner loss (sum over samples in sample scope)
     grad_norm: torch.Tensor  # norm of all fast-weight gradients before clipping
     skipped: torch.Tensor  # updates skipped for a non-finite loss
+    # What the step wrote (diagnostics only, never used by the loss): the norm of phi_k - phi_{k-1}
+    # (mean over samples in sample scope) and the fraction of tensors (x samples) whose gradient
+    # was clipped, among the updates not skipped.
+    update_norm: torch.Tensor | None = None
+    clipped: torch.Tensor | None = None
 
 
 def inner_step(
@@ -276,6 +227,9 @@ def inner_step(
         loss=torch.where(finite, sample_loss, torch.zeros_like(sample_loss)).sum().detach(),
         grad_norm=sq.sum(0).sqrt().max().detach(),
         skipped=(~finite).sum().float(),
+        # |phi_k - phi_{k-1}| per tensor is inner_lr * coef * |g| (0 where skipped): no pass over the weights
+        update_norm=torch.where(finite, (cfg.inner_lr * coef * norms).pow(2).sum(0).sqrt(), 0.0).mean(),
+        clipped=((norms + 1e-6 > cfg.clip_norm) & finite).float().mean().detach(),
     )
     return fast.with_values(new), stats
 
@@ -288,6 +242,10 @@ class MemDLMOutput:
     loss: torch.Tensor
     fast: FastWeights  # the final memory (phi2), detached
     stage_stats: list[InnerStats]
+    # With ``measure=True``: the outer loss of the same anchor with the fresh memory phi0 (no
+    # inner step), and ``gain = loss_phi0 - loss`` (> 0: what the memory wrote lowered the loss).
+    loss_phi0: torch.Tensor | None = None
+    gain: torch.Tensor | None = None
 
 
 def inner_loop(
@@ -385,6 +343,7 @@ def memdlm_loss(
     dp_group: dist.ProcessGroup | None = None,
     pre_masks: list[torch.Tensor] | None = None,
     reset_generator: torch.Generator | None = None,
+    measure: bool = False,
 ) -> MemDLMOutput:
     """MemDLM's outer loss for one batch, after the two-stage inner loop.
 
@@ -392,9 +351,15 @@ def memdlm_loss(
     DeepSpeed engine around it and computes everything the outer gradient flows through.
     tokens [B, T] clean; ``noise`` is the MDLM anchor draw; ``pre_masks`` (most noisy first)
     replaces the drawn pre-anchor masks (evaluation and tests); ``reset_generator``
-    draws the memory's reset (see :func:`inner_loop`).
+    draws the memory's reset (see :func:`inner_loop`). ``measure`` (log steps) also computes
+    the memory's gain: the memory layers and head once more from the shared anchor pass, with
+    phi0, under no_grad (about the cost of the outer pass above the memory, forward only).
     """
-    first = mem.spec(model.cfg.n_layers, model.cfg.d_model, model.cfg.ffn_hidden).layers[0]
+    spec = mem.spec(model.cfg.n_layers, model.cfg.d_model, model.cfg.ffn_hidden)
+    first = spec.layers[0]
+    # phi0 is redrawn afterwards from a copy of the reset generator's state: the draws the
+    # training consumes are untouched, whether or not this step is measured.
+    reset_state = (reset_generator or generator).get_state() if measure else None
     # The anchor's pass below the memory: once, with autograd, shared by stage 2 and the outer loss.
     h_anchor = outer_forward(tokens=noise.noisy, end_layer=first)
     fast, stats = inner_loop(
@@ -421,4 +386,15 @@ def memdlm_loss(
     ce = position_ce(logits, tokens[noise.mask])
     w = loss_weight(noise.t, obj.schedule, obj.weighting)
     loss = weighted_loss(ce, noise.mask, w, noise.maskable, obj.normalization, dp_group)
-    return MemDLMOutput(loss=loss, fast=fast, stage_stats=stats)
+    out = MemDLMOutput(loss=loss, fast=fast, stage_stats=stats)
+    if measure:
+        g0 = torch.Generator(tokens.device)
+        g0.set_state(reset_state)
+        phi0 = spec.reset(tokens.shape[0] if mem.scope == "sample" else None, g0, tokens.device)
+        with torch.no_grad():
+            h0 = h_anchor.detach()
+            logits0 = model(hidden=h0, start_layer=first, fast=phi0.by_layer, positions=noise.mask)
+            ce0 = position_ce(logits0, tokens[noise.mask])
+            out.loss_phi0 = weighted_loss(ce0, noise.mask, w, noise.maskable, obj.normalization, dp_group)
+        out.gain = out.loss_phi0 - loss.detach()
+    return out

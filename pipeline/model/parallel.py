@@ -76,6 +76,38 @@ def _is_loopback(addr: str) -> bool:
         return False
 
 
+def _ipv4_of(ifname: str) -> str | None:
+    """The (primary) IPv4 address of interface ``ifname`` (Linux ``SIOCGIFADDR``), or None."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname.encode()[:15]))
+        except OSError:  # no IPv4 address on it
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def interface_for(addr: str) -> str | None:
+    """The network interface this host reaches ``addr`` (a name or IPv4 address) through.
+
+    On MASTER_ADDR's own host that is the interface holding its address; on the other nodes, the
+    one the kernel routes to it by. Found by connecting a UDP socket (which picks the route and
+    the source address, and sends nothing) and looking the source address up among the
+    interfaces. None where it cannot be told (the address does not resolve, no interface holds it).
+    """
+    try:
+        ip = socket.gethostbyname(addr)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((ip, 9))
+            source = s.getsockname()[0]
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((name for name in names if _ipv4_of(name) == source), None)
+
+
 def rendezvous_store(rank: int, world: int, addr: str, port: int, timeout: datetime.timedelta) -> dist.Store:
     """The TCP key-value store ranks meet at, served by rank 0 on ``addr`` only.
 
@@ -100,7 +132,10 @@ def init_distributed(tp: int = 1, backend: str | None = None, timeout_s: int = 6
     Backend: gloo on CPU; on CUDA ``cpu:gloo,cuda:nccl`` (NCCL alone rejects CPU tensors).
     World = TP x DP; TP ranks are adjacent (megatron order). The rendezvous store and gloo bind
     to loopback when MASTER_ADDR is a loopback address (every local run), to MASTER_ADDR's
-    interface otherwise; under torchrun the agent's store is used as torchrun intends.
+    interface otherwise: the store on MASTER_ADDR's address, gloo's and NCCL's sockets
+    (``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME``, unless already set) on the interface each node
+    reaches MASTER_ADDR through (:func:`interface_for`, decided on each node at run time). Under
+    torchrun the agent's store is used as torchrun intends.
     """
     from megatron.core import parallel_state
 
@@ -117,6 +152,9 @@ def init_distributed(tp: int = 1, backend: str | None = None, timeout_s: int = 6
         addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         if _is_loopback(addr):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs too, not the host's address
+        elif iface := interface_for(addr):  # multi-node: the interface MASTER_ADDR is reached by
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
         timeout = datetime.timedelta(seconds=timeout_s)
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

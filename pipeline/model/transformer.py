@@ -10,8 +10,8 @@ column-parallel, output row-parallel), SwiGLU FFN (gate/up column-parallel, down
 row-parallel), final RMSNorm and a column-parallel LM head. The same code runs at TP=1 and
 TP=N; with ``use_cpu_initialization`` the weights are identical across TP sizes.
 
-Fast weights are forward *arguments* (a mapping ``target -> tensors`` per layer), never
-parameters: see pipeline/memory/fast_weights.py for why.
+Weight deltas (MemDLM's fast weights) are forward *arguments* (a mapping ``target -> tensors``
+per layer, applied by pipeline/model/delta.py), never parameters: ZeRO-3 would partition them.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.memory.fast_weights import apply_column_delta, apply_row_delta
 from pipeline.model.config import ModelConfig
+from pipeline.model.delta import delta_linear
 from pipeline.model.parallel import tp_size
 
 LayerFast = Mapping[str, torch.Tensor] | None  # "gate.A", "gate.B", ... for one layer
@@ -64,7 +64,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(norm(x)); x + SwiGLU(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
         tp = tp_size()
         self.n_local_heads = cfg.n_heads // tp
@@ -89,21 +89,6 @@ class Block(nn.Module):
         self.down = RowParallelLinear(
             f, d, config=mp, init_method=init_out, bias=False, input_is_parallel=True, skip_bias_add=False
         )
-        self.layer = layer
-
-    @staticmethod
-    def _col(lin: ColumnParallelLinear, x: torch.Tensor, fast: LayerFast, name: str) -> torch.Tensor:
-        y, _ = lin(x)
-        if fast is not None and (name + ".A" in fast or name + ".W" in fast):
-            y = y + apply_column_delta(x, fast, name)
-        return y
-
-    @staticmethod
-    def _row(lin: RowParallelLinear, x: torch.Tensor, fast: LayerFast, name: str) -> torch.Tensor:
-        y, _ = lin(x)
-        if fast is not None and (name + ".A" in fast or name + ".W" in fast):
-            y = y + apply_row_delta(x, fast, name)
-        return y
 
     def forward(
         self,
@@ -118,17 +103,17 @@ class Block(nn.Module):
         """
         B, T, _ = x.shape
         h = self.attn_norm(x)
-        qkv = self._col(self.qkv, h, fast, "qkv").view(B, T, self.n_local_heads, 3, self.head_dim)
+        qkv = delta_linear(self.qkv, h, fast, "qkv").view(B, T, self.n_local_heads, 3, self.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [B, H_local, T, hd]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # Bidirectional: no causal mask; only padding keys (batched inference) are hidden.
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
         a = a.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
-        x = x + self._row(self.out, a, fast, "out")
+        x = x + delta_linear(self.out, a, fast, "out")
         h = self.ffn_norm(x)
-        g = self._col(self.gate, h, fast, "gate")
-        u = self._col(self.up, h, fast, "up")
-        return x + self._row(self.down, F.silu(g) * u, fast, "down")
+        g = delta_linear(self.gate, h, fast, "gate")
+        u = delta_linear(self.up, h, fast, "up")
+        return x + delta_linear(self.down, F.silu(g) * u, fast, "down")
 
 
 class DLMTransformer(nn.Module):
@@ -147,7 +132,7 @@ class DLMTransformer(nn.Module):
         init = functools.partial(nn.init.normal_, mean=0.0, std=cfg.init_std)
         V = cfg.padded_vocab_size
         self.embedding = VocabParallelEmbedding(V, cfg.d_model, init_method=init, config=mp)
-        self.layers = nn.ModuleList(Block(cfg, mp, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, mp) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = ColumnParallelLinear(
             cfg.d_model, V, config=mp, init_method=init, bias=False, gather_output=False

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pipeline.memory.inner_loop import MemoryConfig, memdlm_loss, pre_anchor_masks
+from pipeline.memory.config import MemoryConfig
+from pipeline.memory.inner_loop import memdlm_loss, pre_anchor_masks
 from pipeline.model.parallel import dp_group, init_distributed, tp_group, tp_size
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import Noise, ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss

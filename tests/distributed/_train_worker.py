@@ -70,7 +70,6 @@ def main(mode: str, dataset: str, out_dir: str) -> None:
         trainer.run()
     elif mode == "resave":
         import pipeline.engine.checkpoint as ckpt
-        import pipeline.train as train_mod
 
         trainer = Trainer(cfg(dataset, out / "D"))  # resumes at step 3
         real_replace = os.replace
@@ -81,7 +80,7 @@ def main(mode: str, dataset: str, out_dir: str) -> None:
             return real_replace(src, dst)
 
         ckpt.os.replace = die_inside_resave
-        train_mod.STOP_REQUESTED["signal"] = signal.SIGTERM  # saves step 3 again before any step
+        trainer.stop.request(signal.SIGTERM)  # saves step 3 again before any step
         trainer.run()
     elif mode == "resume":
         record(out, "B-second", Trainer(cfg(dataset, out / "B")).run())

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from launch.evaluate import EvalRunConfig, main, run
 from pipeline.config import ConfigError, load_config
-from pipeline.eval.run import EvalRunConfig, main, run
 
 
 def _cfg(tmp_path, dataset, filler, *extra):
@@ -114,7 +114,7 @@ def test_task_scores_equal_a_direct_per_example_computation(tiny_export, filler)
     from data_prep.tasks import generate, load_filler, score_generation
     from pipeline.eval.likelihood import mc_loglikelihood
     from pipeline.eval.tasks import TaskScoringConfig, evaluate_examples
-    from pipeline.sample import SamplerConfig, cut_at_eos, load_sampler
+    from pipeline.sampler import SamplerConfig, cut_at_eos, load_sampler
 
     sampler, tok, _ = load_sampler(tiny_export)
     examples = generate(

@@ -21,7 +21,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from pipeline.eval.likelihood import mc_loglikelihood  # noqa: E402
 from pipeline.eval.lm_eval_model import MemDLMEvalModel  # noqa: E402
-from pipeline.sample import SamplerConfig, cut_at_eos  # noqa: E402
+from pipeline.sampler import SamplerConfig, cut_at_eos  # noqa: E402
 
 
 def _docs():

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.config import PrepConfig
 from pipeline.config import ConfigError, load_config, parse_overrides
 from pipeline.data.stream import DataConfig
+from pipeline.dataset.prep_config import PrepConfig
 
 
 def _yaml(tmp_path: Path, text: str) -> Path:
@@ -88,3 +88,36 @@ def test_shipped_dataset_configs_load():
         assert cfg.train_shards >= 1, path
         kinds[path.name] = type(cfg)
     assert kinds["sample.yaml"] is PrepConfig and kinds["tasks.yaml"] is TaskDataConfig
+
+
+def test_resolved_config_file_is_every_default_and_loads_back_exactly(tmp_path):
+    import json
+    from dataclasses import asdict, replace
+
+    from pipeline.train_config import load_resolved_config, load_train_config, write_resolved_config
+
+    cfg = load_train_config(
+        "configs/train/local.yaml", ["steps=7", "tracking.uri=https://u:pw@mlflow.example/x"]
+    )
+    path = write_resolved_config(cfg, tmp_path / "config.json")
+    written = json.loads(path.read_text())
+    assert (
+        written["optim"]["beta2"] == 0.95 and written["model"]["n_layers"] == cfg.model.n_layers
+    )  # defaults, preset
+    assert "pw" not in path.read_text() and written["tracking"]["uri"] == "https://mlflow.example/x"
+    back = load_resolved_config(path)
+    assert back == replace(cfg, tracking=replace(cfg.tracking, uri="https://mlflow.example/x"))
+    # what a started run adds (its machine's decisions) is not an input
+    written["runtime"] = {"precision": "fp32"}
+    path.write_text(json.dumps(written))
+    assert load_resolved_config(path) == back
+    assert asdict(back)["steps"] == 7
+
+
+def test_a_resolved_config_is_not_overridden(tmp_path, capsys):
+    from pipeline.train import main
+    from pipeline.train_config import load_train_config, write_resolved_config
+
+    path = write_resolved_config(load_train_config("configs/train/local.yaml"), tmp_path / "config.json")
+    assert main(["--resolved", str(path), "steps=3"]) == 2
+    assert "loaded as is" in capsys.readouterr().err

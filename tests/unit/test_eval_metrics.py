@@ -8,7 +8,7 @@ import torch
 from pipeline.eval.exposure_bias import exposure_bias
 from pipeline.eval.likelihood import mc_loglikelihood
 from pipeline.model.transformer import DLMTransformer
-from pipeline.sample import prompt_seed
+from pipeline.sampler import prompt_seed
 from tests.conftest import tiny_model_config
 
 MASK, PAD, VOCAB = 4, 0, 280

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.memory.inner_loop import MemoryConfig, expand_mask, memdlm_loss, pre_anchor_masks
+from pipeline.memory.config import MemoryConfig
+from pipeline.memory.inner_loop import expand_mask, memdlm_loss, pre_anchor_masks
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import (
     ObjectiveConfig,

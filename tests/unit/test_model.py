@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.memory.inner_loop import MemoryConfig
+from pipeline.memory.config import MemoryConfig
 from pipeline.model.config import ModelConfig
-from pipeline.model.flops import estimate_flops
+from pipeline.perf.flops import estimate_flops
 from pipeline.model.transformer import DLMTransformer
 from tests.conftest import tiny_model_config
 

@@ -7,9 +7,9 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.memory.adapt import adapt_to_context, context_masks
-from pipeline.memory.inner_loop import MemoryConfig
+from pipeline.memory.config import MemoryConfig
 from pipeline.model.transformer import DLMTransformer
-from pipeline.sample import DiffusionSampler, SamplerConfig, commit_schedule, cut_at_eos, pack
+from pipeline.sampler import DiffusionSampler, SamplerConfig, commit_schedule, cut_at_eos, pack
 from tests.conftest import tiny_model_config
 
 MASK, PAD, VOCAB = 4, 0, 280  # tokenizer vocab below the model's (padded) 300/384

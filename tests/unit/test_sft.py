@@ -12,7 +12,7 @@ from data_prep.sft import SFTDataError, encode_pair, write_sft_dataset
 from data_prep.task_data import TaskDataConfig, TaskSFTSet, prepare_task_data
 from pipeline.config import ConfigError
 from pipeline.data.stream import DataConfig, TokenBatchLoader
-from pipeline.data.tokenizer import load_tokenizer
+from pipeline.dataset.tokenizer import load_tokenizer
 from pipeline.train import Trainer
 from pipeline.train_config import load_train_config
 from tests.conftest import WORDS, export_random_model, tiny_run_overrides
@@ -183,7 +183,7 @@ def test_task_data_build_is_idempotent_and_keeps_splits_apart(tiny_dataset, tmp_
 
 def test_fine_tuning_refuses_an_export_with_another_tokenizer(world1, tiny_dataset, tmp_path):
     from data_prep.shard import prepare_dataset
-    from pipeline.data.manifest import DatasetError
+    from pipeline.dataset.manifest import DatasetError
     from tests.conftest import prep_config, write_txt_corpus
 
     corpus = write_txt_corpus(tmp_path / "other", n_docs=12, seed=9)

@@ -334,8 +334,8 @@ def test_shipped_eval_and_task_data_configs_load():
     from pathlib import Path
 
     from data_prep.task_data import TaskDataConfig
+    from launch.evaluate import EvalRunConfig
     from pipeline.config import load_config
-    from pipeline.eval.run import EvalRunConfig
 
     for path in sorted(Path("configs/eval").glob("*.yaml")):
         cfg = load_config(EvalRunConfig, path)

@@ -8,9 +8,9 @@ import random
 import pytest
 import sentencepiece as spm
 
-from data_prep.config import TokenizerConfig
 from data_prep.tokenizer import MAX_LINE_BYTES, TokenizerTrainingError, sample_lines, train_tokenizer
-from pipeline.data.tokenizer import TokenizerError, load_tokenizer
+from pipeline.dataset.prep_config import TokenizerConfig
+from pipeline.dataset.tokenizer import TokenizerError, load_tokenizer
 from tests.conftest import make_text
 
 

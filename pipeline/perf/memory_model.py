@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from pipeline.memory.config import MemoryConfig
 from pipeline.memory.fast_weights import COLUMN_TARGETS, TARGETS
-from pipeline.memory.inner_loop import MemoryConfig
 from pipeline.model.config import ModelConfig
 
 GIB = 2**30

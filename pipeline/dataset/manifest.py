@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.tokenizer import load_tokenizer
+from pipeline.dataset.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

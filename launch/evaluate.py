@@ -1,7 +1,7 @@
 """Evaluate exported checkpoints: retrieval tasks (memory off/on) and the exposure-bias ratio.
 
     make eval CHECKPOINT=runs/local/export
-    python -m pipeline.eval.run --checkpoint runs/local/export [--checkpoint runs/mdlm/export] \
+    python -m launch.evaluate --checkpoint runs/local/export [--checkpoint runs/mdlm/export] \
         --config configs/eval/local.yaml scoring.mc_samples=16 tasks[0].n=64
 
 For each checkpoint and each memory setting (``off``: the trained weights alone, i.e. MemDLM
@@ -9,7 +9,8 @@ For each checkpoint and each memory setting (``off``: the trained weights alone,
 generation and by likelihood ranking (pipeline/eval/tasks.py), and measures the exposure-bias
 curve (pipeline/eval/exposure_bias.py) on held-out sequences of a dataset split into a prompt
 and a response. The task examples are generated here, deterministically, with the
-checkpoint's own tokenizer sizing each context (data_prep/tasks). Results go to
+checkpoint's own tokenizer sizing each context (data_prep/tasks): this command is the app that
+joins data preparation and the evaluation library (pipeline/eval), which never imports data_prep. Results go to
 ``<out_dir>/<timestamp>/`` (``results.json``, ``results.md``, ``exposure_bias.png``, the task
 files) with ``<out_dir>/latest`` pointing at it, and to one MLflow run per invocation in the
 ``eval`` experiment.
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from data_prep.tasks import generate, load_filler, read_jsonl, resolve_filler_path, write_jsonl
 from pipeline.config import ConfigError, load_config
 from pipeline.eval.exposure_bias import ExposureBiasCurve, exposure_bias, plot_exposure_bias
 from pipeline.eval.tasks import TaskScoringConfig, evaluate_examples
@@ -83,8 +85,6 @@ class EvalRunConfig:
 
 def build_task_files(cfg: EvalRunConfig, tok, out: Path) -> dict[str, Path]:
     """Generate each task set with the checkpoint's tokenizer; returns name -> jsonl path."""
-    from data_prep.tasks import generate, load_filler, resolve_filler_path, write_jsonl
-
     filler = load_filler(resolve_filler_path(cfg.filler))
     files = {}
     for ts in cfg.tasks:
@@ -137,8 +137,7 @@ def exposure_pairs(
 
 def evaluate_checkpoint(path: str, cfg: EvalRunConfig, out: Path) -> dict[str, Any]:
     """All numbers for one export directory (see the module docstring)."""
-    from data_prep.tasks import read_jsonl
-    from pipeline.sample import load_sampler
+    from pipeline.sampler import load_sampler
 
     sampler, tok, info = load_sampler(path, device=cfg.device)
     name = f"{info.get('method')}@{Path(path).resolve().parent.name}"

@@ -13,13 +13,10 @@ only (base weights are frozen there), which :meth:`FlopsEstimate.memdlm_extra` c
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import torch
-
+from pipeline.memory.config import MemoryConfig
 from pipeline.memory.fast_weights import TARGETS
-from pipeline.memory.inner_loop import MemoryConfig
 from pipeline.model.config import ModelConfig
 
 
@@ -27,7 +24,6 @@ from pipeline.model.config import ModelConfig
 class FlopsEstimate:
     layer_fwd_per_token: float  # one block at seq_len, attention included
     head_fwd_per_position: float
-    embed_fwd_per_token: float  # a lookup: 0 FLOPs, kept for clarity
     n_layers: int
     first_memory_layer: int
     adapter_fwd_per_token: float  # all fast-weight products of one memory layer
@@ -87,35 +83,12 @@ def estimate_flops(
     return FlopsEstimate(
         layer_fwd_per_token=float(layer),
         head_fwd_per_position=float(2 * d * V),
-        embed_fwd_per_token=0.0,
         n_layers=cfg.n_layers,
         first_memory_layer=first,
         adapter_fwd_per_token=adapter,
         # targets ffn: only the down projection's input gradient; ffn+attn: the whole block.
         lowest_memory_bwd_per_token=float(2 * d * f if memory is None or memory.targets == "ffn" else layer),
     )
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def bf16_matmul_peak(device: str = "cpu", seconds: float = 2.0) -> float:
-    """Best measured bf16 matmul FLOP/s over a few square sizes (the MFU denominator)."""
-    best = 0.0
-    for n in (1024, 2048, 4096) if device == "cpu" else (4096, 8192):
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        a @ b  # warm-up
-        sync()
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 3:
-            a @ b
-            reps += 1
-        sync()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
-    return best
 
 
 def estimate_mfu(flops_per_s: float, peak_flops_per_s: float) -> float:

@@ -1,0 +1,15 @@
+"""The dataset contract: what data_prep writes and the pipeline reads, and nothing else.
+
+* ``prep_config``: the dataset build config (``configs/data/*.yaml``);
+* ``manifest``: ``manifest.json`` (splits, shards with size and sha256, tokenizer hash, kind);
+* ``tokenizer``: loading the sentencepiece model and checking it against a manifest;
+* ``tasks``: the task-file format (JSON lines of ``TaskExample``) and each task's scorer;
+* ``seeding``: the one seed derivation every seeded stream uses.
+
+data_prep imports this package only (tests/unit/test_structure.py). The typed-config loader that
+reads dataset configs is re-exported here as part of the contract.
+"""
+
+from pipeline.config import ConfigError, load_config, read_yaml, to_dict
+
+__all__ = ["ConfigError", "load_config", "read_yaml", "to_dict"]

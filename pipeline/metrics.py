@@ -1,0 +1,71 @@
+"""What a training step reports: FLOP/s and MFU over the whole step, peak memory, and the
+``metrics.jsonl`` record file (one record per logged step, across any number of resumes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.memory.config import MemoryConfig
+from pipeline.perf.flops import FlopsEstimate, estimate_mfu
+
+
+def step_flops(est: FlopsEstimate, memory: MemoryConfig, tokens: float, masked: float) -> float:
+    """Model FLOPs of one optimizer step over ``tokens`` (all micro-batches and DP ranks) with
+    ``masked`` loss positions among them: MDLM forward + backward, plus MemDLM's inner loop."""
+    flops = est.mdlm_step(tokens, masked)
+    if memory.enabled:
+        flops += est.memdlm_extra(tokens, [min(tokens, 1.5 * masked)] * memory.pre_anchor_steps, masked)
+    return flops
+
+
+def throughput(
+    est: FlopsEstimate,
+    memory: MemoryConfig,
+    tokens: float,
+    masked: float,
+    seconds: float,
+    world: int,
+    peak: float,
+) -> dict[str, float]:
+    """Per-device model TFLOP/s and MFU of a step that took ``seconds``."""
+    per_device = step_flops(est, memory, tokens, masked) / seconds / world
+    return {"model_tflops_per_s": per_device / 1e12, "mfu": estimate_mfu(per_device, peak)}
+
+
+def peak_memory_mib() -> float:
+    """Peak GPU memory allocated, or this process's peak RSS on CPU, in MiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class MetricsFile:
+    """``<run_dir>/metrics.jsonl``: appended by rank 0, one JSON record per logged step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def drop_after(self, step: int) -> None:
+        """Keep only records of steps <= ``step`` (atomically): a job killed after its last
+        checkpoint logged steps that the resumed job trains again; they must not appear twice."""
+        if not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
