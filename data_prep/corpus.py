@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 # Latin-1 prose has a few percent of undecodable bytes; random bytes about half, UTF-16 text
@@ -139,11 +140,30 @@ def _check_is_text(raw: bytes, replaced: int, path: Path) -> None:
         )
 
 
-def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Document]:
+def _jsonl_lines(f: Any, path: Path, start: int, end: int | None) -> Iterator[tuple[str, bytes]]:
+    """``(where, raw line)`` of a jsonl file; with a byte range, the lines starting in ``[start, end)``
+    (``start`` is a line start), named by byte offset since the line number is not known there."""
+    if start == 0 and end is None:
+        for lineno, raw in enumerate(f, start=1):
+            yield f"{path}:{lineno}", raw
+        return
+    f.seek(start)
+    pos = start
+    while end is None or pos < end:
+        raw = f.readline()
+        if not raw:
+            return
+        yield f"{path}: line at byte {pos:,}", raw
+        pos += len(raw)
+
+
+def _iter_jsonl(
+    path: Path, text_field: str, stats: CorpusStats, start: int = 0, end: int | None = None
+) -> Iterator[Document]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+            for where, raw in _jsonl_lines(f, path, start, end):
                 if not raw.strip():
                     continue
                 line = _decode(raw, str(path), stats)
@@ -152,22 +172,22 @@ def _iter_jsonl(path: Path, text_field: str, stats: CorpusStats) -> Iterator[Doc
                 except json.JSONDecodeError as exc:
                     # Some json messages end in "at" already ("Invalid control character at").
                     raise CorpusError(
-                        f"{path}:{lineno}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
+                        f"{where}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
                     ) from None
                 if not isinstance(obj, dict):
-                    raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                    raise CorpusError(f"{where}: expected a JSON object, got {type(obj).__name__}")
                 if text_field not in obj:
                     keys = ", ".join(sorted(obj)[:10]) or "none"
                     raise CorpusError(
-                        f"{path}:{lineno}: no field '{text_field}' (keys: {keys}); "
+                        f"{where}: no field '{text_field}' (keys: {keys}); "
                         f"set text_field=<name> to the field holding the text"
                     )
                 text = obj[text_field]
                 if not isinstance(text, str):
                     raise CorpusError(
-                        f"{path}:{lineno}: field '{text_field}' is {type(text).__name__}, expected a string"
+                        f"{where}: field '{text_field}' is {type(text).__name__}, expected a string"
                     )
-                yield Document(text, f"{path}:{lineno}")
+                yield Document(text, where)
     except (OSError, EOFError, zlib.error) as exc:  # truncated / not-gzip files
         raise CorpusError(f"{path}: cannot read ({exc})") from None
 
@@ -192,14 +212,39 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[Document]:
             yield Document(text or "", f"{path}:row{row}")
 
 
-def iter_documents(inputs: Sequence[tuple[Path, str]], stats: CorpusStats) -> Iterator[Document]:
+def _non_empty(docs: Iterator[Document], stats: CorpusStats) -> Iterator[Document]:
+    """The documents with text, counted in ``stats`` (empty ones are counted and dropped)."""
+    for doc in docs:
+        if not doc.text.strip():
+            stats.empty_documents += 1
+            continue
+        stats.documents += 1
+        stats.text_bytes += len(doc.text.encode("utf-8"))
+        yield doc
+
+
+def iter_documents(
+    inputs: Sequence[tuple[Path, str] | tuple[Path, str, int, int | None]],
+    stats: CorpusStats,
+    *,
+    require_documents: bool = True,
+) -> Iterator[Document]:
     """Yield every non-empty document of ``inputs`` (``(file, text_field)`` pairs) in order.
 
-    Updates ``stats``; raises CorpusError when no file holds a non-empty document.
+    An input may also be ``(file, text_field, start, end)``: the lines of an uncompressed jsonl
+    file that start in that byte range (a work unit of a job-array build; ``start`` is a line
+    start). Updates ``stats``; raises CorpusError when no file holds a non-empty document, unless
+    ``require_documents`` is False (a part of a corpus may hold none).
     """
-    for path, text_field in inputs:
+    for path, text_field, *byte_range in inputs:
         stats.files += 1
         suffix = _suffix(path)
+        if byte_range and tuple(byte_range) != (0, None):
+            if suffix != ".jsonl":
+                raise CorpusError(f"{path}: a byte range {byte_range} is only readable in a .jsonl file")
+            start, end = byte_range
+            yield from _non_empty(_iter_jsonl(path, text_field, stats, start, end), stats)
+            continue
         if suffix == ".txt":
             try:
                 raw = path.read_bytes()
@@ -213,14 +258,8 @@ def iter_documents(inputs: Sequence[tuple[Path, str]], stats: CorpusStats) -> It
             docs = _iter_jsonl(path, text_field, stats)
         else:
             docs = _iter_parquet(path, text_field)
-        for doc in docs:
-            if not doc.text.strip():
-                stats.empty_documents += 1
-                continue
-            stats.documents += 1
-            stats.text_bytes += len(doc.text.encode("utf-8"))
-            yield doc
-    if stats.documents == 0:
+        yield from _non_empty(docs, stats)
+    if stats.documents == 0 and require_documents:
         names = [str(p) for p, _ in inputs]
         raise CorpusError(
             f"corpus is empty: {len(names)} file(s) ({', '.join(names[:5])}"

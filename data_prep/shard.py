@@ -26,7 +26,7 @@ import re
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -325,6 +325,21 @@ class _Build:
         seconds = time.time() - t0
         for s in files:
             os.replace(self.work / f"{s}.bin.tmp", self.work / f"{s}.bin")
+        return self.record_tokens(state, inputs, tok, dtype, counts, docs_per_split, seconds, stats)
+
+    def record_tokens(
+        self,
+        state: dict[str, Any],
+        inputs: list[tuple[Path, str]],
+        tok: Tokenizer,
+        dtype: np.dtype,
+        counts: dict[str, int],
+        docs_per_split: dict[str, int],
+        seconds: float,
+        stats: CorpusStats,
+    ) -> dict[str, Any]:
+        """Record finished ``.work/{train,val}.bin`` in the build state (shared by the job-array
+        build, data_prep/array.py, so that both write the same manifest)."""
         total = counts["train"] + counts["val"]
         info = {
             "tokenizer_sha256": tok.sha256,
@@ -426,7 +441,16 @@ class _Build:
                     p.unlink()
 
 
-def prepare_dataset(cfg: PrepConfig, *, progress: bool = True, sample_cache: Path | None = None) -> Manifest:
+TokeniseStep = Callable[["_Build", list[tuple[Path, str]], Tokenizer, dict[str, Any]], dict[str, Any]]
+
+
+def prepare_dataset(
+    cfg: PrepConfig,
+    *,
+    progress: bool = True,
+    sample_cache: Path | None = None,
+    tokenise: TokeniseStep | None = None,
+) -> Manifest:
     """Build (or finish, or confirm) the dataset described by ``cfg``; returns its manifest.
 
     Idempotent: a finished dataset is revalidated (every shard's size and sha256 against what
@@ -434,6 +458,10 @@ def prepare_dataset(cfg: PrepConfig, *, progress: bool = True, sample_cache: Pat
     an interrupted build resumes at the first missing or damaged shard; an unfinished build of
     another config or corpus (a failed run) is discarded. Deterministic: the same config and
     corpus give byte-identical shards.
+
+    ``tokenise`` replaces the in-process tokenising step (it must leave the same
+    ``.work/{train,val}.bin`` and call :meth:`_Build.record_tokens`): data_prep/array.py runs it
+    as a job array.
     """
     b = _Build(cfg, progress, sample_cache)
     t_start = time.time()
@@ -465,7 +493,14 @@ def prepare_dataset(cfg: PrepConfig, *, progress: bool = True, sample_cache: Pat
         b.save_state(state)
     b.clean_temporaries()
     tok = b.tokenizer(inputs, state)
-    tinfo = b.tokenise(inputs, tok, state)
+    cached = state.get("tokens", {})
+    if tokenise is None or (
+        cached.get("tokenizer_sha256") == tok.sha256
+        and all((b.work / f"{s}.bin").is_file() for s in ("train", "val"))
+    ):
+        tinfo = b.tokenise(inputs, tok, state)  # or the tokens already there
+    else:
+        tinfo = tokenise(b, inputs, tok, state)
     dtype = np.dtype(tinfo["dtype"])
     docs = tinfo.get("documents")
     splits = {"train": b.write_split("train", cfg.train_shards, tinfo["tokens"]["train"], dtype, state, docs)}

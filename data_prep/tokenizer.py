@@ -20,6 +20,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tqdm import tqdm
 
+from pipeline.dataset import atomic_write_bytes
 from pipeline.dataset.prep_config import TokenizerConfig
 from pipeline.dataset.tokenizer import MASK_PIECE, NEWLINE_PIECE, Tokenizer, load_tokenizer
 
@@ -143,14 +144,12 @@ def train_tokenizer(
             ) from None
         raise TokenizerTrainingError(f"{source}: sentencepiece training failed: {msg}") from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
     # The trainer records its thread count in the model; pin it so the file (and its sha256,
     # which the dataset manifest carries) does not depend on the machine that trained it.
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(buf.getvalue())
     proto.trainer_spec.num_threads = 1
-    tmp.write_bytes(proto.SerializeToString())
-    os.replace(tmp, out_path)
+    atomic_write_bytes(out_path, proto.SerializeToString())
     tok = load_tokenizer(out_path)
     print(
         f"trained {cfg.model_type} tokenizer: vocab {tok.vocab_size} on {len(lines):,} lines in {time.time() - t0:.1f}s"

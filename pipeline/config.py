@@ -9,6 +9,7 @@ the file, the dotted key and what was expected, instead of a silently ignored se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -57,16 +58,13 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{_where(source, key)}: got {value!r}, expected {_type_name(tp)}")
         return value
     if origin in (types.UnionType, typing.Union):
-        errors = []
         for arg in get_args(tp):
             if arg is type(None):
                 if value is None:
                     return None
                 continue
-            try:
+            with contextlib.suppress(ConfigError):  # try the next member of the union
                 return _convert(value, arg, source, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
         raise ConfigError(f"{_where(source, key)}: got {value!r}, expected {_type_name(tp)}")
     if origin is dict:
         if not isinstance(value, Mapping):

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.atomic_io import atomic_write_text
 from pipeline.memory.config import MemoryConfig
 from pipeline.perf.flops import FlopsEstimate, estimate_mfu
 
@@ -59,9 +59,7 @@ class MetricsFile:
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
         if len(kept) != len(lines):
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

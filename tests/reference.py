@@ -73,7 +73,9 @@ def hidden(model, tokens=None, *, h=None, start=0, end=None, fast=None) -> torch
 
 
 def logits(model, h: torch.Tensor) -> torch.Tensor:
-    return rms(h, model.final_norm.weight, model.cfg.norm_eps) @ model.head.weight.t()
+    out = rms(h, model.final_norm.weight, model.cfg.norm_eps) @ model.head.weight.t()
+    # padded vocabulary rows are never in a softmax (the model sets them to PAD_LOGIT = -2**100)
+    return out.masked_fill(torch.arange(out.shape[-1]) >= model.cfg.vocab_size, -(2.0**100))
 
 
 def mdlm_loss(model, tokens, t, mask, maskable, fast=None, h_below=None, start=0) -> torch.Tensor:

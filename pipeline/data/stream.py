@@ -22,6 +22,11 @@ Shards are checked against the manifest: the size (a stat) before a shard is ope
 sha256, computed on the bytes as the tar reader consumes them (no second read), once the shard
 has been read to its end. A mismatch is a corrupt shard (:class:`CorruptShardError`, or skipped
 and counted with ``on_corrupt_shard: skip``).
+
+A shard path that is a URL (``http(s)://``, ``pipe:<command>``; pipeline/dataset/remote.py) is
+streamed with the same checks: its size comes from the HTTP ``Content-Length`` before the first
+sample (and the bytes read are counted to the end, for a ``pipe:`` that has no size), and a
+dropped connection is retried and resumed at the byte it stopped at, so the hash stays exact.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.config import ConfigError
 from pipeline.dataset.manifest import DatasetError, Manifest, load_manifest, verify_manifest
+from pipeline.dataset.remote import is_url, locate, open_shard
 from pipeline.dataset.seeding import seed_of
 
 STATE_VERSION = 1
@@ -60,10 +66,12 @@ class _HashingReader:
         self._f = f
         self.name = name
         self.sha256 = hashlib.sha256()
+        self.bytes = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
         self.sha256.update(data)
+        self.bytes += len(data)
         return data
 
     def drain(self) -> None:
@@ -138,14 +146,20 @@ class _ShardStream(IterableDataset):
         """The samples of one shard, checked against the manifest; CorruptShardError otherwise."""
         p = self.plan
         dtype = np.dtype(p.dtype)
-        actual_size = os.stat(url).st_size
-        if actual_size != size:
+        if is_url(url):
+            f = open_shard(url)  # retried; its size is the server's Content-Length (None: unknown)
+            actual_size = f.size
+        else:
+            actual_size = os.stat(url).st_size
+            f = open(url, "rb")  # noqa: SIM115 - closed by the `with` below
+        if actual_size is not None and actual_size != size:
+            f.close()
             raise CorruptShardError(
                 f"shard {url}: {actual_size:,} bytes, manifest says {size:,} (truncated or replaced; "
                 "re-run the dataset build to repair it)"
             )
         count = 0
-        with open(url, "rb") as f:
+        with f:
             reader = _HashingReader(f, url)
             for sample in group_by_keys(tar_file_expander([{"url": url, "stream": reader}])):
                 raw = sample.get("tokens.npy")
@@ -175,6 +189,11 @@ class _ShardStream(IterableDataset):
             # next time it is read through. The samples are out before the verdict: the stat above
             # catches truncation and replacement before any sample, the hash a same-size change after.
             reader.drain()
+            if reader.bytes != size:  # a stream whose size was not known before reading it
+                raise CorruptShardError(
+                    f"shard {url}: {reader.bytes:,} bytes read, manifest says {size:,} (truncated or "
+                    "replaced; re-run the dataset build to repair it)"
+                )
             actual = reader.sha256.hexdigest()
             if actual != sha256:
                 raise CorruptShardError(
@@ -185,7 +204,7 @@ class _ShardStream(IterableDataset):
     def _samples(self, logical: int, skipped: list[int]) -> Iterator[dict[str, Any]]:
         """The samples of this logical worker's shards; a corrupt one fails or is skipped and counted."""
         for rel, expected, size, sha256 in self.plan.worker_shards(logical):
-            url = str(Path(self.plan.root) / rel)
+            url = locate(self.plan.root, rel)
             count = 0
             try:
                 for sample in self._read_shard(url, expected, size, sha256):

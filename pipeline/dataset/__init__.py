@@ -7,9 +7,19 @@
 * ``seeding``: the one seed derivation every seeded stream uses.
 
 data_prep imports this package only (tests/unit/test_structure.py). The typed-config loader that
-reads dataset configs is re-exported here as part of the contract.
+reads dataset configs, and the atomic file writer every build step uses, are re-exported here
+as part of the contract.
 """
 
+from pipeline.atomic_io import atomic_path, atomic_write_bytes, atomic_write_text
 from pipeline.config import ConfigError, load_config, read_yaml, to_dict
 
-__all__ = ["ConfigError", "load_config", "read_yaml", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_config",
+    "read_yaml",
+    "to_dict",
+]

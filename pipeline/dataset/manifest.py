@@ -6,6 +6,10 @@ the shards with their sha256 and sample counts. Training refuses a dataset whose
 disagrees with the tokenizer or the model config, or whose shards do not have the recorded
 sizes (:func:`verify_manifest`): a vocab or sequence-length mismatch otherwise trains on
 garbage without any error. The shards' sha256 is checked by the loader while it reads them.
+
+A shard path is relative to the dataset directory, or a URL (``http(s)://``, ``pipe:<command>``,
+see :mod:`pipeline.dataset.remote`): :func:`with_base_url` turns a prepared dataset's manifest
+into one whose shards are read from where they were uploaded.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.dataset.remote import RemoteReadError, is_url, locate, remote_size
 from pipeline.dataset.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
@@ -161,22 +166,52 @@ def shard_size_errors(manifest: Manifest, dataset_dir: str | Path) -> list[str]:
     """One message per shard that is missing or whose size differs from its manifest entry.
 
     A stat per shard, no read: truncation and replacement are caught before training starts;
-    a same-size change is caught by the sha256 the loader computes while reading a shard.
+    a same-size change is caught by the sha256 the loader computes while reading a shard. An
+    ``http(s)`` shard is asked its size (a HEAD request, retried); a ``pipe:`` shard's size is
+    known only once read, so the loader checks it then.
     """
     errors = []
     for split in manifest.splits.values():
         for sh in split.shards:
-            path = Path(dataset_dir) / sh.path
-            try:
-                size = path.stat().st_size
-            except OSError:
-                errors.append(f"shard {path}: missing (manifest: {sh.bytes:,} bytes)")
-                continue
+            path = locate(str(dataset_dir), sh.path)
+            if is_url(path):
+                try:
+                    size = remote_size(path)
+                except RemoteReadError as exc:
+                    errors.append(f"shard {exc} (manifest: {sh.bytes:,} bytes)")
+                    continue
+                if size is None:
+                    continue
+            else:
+                try:
+                    size = os.stat(path).st_size
+                except OSError:
+                    errors.append(f"shard {path}: missing (manifest: {sh.bytes:,} bytes)")
+                    continue
             if size != sh.bytes:
                 errors.append(
                     f"shard {path}: {size:,} bytes, manifest says {sh.bytes:,} (truncated or replaced)"
                 )
     return errors
+
+
+def with_base_url(manifest: Manifest, base_url: str) -> Manifest:
+    """``manifest`` with every relative shard path ``p`` replaced by ``<base_url>/p`` (or by
+    ``base_url`` with ``{path}`` replaced by ``p``, for a command: ``pipe:aws s3 cp s3://b/ds/{path} -``):
+    the manifest of a dataset whose ``shards/`` directory was uploaded there (sizes and sha256 stay)."""
+    if not is_url(base_url):
+        raise DatasetError(f"base URL '{base_url}': expected http://, https:// or pipe:<command>")
+
+    def url(rel: str) -> str:
+        return base_url.replace("{path}", rel) if "{path}" in base_url else f"{base_url.rstrip('/')}/{rel}"
+
+    splits = {
+        name: replace(
+            split, shards=[sh if is_url(sh.path) else replace(sh, path=url(sh.path)) for sh in split.shards]
+        )
+        for name, split in manifest.splits.items()
+    }
+    return replace(manifest, splits=splits)
 
 
 def verify_manifest(

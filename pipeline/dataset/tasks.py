@@ -8,12 +8,13 @@ them; neither imports the other.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.atomic_io import atomic_write_text
 
 # the rooms of the bAbI-style task, in candidate order (its generator and its scorer share them)
 BABI_ROOMS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
@@ -137,21 +138,11 @@ def score_generation(example: TaskExample, text: str) -> float:
 
 
 def write_jsonl(examples: Iterable[TaskExample], path: str | Path) -> int:
-    """Write one example per line atomically (tmp file + os.replace); return the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, path)
-    finally:
-        # a failure part-way leaves the old file (if any) and no stray tmp file
-        tmp.unlink(missing_ok=True)
-    return count
+    """Write one example per line atomically; return the count. A failure part-way leaves the old
+    file (if any) and no stray temporary file."""
+    lines = [json.dumps(ex.to_json(), ensure_ascii=False) + "\n" for ex in examples]
+    atomic_write_text(Path(path), "".join(lines))
+    return len(lines)
 
 
 def read_jsonl(path: str | Path) -> list[TaskExample]:

@@ -49,6 +49,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.atomic_io import atomic_write_text
+
 LATEST = "latest"
 FILE_LIST = "files.json"
 TMP_PREFIX = ".tmp-"
@@ -81,12 +83,7 @@ class Layout:
 
 
 def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ConfigError
@@ -73,12 +74,25 @@ def export_model(
     return out_dir
 
 
+# Keys that shape no weight: a fine-tuning run may train on another length (RoPE is computed)
+# and its init scale is irrelevant once weights are loaded.
+_WEIGHT_FREE_KEYS = ("seq_len", "init_std")
+
+
+def export_model_config(path: str | Path) -> dict[str, Any]:
+    """The export's model config with every key a newer ModelConfig added set to its default
+    (the default is the architecture older exports were written with)."""
+    return {**asdict(ModelConfig()), **json.loads((Path(path) / "config.json").read_text())["model"]}
+
+
 def load_initial_weights(module: torch.nn.Module, path: str | Path, model_cfg: ModelConfig) -> None:
     """Copy an export's weights into a (possibly ZeRO-3 partitioned, TP-sharded) module.
 
-    Collective under ZeRO-3 (every rank gathers each parameter in turn). Each rank takes its
-    tensor-parallel slice of the full weight; the data-parallel rank 0 copy is broadcast.
-    Raises ConfigError naming what differs when the export's model config is not ``model_cfg``.
+    Collective under ZeRO-3 (every rank gathers each parameter in turn). Each rank reads only its
+    tensor-parallel slice of each weight from the file (safetensors slices a memory map), one
+    parameter at a time, so no rank ever holds the full model; the data-parallel rank 0 copy is
+    broadcast. Raises ConfigError naming what differs when the export's model config is not
+    ``model_cfg`` (``seq_len`` and ``init_std`` may differ).
     """
     import deepspeed
 
@@ -87,25 +101,33 @@ def load_initial_weights(module: torch.nn.Module, path: str | Path, model_cfg: M
     path = Path(path)
     if not (path / "model.safetensors").is_file():
         raise ConfigError(f"init_from={path}: not an export directory (no model.safetensors)")
-    theirs = json.loads((path / "config.json").read_text())["model"]
+    theirs = export_model_config(path)
     ours = asdict(model_cfg)
-    diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+    diff = {
+        k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v and k not in _WEIGHT_FREE_KEYS
+    }
     if diff:
         detail = ", ".join(f"{k}: export {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ConfigError(f"init_from={path}: model config differs ({detail})")
-    state = load_file(str(path / "model.safetensors"))
-    names = {n for n, _ in module.named_parameters()}
-    if names != set(state):
-        raise ConfigError(
-            f"init_from={path}: parameter names differ (missing {sorted(names - set(state))[:5]}, "
-            f"unexpected {sorted(set(state) - names)[:5]})"
-        )
-    for name, p in module.named_parameters():
-        full = state[name]
-        if getattr(p, "tensor_model_parallel", False) and tp_size() > 1:
-            full = full.chunk(tp_size(), dim=p.partition_dim)[tp_rank()]
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-            p.data.copy_(full.to(p.dtype))
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+        names = {n for n, _ in module.named_parameters()}
+        if names != stored:
+            raise ConfigError(
+                f"init_from={path}: parameter names differ (missing {sorted(names - stored)[:5]}, "
+                f"unexpected {sorted(stored - names)[:5]})"
+            )
+        for name, p in module.named_parameters():
+            if getattr(p, "tensor_model_parallel", False) and tp_size() > 1:
+                sl = f.get_slice(name)
+                size = sl.get_shape()[p.partition_dim] // tp_size()
+                index = [slice(None)] * len(sl.get_shape())
+                index[p.partition_dim] = slice(tp_rank() * size, (tp_rank() + 1) * size)
+                part = sl[tuple(index)]
+            else:
+                part = f.get_tensor(name)
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                p.data.copy_(part.to(p.dtype))
 
 
 def load_exported(path: str | Path, device: str = "cpu"):
@@ -132,12 +154,16 @@ def load_exported(path: str | Path, device: str = "cpu"):
     with torch.device("meta"):
         model = DLMTransformer(cfg)
     state = load_file(str(path / "model.safetensors"), device=device)
+    if cfg.tie_embeddings:  # state_dict() lists the shared weight under both names
+        state["head.weight"] = state["embedding.weight"]
     model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_embeddings:  # assign=True replaced the embedding's Parameter: share it again
+        model.head.weight = model.embedding.weight
     model.rope_cos, model.rope_sin = (t.to(device) for t in _rope(cfg))
     return model.eval(), info
 
 
 def _rope(cfg: ModelConfig):
-    from pipeline.model.transformer import rope_tables
+    from pipeline.model.transformer import model_rope_tables
 
-    return rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
+    return model_rope_tables(cfg)

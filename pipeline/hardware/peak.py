@@ -12,6 +12,7 @@ A 1024² bf16 matmul on an AVX2-only CPU takes ~4 s; the time box never lets it 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from pipeline.atomic_io import atomic_write_text
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets (SXM parts
 # unless named). Longest names first, so "H100 PCIe" wins over "H100".
@@ -128,13 +131,8 @@ def peak_flops(
     except (OSError, ValueError, KeyError, TypeError):
         pass
     flops = measure_matmul_peak(device, dtype, budget_s)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"flops": flops, "dtype": str(dtype), "device": device.type}))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs the next start another measurement
+    with contextlib.suppress(OSError):  # a read-only home only costs the next start another measurement
+        atomic_write_text(path, json.dumps({"flops": flops, "dtype": str(dtype), "device": device.type}))
     return (
         flops,
         f"measured {str(dtype).removeprefix('torch.')} matmul ({budget_s:g} s time box, cached at {path})",

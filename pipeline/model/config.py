@@ -1,10 +1,18 @@
-"""Model hyper-parameters (``configs/model/<preset>.yaml``)."""
+"""Model hyper-parameters (``configs/model/<preset>.yaml``).
+
+Every architecture option defaults to the original model (multi-head attention, no biases,
+unscaled RoPE, untied head), so existing presets, checkpoints and exports keep their meaning.
+The options exist to hold published dense checkpoints (LLaMA-, Qwen2/Dream- and LLaDA-style;
+pipeline/hf/) without approximation.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError
+
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 @dataclass
@@ -18,8 +26,21 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    # Padding is independent of the TP size, so TP=1 and TP=N see the same softmax.
+    # Padding is independent of the TP size, so TP=1 and TP=N see the same softmax. The padded
+    # logits are masked to the dtype's minimum by the model: never sampled, never in a softmax.
     vocab_multiple: int = 128
+    # Grouped-query attention: key/value heads shared by n_heads / n_kv_heads query heads each
+    # (None = n_heads: plain multi-head attention).
+    n_kv_heads: int | None = None
+    qkv_bias: bool = False  # biases on Q, K, V only (Qwen2 / Dream); the output projection has none
+    tie_embeddings: bool = False  # the LM head reuses the embedding matrix (no head parameter)
+    # RoPE frequency scaling, as transformers defines it: "linear" divides every frequency by
+    # rope_factor; "llama3" (Llama 3.1) divides only the low frequencies, smoothly.
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: the pre-training context length
 
     def validate(self) -> None:
         if self.d_model % self.n_heads:
@@ -38,13 +59,39 @@ class ModelConfig:
             "n_heads",
             "ffn_hidden",
             "vocab_multiple",
+            "rope_original_max_len",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key 'model.{key}': got {getattr(self, key)}, expected >= 1")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ConfigError(
+                f"key 'model.n_kv_heads': {self.n_kv_heads} must be >= 1 and divide n_heads={self.n_heads}"
+            )
+        for key in ("rope_theta", "norm_eps", "rope_factor"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"key 'model.{key}': got {getattr(self, key)}, expected > 0")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(
+                f"key 'model.rope_scaling': '{self.rope_scaling}' is not one of {', '.join(ROPE_SCALINGS)}"
+            )
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ConfigError(
+                "key 'model.rope_high_freq_factor': must exceed rope_low_freq_factor "
+                f"({self.rope_high_freq_factor} vs {self.rope_low_freq_factor})"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def qkv_size(self) -> int:
+        """Output size of the fused QKV projection: n_heads query + 2 * kv_heads key/value heads."""
+        return (self.n_heads + 2 * self.kv_heads) * self.head_dim
 
     @property
     def padded_vocab_size(self) -> int:
@@ -55,6 +102,7 @@ class ModelConfig:
         """The dimensions tensor parallelism splits must divide by ``tp``."""
         for name, value in (
             ("n_heads", self.n_heads),
+            ("n_kv_heads", self.kv_heads),
             ("ffn_hidden", self.ffn_hidden),
             ("padded vocab", self.padded_vocab_size),
         ):
@@ -62,7 +110,8 @@ class ModelConfig:
                 raise ConfigError(f"model {name}={value} is not divisible by tensor parallel size {tp}")
 
     def num_params(self) -> int:
-        """Parameters of the unsharded model (embedding and head untied)."""
+        """Parameters of the unsharded model (the padded vocabulary included)."""
         d, f, v = self.d_model, self.ffn_hidden, self.padded_vocab_size
-        per_layer = 4 * d * d + 3 * d * f + 2 * d  # qkv+out, gate/up/down, two RMSNorms
-        return self.n_layers * per_layer + 2 * v * d + d
+        qkv = self.qkv_size * d + (self.qkv_size if self.qkv_bias else 0)
+        per_layer = qkv + d * d + 3 * d * f + 2 * d  # qkv, out, gate/up/down, two RMSNorms
+        return self.n_layers * per_layer + (1 if self.tie_embeddings else 2) * v * d + d

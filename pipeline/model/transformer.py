@@ -10,6 +10,10 @@ column-parallel, output row-parallel), SwiGLU FFN (gate/up column-parallel, down
 row-parallel), final RMSNorm and a column-parallel LM head. The same code runs at TP=1 and
 TP=N; with ``use_cpu_initialization`` the weights are identical across TP sizes.
 
+Options (pipeline/model/config.py): grouped-query attention, Q/K/V biases, RoPE scaling, a head
+tied to the embedding. Logits of the padded vocabulary rows (``vocab_size..V_pad``) are set to
+the dtype's minimum, so no softmax, loss or sampler ever gives them mass.
+
 Weight deltas (MemDLM's fast weights) are forward *arguments* (a mapping ``target -> tensors``
 per layer, applied by pipeline/model/delta.py), never parameters: ZeRO-3 would partition them.
 """
@@ -29,9 +33,12 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.delta import delta_linear
-from pipeline.model.parallel import tp_size
+from pipeline.model.parallel import tp_rank, tp_size
 
 LayerFast = Mapping[str, torch.Tensor] | None  # "gate.A", "gate.B", ... for one layer
+# The logit of a padded vocabulary row. Finite, so p * log p is 0 rather than NaN; a power of two,
+# so bf16 and fp32 hold it exactly (the same value at every precision); exp() of it is 0.
+PAD_LOGIT = -(2.0**100)
 
 
 class RMSNorm(nn.Module):
@@ -46,11 +53,40 @@ class RMSNorm(nn.Module):
         return (out * self.weight.float()).to(x.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [seq_len, head_dim/2] for rotary embeddings."""
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, cfg: ModelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [seq_len, head_dim/2] for rotary embeddings (scaled as ``cfg`` says)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if cfg is not None and cfg.rope_scaling == "linear":
+        inv = inv / cfg.rope_factor
+    elif cfg is not None and cfg.rope_scaling == "llama3":
+        inv = _llama3_frequencies(inv, cfg)
     ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)
     return ang.cos().float(), ang.sin().float()
+
+
+def _llama3_frequencies(inv: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1 scaling (transformers' ``_compute_llama3_parameters``): wavelengths longer than
+    original_max_len / low_freq_factor are stretched by rope_factor, shorter than
+    original_max_len / high_freq_factor kept, and the band between interpolated."""
+    old, lo, hi, factor = (
+        cfg.rope_original_max_len,
+        cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor,
+        cfg.rope_factor,
+    )
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def model_rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos/sin tables a model of ``cfg`` uses."""
+    return rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta, cfg)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -61,6 +97,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
 
 
+class VocabHead(ColumnParallelLinear):
+    """The column-parallel LM head; logits of padded vocabulary rows come out as ``PAD_LOGIT``.
+
+    The mask lives in the module, not in ``head_logits``, so every caller of ``model.head``
+    (the memory inner loop calls it directly) sees the same softmax.
+    """
+
+    def __init__(self, vocab_size: int, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vocab_size = vocab_size
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None):
+        """x [..., D] -> (logits [..., V_pad/tp] of this rank's vocabulary shard, None)."""
+        logits, bias = super().forward(x, weight, runtime_gather_output)
+        per = self.output_size_per_partition
+        if per * tp_size() == self.vocab_size:
+            return logits, bias
+        cols = torch.arange(tp_rank() * per, (tp_rank() + 1) * per, device=logits.device)
+        return logits.masked_fill(cols >= self.vocab_size, PAD_LOGIT), bias
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(norm(x)); x + SwiGLU(norm(x))."""
 
@@ -68,6 +125,8 @@ class Block(nn.Module):
         super().__init__()
         tp = tp_size()
         self.n_local_heads = cfg.n_heads // tp
+        self.n_local_kv = cfg.kv_heads // tp
+        self.group = cfg.n_heads // cfg.kv_heads  # query heads per key/value head
         self.head_dim = cfg.head_dim
         init = functools.partial(nn.init.normal_, mean=0.0, std=cfg.init_std)
         # Residual-branch outputs are scaled down with depth (GPT-2 / Megatron convention).
@@ -76,9 +135,11 @@ class Block(nn.Module):
         )
         d, f = cfg.d_model, cfg.ffn_hidden
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
-        # QKV rows are laid out [head][q|k|v][head_dim] so a contiguous TP shard holds whole heads.
+        # QKV rows are laid out [kv group][q_1..q_group|k|v][head_dim] so a contiguous TP shard holds
+        # whole groups (with n_kv_heads = n_heads: [head][q|k|v][head_dim]). The bias, when
+        # present, has the same layout and is sharded with the rows.
         self.qkv = ColumnParallelLinear(
-            d, 3 * d, config=mp, init_method=init, bias=False, gather_output=False
+            d, cfg.qkv_size, config=mp, init_method=init, bias=cfg.qkv_bias, gather_output=False
         )
         self.out = RowParallelLinear(
             d, d, config=mp, init_method=init_out, bias=False, input_is_parallel=True, skip_bias_add=False
@@ -103,17 +164,20 @@ class Block(nn.Module):
         """
         B, T, _ = x.shape
         h = self.attn_norm(x)
-        qkv = delta_linear(self.qkv, h, fast, "qkv").view(B, T, self.n_local_heads, 3, self.head_dim)
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [B, H_local, T, hd]
+        g = self.group
+        qkv = delta_linear(self.qkv, h, fast, "qkv").view(B, T, self.n_local_kv, g + 2, self.head_dim)
+        # Query head j of group i is head i * group + j: the order transformers' repeat_kv assumes.
+        q = qkv[:, :, :, :g].reshape(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
+        k, v = (qkv[:, :, :, g + i].transpose(1, 2) for i in range(2))  # [B, KV_local, T, hd]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # Bidirectional: no causal mask; only padding keys (batched inference) are hidden.
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=g > 1)
         a = a.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
         x = x + delta_linear(self.out, a, fast, "out")
         h = self.ffn_norm(x)
-        g = delta_linear(self.gate, h, fast, "gate")
+        gt = delta_linear(self.gate, h, fast, "gate")
         u = delta_linear(self.up, h, fast, "up")
-        return x + delta_linear(self.down, F.silu(g) * u, fast, "down")
+        return x + delta_linear(self.down, F.silu(gt) * u, fast, "down")
 
 
 class DLMTransformer(nn.Module):
@@ -134,10 +198,21 @@ class DLMTransformer(nn.Module):
         self.embedding = VocabParallelEmbedding(V, cfg.d_model, init_method=init, config=mp)
         self.layers = nn.ModuleList(Block(cfg, mp) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = ColumnParallelLinear(
-            cfg.d_model, V, config=mp, init_method=init, bias=False, gather_output=False
+        self.head = VocabHead(
+            cfg.vocab_size,
+            cfg.d_model,
+            V,
+            config=mp,
+            init_method=init,
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=cfg.tie_embeddings,
         )
-        cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
+        if cfg.tie_embeddings:
+            # One Parameter registered in both modules: the embedding's vocab shard [V/tp, D] is
+            # exactly the head's column shard, and named_parameters() lists it once.
+            self.head.weight = self.embedding.weight
+        cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -20,7 +20,9 @@ def test_compare_reads_both_runs_back_and_writes_json_png_and_parent_run(
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     root = tmp_path / "runs"
     # no log_every: compare's own cadence (every step for a short run) must apply
-    overrides = [o for o in tiny_run_overrides(tiny_dataset, root, "checkpoint.every=0") if o != "log_every=1"]
+    overrides = [
+        o for o in tiny_run_overrides(tiny_dataset, root, "checkpoint.every=0") if o != "log_every=1"
+    ]
     out = compare("configs/train/local.yaml", 4, [*overrides, "eval.every=2", "eval.batches=1"])
     summary = json.loads((out / "compare.json").read_text())
     for key in (
@@ -52,7 +54,9 @@ def test_compare_reads_both_runs_back_and_writes_json_png_and_parent_run(
     assert summary["curves"]["memdlm"]["gain_steps"] == [1, 2, 3, 4]
     assert summary["curves"]["mdlm"]["gain"] == []
     parent_id = client.get_run(summary["run_ids"]["mdlm"]).data.tags["mlflow.parentRunId"]
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
     assert sorted(r.data.tags["method"] for r in children) == ["mdlm", "memdlm"]
     parent_metrics = client.get_run(parent_id).data.metrics
     assert parent_metrics and all(k.startswith("summary/") for k in parent_metrics)

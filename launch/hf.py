@@ -1,0 +1,53 @@
+"""`make import-hf` / `make export-hf`: Hugging Face checkpoints to and from our export format.
+
+    python -m launch.hf import SRC OUT [--mask-id N] [--seq-len N]
+    python -m launch.hf export CHECKPOINT OUT [--dtype float32|bfloat16|float16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.hf.convert import SENTENCEPIECE_ONLY, export_hf, import_hf
+from pipeline.hf.layouts import HFFormatError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.hf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="HF directory (config.json + *.safetensors) -> our export directory")
+    imp.add_argument("src", type=Path)
+    imp.add_argument("out", type=Path)
+    imp.add_argument("--mask-id", type=int, default=None, help="when config.json has no mask_token_id")
+    imp.add_argument("--seq-len", type=int, default=None, help="model.seq_len (default: the source's maximum)")
+    exp = sub.add_parser("export", help="our export directory -> HF Llama/Qwen2 directory")
+    exp.add_argument("checkpoint", type=Path)
+    exp.add_argument("out", type=Path)
+    exp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "import":
+            out = import_hf(args.src, args.out, mask_id=args.mask_id, seq_len=args.seq_len)
+            info = json.loads((out / "config.json").read_text())
+            src = info["source"]
+            print(f"imported {args.src} ({src['layout']} layout, model_type {src['model_type']}) -> {out}")
+            print("model config (use it as the run's `model:` section to fine-tune with init_from=" f"{out}):")
+            print(json.dumps(info["model"], indent=2, sort_keys=True))
+            tok = src["tokenizer"]
+            print(f"mask id {info['special_ids']['mask']} = {tok.get('mask_token')!r} ({tok.get('kind')})")
+            if not tok["sentencepiece_usable"]:
+                print(f"note: {SENTENCEPIECE_ONLY}")
+        else:
+            out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
+            print(f"exported {args.checkpoint} -> {out} (transformers: AutoModelForCausalLM.from_pretrained)")
+    except HFFormatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

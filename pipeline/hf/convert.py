@@ -1,0 +1,413 @@
+"""Hugging Face checkpoints <-> our export format (pipeline/engine/export.py).
+
+    import_hf("hf/LLaDA-8B-Base", "runs/llada-export")            # config.json + *.safetensors -> export
+    export_hf("runs/local/export", "runs/local/hf")                 # export -> Llama/Qwen2 layout
+
+An import writes ``model.safetensors`` (fp32, our TP=1 names, vocabulary rows zero-padded to
+``vocab_multiple``), ``config.json`` (model config, ``method: mdlm``, default memory/objective,
+special ids, and a ``source`` record) and the tokenizer: ``tokenizer.model`` when the source has
+a sentencepiece model our loader accepts, and every tokenizer file under ``hf_tokenizer/``.
+An export writes ``config.json`` for ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` when the model
+has Q/K/V biases) with ``is_causal: false`` (transformers then builds a bidirectional mask),
+``model.safetensors`` with the padded vocabulary rows dropped, and the tokenizer files.
+
+The whole model passes through one process once (an import holds the fp32 model in memory);
+fine-tuning then loads it at any TP x DP, each rank reading only its slices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pipeline.hf.layouts import (
+    IGNORED_SUFFIXES,
+    HFFormatError,
+    Source,
+    expected_names,
+    global_names,
+    layer_names,
+    read_source_config,
+)
+from pipeline.model.config import ModelConfig
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+)
+SENTENCEPIECE_ONLY = (
+    "our data pipeline (make data, pipeline/dataset/tokenizer.py) reads sentencepiece tokenizer.model "
+    "files with [PAD]/[MASK]/BOS/EOS only; the source's tokenizer files are kept under hf_tokenizer/ "
+    "for sampling/evaluation with transformers, and fine-tuning data must be tokenised with them "
+    "outside `make data` for now"
+)
+
+
+def _shard_index(src: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (``model.safetensors.index.json`` or a glob)."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: src / file for name, file in weight_map.items()}
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise HFFormatError(f"{src}: no *.safetensors files (convert .bin checkpoints with transformers first)")
+    out: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            out.update({name: file for name in f.keys()})
+    return out
+
+
+class _Reader:
+    """Reads tensors by name across shards, keeping one shard open at a time."""
+
+    def __init__(self, where: dict[str, Path]):
+        self.where = where
+        self._file: Path | None = None
+        self._handle = None
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.where[name]
+        if file != self._file:
+            self._handle = safe_open(str(file), framework="pt")
+            self._file = file
+        return self._handle.get_tensor(name)
+
+
+def _tokenizer_mask_check(src: Path, mask_id: int, vocab_size: int) -> dict[str, Any]:
+    """Check ``mask_id`` against the source tokenizer; returns what was found (recorded in config.json)."""
+    if not 0 <= mask_id < vocab_size:
+        raise HFFormatError(f"mask token id {mask_id} is outside the vocabulary [0, {vocab_size})")
+    info: dict[str, Any] = {"mask_id": mask_id}
+    if (src / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+        token = tok.id_to_token(mask_id)
+        if token is None:
+            raise HFFormatError(f"mask token id {mask_id} is not a token of {src / 'tokenizer.json'}")
+        info.update(kind="tokenizer.json", mask_token=token, tokenizer_size=tok.get_vocab_size())
+        declared = _declared_mask_token(src)
+        if declared is not None and tok.token_to_id(declared) != mask_id:
+            raise HFFormatError(
+                f"mask token id {mask_id} is '{token}', but tokenizer_config.json declares mask_token "
+                f"'{declared}' (id {tok.token_to_id(declared)}); pass the right MASK_ID"
+            )
+    elif (src / "tokenizer.model").is_file():
+        import sentencepiece as spm
+
+        proc = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+        if mask_id >= proc.get_piece_size():
+            raise HFFormatError(f"mask token id {mask_id} is not a piece of {src / 'tokenizer.model'}")
+        info.update(kind="sentencepiece", mask_token=proc.id_to_piece(mask_id))
+    else:
+        info.update(kind=None, note="no tokenizer files in the source: the mask id was not checked")
+    return info
+
+
+def _declared_mask_token(src: Path) -> str | None:
+    cfg_file = src / "tokenizer_config.json"
+    if not cfg_file.is_file():
+        return None
+    mask = json.loads(cfg_file.read_text()).get("mask_token")
+    return mask.get("content") if isinstance(mask, dict) else mask
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[v, D] -> [rows, D], the extra rows zero (their logits are masked; they are never used)."""
+    out = torch.zeros(rows, t.shape[1], dtype=torch.float32)
+    out[: t.shape[0]] = t
+    return out
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """q [H*hd(, D)], k/v [KV*hd(, D)] -> our fused [(H + 2 KV) * hd(, D)], per kv group [q..q|k|v]."""
+    kv, g, hd = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_dim
+    tail = q.shape[1:]
+    parts = (q.reshape(kv, g * hd, *tail), k.reshape(kv, hd, *tail), v.reshape(kv, hd, *tail))
+    return torch.cat(parts, dim=1).reshape(cfg.qkv_size, *tail)
+
+
+def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`fuse_qkv`."""
+    kv, g, hd = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_dim
+    tail = qkv.shape[1:]
+    grouped = qkv.reshape(kv, (g + 2) * hd, *tail)
+    q, k, v = grouped.split([g * hd, hd, hd], dim=1)
+    return (
+        q.reshape(cfg.n_heads * hd, *tail).contiguous(),
+        k.reshape(kv * hd, *tail).contiguous(),
+        v.reshape(kv * hd, *tail).contiguous(),
+    )
+
+
+def _shapes(cfg: ModelConfig, layout: str, vocab_rows: int) -> dict[str, tuple[int, ...]]:
+    d, f, hd = cfg.d_model, cfg.ffn_hidden, cfg.head_dim
+    g = global_names(layout)
+    out = {g["embed"]: (vocab_rows, d), g["norm"]: (d,), g["head"]: (vocab_rows, d)}
+    for i in range(cfg.n_layers):
+        ln = layer_names(layout, i)
+        kvd = cfg.kv_heads * hd
+        out.update(
+            {
+                ln["attn_norm"]: (d,),
+                ln["ffn_norm"]: (d,),
+                ln["q"]: (cfg.n_heads * hd, d),
+                ln["k"]: (kvd, d),
+                ln["v"]: (kvd, d),
+                ln["q_bias"]: (cfg.n_heads * hd,),
+                ln["k_bias"]: (kvd,),
+                ln["v_bias"]: (kvd,),
+                ln["out"]: (d, cfg.n_heads * hd),
+                ln["gate"]: (f, d),
+                ln["up"]: (f, d),
+                ln["down"]: (d, f),
+            }
+        )
+    return out
+
+
+def convert_state(read, src: Source) -> dict[str, torch.Tensor]:
+    """Source tensors (``read(name)``) -> our full fp32 TP=1 state dict (names of DLMTransformer)."""
+    cfg, layout = src.model, src.layout
+    g = global_names(layout)
+    V = cfg.padded_vocab_size
+    state = {"embedding.weight": _pad_rows(read(g["embed"]).float(), V), "final_norm.weight": read(g["norm"]).float()}
+    if not cfg.tie_embeddings:
+        state["head.weight"] = _pad_rows(read(g["head"]).float(), V)
+    for i in range(cfg.n_layers):
+        ln, p = layer_names(layout, i), f"layers.{i}."
+        state[p + "qkv.weight"] = fuse_qkv(*(read(ln[x]).float() for x in "qkv"), cfg)
+        if cfg.qkv_bias:
+            state[p + "qkv.bias"] = fuse_qkv(*(read(ln[x + "_bias"]).float() for x in "qkv"), cfg)
+        for ours, theirs in (("attn_norm", "attn_norm"), ("ffn_norm", "ffn_norm"), ("out", "out")):
+            state[p + ours + ".weight"] = read(ln[theirs]).float()
+        for name in ("gate", "up", "down"):
+            state[p + name + ".weight"] = read(ln[name]).float()
+    return state
+
+
+def _check_tensors(where: dict[str, Path], src: Source, reader: _Reader) -> None:
+    """Missing/unknown tensors and wrong shapes fail with the names listed."""
+    cfg, layout = src.model, src.layout
+    present = {n for n in where if not n.endswith(IGNORED_SUFFIXES)}
+    expected = expected_names(layout, cfg)
+    head = global_names(layout)["head"]
+    if cfg.tie_embeddings and head in present:
+        # Some tied checkpoints store the head too; it must then be the embedding.
+        if not torch.equal(reader.get(head), reader.get(global_names(layout)["embed"])):
+            raise HFFormatError(f"tie_word_embeddings is set but {head} differs from the embedding")
+        expected = expected | {head}
+    missing, unknown = sorted(expected - present), sorted(present - expected)
+    if missing or unknown:
+        raise HFFormatError(
+            f"tensor names do not match the {layout} layout of this config: "
+            f"missing {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
+            f"unknown {unknown[:20]}{' ...' if len(unknown) > 20 else ''}"
+        )
+    shapes = _shapes(cfg, layout, cfg.vocab_size)
+    wrong = []
+    for name in sorted(expected):
+        with safe_open(str(where[name]), framework="pt") as f:
+            shape = tuple(f.get_slice(name).get_shape())
+        if shape != shapes[name]:
+            wrong.append(f"{name} {shape} (config says {shapes[name]})")
+    if wrong:
+        raise HFFormatError(f"tensor shapes disagree with config.json: {', '.join(wrong[:20])}")
+
+
+def _write_atomic(out: Path, fill) -> Path:
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def import_hf(
+    src: str | Path,
+    out: str | Path,
+    *,
+    mask_id: int | None = None,
+    seq_len: int | None = None,
+    vocab_multiple: int = 128,
+) -> Path:
+    """Convert a Hugging Face checkpoint directory into our export format at ``out`` (atomic).
+
+    ``mask_id`` overrides the source config's ``mask_token_id``; ``seq_len`` defaults to the
+    source's maximum length. Raises HFFormatError naming what does not fit.
+    """
+    from pipeline.memory.config import MemoryConfig
+    from pipeline.objectives.mdlm import ObjectiveConfig
+
+    src, out = Path(src), Path(out)
+    if not (src / "config.json").is_file():
+        raise HFFormatError(f"{src}: no config.json (expected a Hugging Face model directory)")
+    config = json.loads((src / "config.json").read_text())
+    where = _shard_index(src)
+    source = read_source_config(config, set(where), seq_len, vocab_multiple)
+    mask = mask_id if mask_id is not None else source.mask_id
+    if mask is None:
+        raise HFFormatError(
+            f"{src / 'config.json'} has no mask_token_id (an autoregressive checkpoint?): pass the id of the "
+            "tokenizer's mask token explicitly (MASK_ID=... / --mask-id)"
+        )
+    if source.mask_id is not None and mask_id is not None and mask_id != source.mask_id:
+        raise HFFormatError(f"--mask-id {mask_id} contradicts the source config's mask_token_id {source.mask_id}")
+    tokenizer = _tokenizer_mask_check(src, mask, source.model.vocab_size)
+    reader = _Reader(where)
+    _check_tensors(where, source, reader)
+    state = convert_state(reader.get, source)
+    sp_ok = _sentencepiece_usable(src / "tokenizer.model")
+    info = {
+        "model": asdict(source.model),
+        "method": "mdlm",
+        "memory": asdict(MemoryConfig()),
+        "objective": asdict(ObjectiveConfig()),
+        "special_ids": {**source.special_ids, "mask": mask},
+        "step": 0,
+        "source": {
+            "format": "huggingface",
+            "layout": source.layout,
+            "model_type": source.model_type,
+            "path": str(src.resolve()),
+            "tokenizer": {**tokenizer, "sentencepiece_usable": sp_ok, **({} if sp_ok else {"note": SENTENCEPIECE_ONLY})},
+        },
+    }
+
+    def fill(tmp: Path) -> None:
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+        if copied:
+            (tmp / "hf_tokenizer").mkdir()
+            for name in copied:
+                shutil.copyfile(src / name, tmp / "hf_tokenizer" / name)
+        if sp_ok:
+            shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
+
+    return _write_atomic(out, fill)
+
+
+def _sentencepiece_usable(path: Path) -> bool:
+    """Whether our loader (which requires [PAD]/[MASK]/BOS/EOS) accepts this tokenizer.model."""
+    if not path.is_file():
+        return False
+    from pipeline.dataset.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        load_tokenizer(path)
+    except TokenizerError:
+        return False
+    return True
+
+
+def hf_config(cfg: ModelConfig, special_ids: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` of the Llama (or, with Q/K/V biases, Qwen2) model equal to ``cfg``."""
+    qwen = cfg.qkv_bias
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "linear":
+        rope = {**rope, "rope_type": "linear", "factor": cfg.rope_factor}
+    elif cfg.rope_scaling == "llama3":
+        rope = {
+            **rope,
+            "rope_type": "llama3",
+            "factor": cfg.rope_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_len,
+        }
+    out: dict[str, Any] = {
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen else "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        # A masked diffusion LM attends both ways: transformers builds a bidirectional mask from it.
+        "is_causal": False,
+        "use_cache": False,
+        "dtype": "float32",
+        "bos_token_id": special_ids.get("bos"),
+        "eos_token_id": special_ids.get("eos"),
+        "pad_token_id": special_ids.get("pad"),
+        "mask_token_id": special_ids.get("mask"),
+    }
+    if qwen:
+        out.update(use_sliding_window=False, max_window_layers=cfg.n_layers)
+    else:
+        out.update(attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
+    return out
+
+
+def hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Our full state dict -> Llama/Qwen2 tensor names (padded vocabulary rows dropped)."""
+    layout = "qwen2" if cfg.qkv_bias else "llama"
+    g = global_names(layout)
+    v = cfg.vocab_size
+    out = {g["embed"]: state["embedding.weight"][:v], g["norm"]: state["final_norm.weight"]}
+    if not cfg.tie_embeddings:
+        out[g["head"]] = state["head.weight"][:v]
+    for i in range(cfg.n_layers):
+        ln, p = layer_names(layout, i), f"layers.{i}."
+        out.update(zip((ln["q"], ln["k"], ln["v"]), split_qkv(state[p + "qkv.weight"], cfg), strict=True))
+        if cfg.qkv_bias:
+            names = (ln["q_bias"], ln["k_bias"], ln["v_bias"])
+            out.update(zip(names, split_qkv(state[p + "qkv.bias"], cfg), strict=True))
+        for ours in ("attn_norm", "ffn_norm", "out", "gate", "up", "down"):
+            out[ln[ours]] = state[p + ours + ".weight"]
+    return {k: t.to(dtype).contiguous() for k, t in out.items()}
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
+    """Write our export ``checkpoint`` as a transformers Llama/Qwen2 model directory ``out`` (atomic)."""
+    from pipeline.engine.export import export_model_config
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / "model.safetensors").is_file():
+        raise HFFormatError(f"{checkpoint}: not an export directory (no model.safetensors)")
+    info = json.loads((checkpoint / "config.json").read_text())
+    cfg = ModelConfig(**export_model_config(checkpoint))
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise HFFormatError(f"dtype '{dtype}': expected float32, bfloat16 or float16")
+    state = hf_state(load_file(str(checkpoint / "model.safetensors")), cfg, torch_dtype)
+    config = {**hf_config(cfg, info.get("special_ids", {})), "dtype": dtype}
+
+    def fill(tmp: Path) -> None:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        hf_tok = checkpoint / "hf_tokenizer"
+        if hf_tok.is_dir():
+            for file in sorted(hf_tok.iterdir()):
+                shutil.copyfile(file, tmp / file.name)
+        elif (checkpoint / "tokenizer.model").is_file():
+            shutil.copyfile(checkpoint / "tokenizer.model", tmp / "tokenizer.model")
+
+    return _write_atomic(out, fill)

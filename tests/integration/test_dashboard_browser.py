@@ -1,0 +1,116 @@
+"""The comparison's dashboard in a real browser: `mlflow ui` over a store written by a short
+comparison, the printed URL opened in headless Chromium, both runs and the curves rendered.
+
+Chromium is Debian's (``.ci/install-chromium.sh``, run here when it is missing); without it the
+test is skipped with the reason, except in CI (``CI=true``) where it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from launch.compare import compare
+from tests import _chromium, _proc
+from tests.conftest import free_port, tiny_run_overrides
+
+# Legend entries: "<run name> (<metric>)" (drawn before the data arrives).
+EXPECTED = ("mdlm (loss)", "memdlm (loss)", "mdlm (eval/loss)", "memdlm (eval/loss)", "memdlm (memory/gain)")
+# Per chart, in page order: the number of plotted lines (plotly draws a `path.js-line` per
+# trace once its points are loaded).
+CHARTS_JS = """[...document.querySelectorAll('.js-plotly-plot')].map(p =>
+  [...p.querySelectorAll('.scatterlayer path.js-line')].filter(e => (e.getAttribute('d') || '').length > 10).length)"""
+WANT = [2, 2, 1]  # loss and eval/loss: a line per run; memory/gain: MemDLM's
+
+
+def _drawn(lines) -> bool:
+    return bool(lines) and len(lines) >= 3 and all(n >= w for n, w in zip(lines, WANT, strict=False))
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = _chromium.find()
+    reason = "no chromium on PATH"
+    if path is None:
+        try:
+            res = _proc.run(["bash", ".ci/install-chromium.sh"], timeout=600)
+            reason = f"chromium could not be installed: {(res.stderr or res.stdout).strip()[-300:]}"
+        except subprocess.TimeoutExpired:
+            reason = "installing chromium took over 10 minutes"
+        path = _chromium.find()
+    if path is None:
+        (pytest.fail if _in_ci() else pytest.skip)(reason)
+    return path
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            pytest.fail(f"mlflow ui did not come up within {timeout} s")
+        time.sleep(0.5)
+
+
+def test_the_printed_url_shows_both_runs_loss_curves_and_the_memory_gain(
+    chromium, world1, tiny_dataset, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    t0 = time.monotonic()
+    root = tmp_path / "runs"
+    root.mkdir()
+    store = f"sqlite:///{root}/mlflow.db"
+    MlflowClient(tracking_uri=store).search_experiments()  # the schema, before two processes open it
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # The UI starts (~10-40 s of imports) while the comparison trains.
+    with _proc.started(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
+        overrides = [
+            o for o in tiny_run_overrides(tiny_dataset, root, "checkpoint.every=0") if o != "log_every=1"
+        ]
+        out = compare("configs/train/local.yaml", 8, [*overrides, "eval.batches=1"])
+        summary = json.loads((out / "compare.json").read_text())
+        url = base + "/#" + summary["dashboard_route"]
+        assert summary["dashboard_url"].endswith("/#" + summary["dashboard_route"])
+        t_compare = time.monotonic()
+        _wait_healthy(base, server)
+        t_server = time.monotonic()
+        with _chromium.browser(url, tmp_path / "chromium-profile", chromium) as page:
+            lines = page.wait_until(CHARTS_JS, _drawn, timeout=90)
+            t_page = time.monotonic()
+            text = page.text()
+            shot = page.screenshot(out / "dashboard.png")
+    print(
+        f"dashboard test: compare {t_compare - t0:.1f} s, then mlflow ui up {t_server - t_compare:.1f} s, "
+        f"page rendered {t_page - t_server:.1f} s"
+    )
+    missing = [e for e in EXPECTED if e not in text]
+    assert not missing, f"not rendered: {missing}; screenshot: {shot}\n{text[:3000]}"
+    assert "MDLM vs MemDLM" in text and "2 matching runs" in text, text[:3000]
+    assert text.index("MDLM vs MemDLM") < text.index("Model metrics")
+    assert f"compare-{out.name}" not in text.split("MDLM vs MemDLM")[0]  # the parent is not listed
+    assert _drawn(lines) and lines[:3] == WANT, f"plotted lines per chart: {lines}; screenshot: {shot}"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the screenshot travels with the comparison: its directory and the parent run's artifacts
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    parent = client.get_run(summary["run_ids"]["mdlm"]).data.tags["mlflow.parentRunId"]
+    client.log_artifact(parent, str(shot))
+    assert "dashboard.png" in {a.path for a in client.list_artifacts(parent)}
