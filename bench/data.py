@@ -64,8 +64,8 @@ def array_throughput(prep: PrepConfig, tasks: int, unit_mb: float = 2.0) -> floa
     import json
     import tempfile
 
-    from data_prep.array import prepare_with_array
     from launch.clusters import ClusterConfig
+    from launch.data_array import prepare_with_array
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(

@@ -5,16 +5,14 @@
 
 Dotted ``key=value`` overrides follow the config file (see pipeline/dataset/prep_config.py for the keys).
 
-With ``--cluster <name>`` (configs/cluster/<name>.yaml) and/or ``--tasks N`` the tokenising step
-runs as a submitit job array on that cluster's executor (data_prep/array.py); the dataset is
-byte-identical to the one this command builds without them.
+``make data`` runs this build through launch/data.py, which adds ``--cluster`` / ``--tasks`` (the
+tokenising step as a submitit job array; the dataset is byte-identical either way).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from data_prep.corpus import CorpusError
@@ -59,10 +57,8 @@ def prepare_any(cfg: PrepConfig | TaskDataConfig, progress: bool = True) -> Mani
     return prepare_dataset(cfg, progress=progress)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a dataset build (shared with launch/data.py)."""
     parser.add_argument(
         "--config", default="configs/data/sample.yaml", help="dataset YAML (default: %(default)s)"
     )
@@ -72,40 +68,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="output dataset directory; replaces the config's out_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--cluster", help="tokenise as a job array on configs/cluster/<name>.yaml's executor (local, slurm)"
-    )
-    parser.add_argument(
-        "--tasks",
-        type=int,
-        help="array tasks (implies --cluster local if none is given; default: all cores locally, "
-        "nodes x tasks_per_node on Slurm)",
-    )
-    parser.add_argument(
-        "--unit-mb", type=float, default=64.0, help="work unit size of the array build, MiB (default: 64)"
-    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tokenizer.vocab_size=4000")
+
+
+def config_from_arguments(args: argparse.Namespace) -> PrepConfig:
+    """The PrepConfig the parsed arguments describe (config file, --corpus, --out, overrides)."""
+    overrides = list(args.overrides)
+    if args.corpus:
+        entries = [c.strip() for c in args.corpus.split(",") if c.strip()]
+        overrides.append("corpus=" + json.dumps(entries))  # JSON is YAML: paths stay strings
+    if args.out:
+        overrides.append("out_dir=" + json.dumps(args.out))
+    return load_config(PrepConfig, args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_dataset_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        overrides = list(args.overrides)
-        if args.corpus:
-            entries = [c.strip() for c in args.corpus.split(",") if c.strip()]
-            overrides.append("corpus=" + json.dumps(entries))  # JSON is YAML: paths stay strings
-        if args.out:
-            overrides.append("out_dir=" + json.dumps(args.out))
-        cfg = load_config(PrepConfig, args.config, overrides)
-        if args.cluster or args.tasks:
-            from data_prep.array import prepare_with_array
-            from launch.clusters import load_cluster
-
-            cluster = load_cluster(args.cluster or "local")
-            local_default = os.cpu_count() or 1
-            tasks = args.tasks or (local_default if cluster.executor == "local" else cluster.world_size)
-            prepare_with_array(
-                cfg, cluster, tasks, progress=not args.no_progress, unit_bytes=int(args.unit_mb * 2**20)
-            )
-        else:
-            prepare_dataset(cfg, progress=not args.no_progress)
+        prepare_dataset(config_from_arguments(args), progress=not args.no_progress)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

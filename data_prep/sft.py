@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from pipeline.dataset.manifest import FORMAT_VERSION, Manifest, ShardInfo, SplitInfo, write_manifest
+from pipeline.dataset.manifest import Manifest, ShardInfo, SplitInfo, build_manifest, write_manifest
 from pipeline.dataset.tokenizer import Tokenizer, load_tokenizer, sha256_file
 
 
@@ -117,15 +117,11 @@ def _write_splits(
             )
         infos[name] = SplitInfo(sequences=per * n_shards, tokens=per * n_shards * seq_len, shards=shard_infos)
     shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-    manifest = Manifest(
+    manifest = build_manifest(
+        tok,
         kind="sft",
-        format_version=FORMAT_VERSION,
         seq_len=seq_len,
         dtype=dtype.name,
-        vocab_size=tok.vocab_size,
-        tokenizer_file="tokenizer.model",
-        tokenizer_sha256=tok.sha256,
-        special_ids=tok.special_ids(),
         splits=infos,
         seed=seed,
         corpus={"source": source or {}, "dropped_pairs": dropped},

@@ -39,11 +39,11 @@ from data_prep.corpus import CorpusStats, Document, iter_documents, resolve_inpu
 from data_prep.tokenizer import sample_lines, train_tokenizer
 from pipeline.dataset import to_dict
 from pipeline.dataset.manifest import (
-    FORMAT_VERSION,
     DatasetError,
     Manifest,
     ShardInfo,
     SplitInfo,
+    build_manifest,
     load_manifest,
     write_manifest,
 )
@@ -506,14 +506,11 @@ def prepare_dataset(
     splits = {"train": b.write_split("train", cfg.train_shards, tinfo["tokens"]["train"], dtype, state, docs)}
     if cfg.val_fraction > 0:
         splits["val"] = b.write_split("val", cfg.val_shards, tinfo["tokens"]["val"], dtype, state, docs)
-    manifest = Manifest(
-        format_version=FORMAT_VERSION,
+    manifest = build_manifest(
+        tok,
+        kind="pretrain",
         seq_len=cfg.seq_len,
         dtype=dtype.name,
-        vocab_size=tok.vocab_size,
-        tokenizer_file="tokenizer.model",
-        tokenizer_sha256=tok.sha256,
-        special_ids=tok.special_ids(),
         splits=splits,
         seed=cfg.seed,
         corpus={

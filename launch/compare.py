@@ -234,7 +234,9 @@ def save_view(client, experiment_id: str, key: str, name: str, run_ids: dict[str
     now = int(time.time() * 1000)
     envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(view_state(run_ids))}
     client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(envelope))
-    return f"/experiments/{experiment_id}/runs?viewStateShareKey={quote(key)}&compareRunsMode=CHART"
+    # workflowType: the UI's "Model training" side (its sidebar), whatever it showed last
+    query = f"viewStateShareKey={quote(key)}&compareRunsMode=CHART&workflowType=machine_learning"
+    return f"/experiments/{experiment_id}/runs?{query}"
 
 
 def _cadence(overrides: list[str], steps: int, log_every: int | None, eval_every: int | None) -> list[str]:

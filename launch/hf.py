@@ -1,7 +1,7 @@
 """`make import-hf` / `make export-hf`: Hugging Face checkpoints to and from our export format.
 
-    python -m launch.hf import SRC OUT [--mask-id N] [--seq-len N]
-    python -m launch.hf export CHECKPOINT OUT [--dtype float32|bfloat16|float16]
+python -m launch.hf import SRC OUT [--mask-id N] [--seq-len N]
+python -m launch.hf export CHECKPOINT OUT [--dtype float32|bfloat16|float16]
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("src", type=Path)
     imp.add_argument("out", type=Path)
     imp.add_argument("--mask-id", type=int, default=None, help="when config.json has no mask_token_id")
-    imp.add_argument("--seq-len", type=int, default=None, help="model.seq_len (default: the source's maximum)")
+    imp.add_argument(
+        "--seq-len", type=int, default=None, help="model.seq_len (default: the source's maximum)"
+    )
     exp = sub.add_parser("export", help="our export directory -> HF Llama/Qwen2 directory")
     exp.add_argument("checkpoint", type=Path)
     exp.add_argument("out", type=Path)
@@ -34,12 +36,15 @@ def main(argv: list[str] | None = None) -> int:
             info = json.loads((out / "config.json").read_text())
             src = info["source"]
             print(f"imported {args.src} ({src['layout']} layout, model_type {src['model_type']}) -> {out}")
-            print("model config (use it as the run's `model:` section to fine-tune with init_from=" f"{out}):")
+            print(f"model config (use it as the run's `model:` section to fine-tune with init_from={out}):")
             print(json.dumps(info["model"], indent=2, sort_keys=True))
             tok = src["tokenizer"]
-            print(f"mask id {info['special_ids']['mask']} = {tok.get('mask_token')!r} ({tok.get('kind')})")
-            if not tok["sentencepiece_usable"]:
-                print(f"note: {SENTENCEPIECE_ONLY}")
+            if tok.get("kind") is None:
+                print(f"mask id {info['special_ids']['mask']}: not checked ({tok['note']})")
+            else:
+                print(f"mask id {info['special_ids']['mask']} = {tok['mask_token']!r} (from {tok['kind']})")
+                if not tok["sentencepiece_usable"]:
+                    print(f"note: {SENTENCEPIECE_ONLY}")
         else:
             out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
             print(f"exported {args.checkpoint} -> {out} (transformers: AutoModelForCausalLM.from_pretrained)")

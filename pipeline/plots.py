@@ -34,11 +34,12 @@ def _pyplot():
 
 def _plain_axis(ax) -> None:
     """No offset or scientific notation on the y axis; enough digits to tell the ticks apart."""
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     fmt = ScalarFormatter(useOffset=False)
     fmt.set_scientific(False)
     ax.yaxis.set_major_formatter(fmt)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
     ax.grid(alpha=0.3)
 
 

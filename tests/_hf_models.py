@@ -121,7 +121,8 @@ def _llada_checkpoint(out: Path, seed: int) -> Path:
             b + "ff_out.weight": (D, FFN),
         }
     state = {
-        n: (1.0 + 0.2 * torch.randn(s, generator=g)) if n.endswith("norm.weight") or n.endswith("ln_f.weight")
+        n: (1.0 + 0.2 * torch.randn(s, generator=g))
+        if n.endswith("norm.weight") or n.endswith("ln_f.weight")
         else 0.08 * torch.randn(s, generator=g)
         for n, s in shapes.items()
     }

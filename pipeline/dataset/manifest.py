@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic_io import atomic_write_text
 from pipeline.dataset.remote import RemoteReadError, is_url, locate, remote_size
 from pipeline.dataset.tokenizer import load_tokenizer
 
@@ -155,11 +156,38 @@ def load_manifest(dataset_dir: str | Path) -> Manifest:
 
 def write_manifest(manifest: Manifest, dataset_dir: str | Path) -> Path:
     """Write ``manifest.json`` atomically (temp file + rename): a reader never sees half of it."""
-    path = Path(dataset_dir) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(
+        Path(dataset_dir) / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n"
+    )
+
+
+def build_manifest(
+    tok,
+    *,
+    kind: str,
+    seq_len: int,
+    dtype: str,
+    splits: dict[str, SplitInfo],
+    seed: int,
+    corpus: dict[str, Any],
+    config: dict[str, Any],
+) -> Manifest:
+    """The manifest of a finished build (pretraining shards or SFT pairs) tokenised with ``tok``:
+    the one place its tokenizer fields are filled, for both writers."""
+    return Manifest(
+        kind=kind,
+        format_version=FORMAT_VERSION,
+        seq_len=seq_len,
+        dtype=dtype,
+        vocab_size=tok.vocab_size,
+        tokenizer_file="tokenizer.model",
+        tokenizer_sha256=tok.sha256,
+        special_ids=tok.special_ids(),
+        splits=splits,
+        seed=seed,
+        corpus=corpus,
+        config=config,
+    )
 
 
 def shard_size_errors(manifest: Manifest, dataset_dir: str | Path) -> list[str]:

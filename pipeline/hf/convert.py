@@ -65,11 +65,13 @@ def _shard_index(src: Path) -> dict[str, Path]:
         return {name: src / file for name, file in weight_map.items()}
     files = sorted(src.glob("*.safetensors"))
     if not files:
-        raise HFFormatError(f"{src}: no *.safetensors files (convert .bin checkpoints with transformers first)")
+        raise HFFormatError(
+            f"{src}: no *.safetensors files (convert .bin checkpoints with transformers first)"
+        )
     out: dict[str, Path] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            out.update({name: file for name in f.keys()})
+            out.update(dict.fromkeys(f.keys(), file))
     return out
 
 
@@ -187,7 +189,10 @@ def convert_state(read, src: Source) -> dict[str, torch.Tensor]:
     cfg, layout = src.model, src.layout
     g = global_names(layout)
     V = cfg.padded_vocab_size
-    state = {"embedding.weight": _pad_rows(read(g["embed"]).float(), V), "final_norm.weight": read(g["norm"]).float()}
+    state = {
+        "embedding.weight": _pad_rows(read(g["embed"]).float(), V),
+        "final_norm.weight": read(g["norm"]).float(),
+    }
     if not cfg.tie_embeddings:
         state["head.weight"] = _pad_rows(read(g["head"]).float(), V)
     for i in range(cfg.n_layers):
@@ -264,14 +269,7 @@ def import_hf(
     config = json.loads((src / "config.json").read_text())
     where = _shard_index(src)
     source = read_source_config(config, set(where), seq_len, vocab_multiple)
-    mask = mask_id if mask_id is not None else source.mask_id
-    if mask is None:
-        raise HFFormatError(
-            f"{src / 'config.json'} has no mask_token_id (an autoregressive checkpoint?): pass the id of the "
-            "tokenizer's mask token explicitly (MASK_ID=... / --mask-id)"
-        )
-    if source.mask_id is not None and mask_id is not None and mask_id != source.mask_id:
-        raise HFFormatError(f"--mask-id {mask_id} contradicts the source config's mask_token_id {source.mask_id}")
+    mask = _mask_id(src, source.mask_id, mask_id)
     tokenizer = _tokenizer_mask_check(src, mask, source.model.vocab_size)
     reader = _Reader(where)
     _check_tensors(where, source, reader)
@@ -289,7 +287,11 @@ def import_hf(
             "layout": source.layout,
             "model_type": source.model_type,
             "path": str(src.resolve()),
-            "tokenizer": {**tokenizer, "sentencepiece_usable": sp_ok, **({} if sp_ok else {"note": SENTENCEPIECE_ONLY})},
+            "tokenizer": {
+                **tokenizer,
+                "sentencepiece_usable": sp_ok,
+                **({} if sp_ok or tokenizer["kind"] is None else {"note": SENTENCEPIECE_ONLY}),
+            },
         },
     }
 
@@ -305,6 +307,19 @@ def import_hf(
             shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
 
     return _write_atomic(out, fill)
+
+
+def _mask_id(src: Path, from_config: int | None, given: int | None) -> int:
+    """The [MASK] id: the source config's ``mask_token_id`` or the explicit option (never both differing)."""
+    mask = given if given is not None else from_config
+    if mask is None:
+        raise HFFormatError(
+            f"{src / 'config.json'} has no mask_token_id (an autoregressive checkpoint?): pass the id of the "
+            "tokenizer's mask token explicitly (MASK_ID=... / --mask-id)"
+        )
+    if from_config is not None and given is not None and given != from_config:
+        raise HFFormatError(f"--mask-id {given} contradicts the source config's mask_token_id {from_config}")
+    return mask
 
 
 def _sentencepiece_usable(path: Path) -> bool:

@@ -133,7 +133,13 @@ def expected_names(layout: str, cfg: ModelConfig) -> set[str]:
 
 
 def is_moe(config: dict[str, Any], tensor_names: set[str]) -> bool:
-    keys = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
+    keys = (
+        "num_experts",
+        "num_local_experts",
+        "n_routed_experts",
+        "moe_intermediate_size",
+        "num_experts_per_tok",
+    )
     return (
         any(config.get(k) for k in keys)
         or "moe" in str(config.get("model_type", "")).lower()
@@ -205,67 +211,76 @@ def _refuse(config: dict[str, Any], checks: dict[str, Any]) -> None:
         raise HFFormatError(f"unsupported architecture options: {', '.join(bad)}")
 
 
+def _llada_fields(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """ModelConfig fields and the context length of a LLaDA (OLMo-derived) ``config.json``."""
+    _refuse(
+        config,
+        {
+            "block_type": "llama",
+            "layer_norm_type": "rms",
+            "activation_type": "silu",
+            "alibi": False,
+            "rope": True,
+            "scale_logits": False,
+            "input_emb_norm": False,
+            "attention_layer_norm": False,
+            "include_bias": False,
+            "layer_norm_with_affine": True,
+            "bias_for_layer_norm": False,
+            "clip_qkv": None,
+            "multi_query_attention": None,
+        },
+    )
+    d, heads = int(config["d_model"]), int(config["n_heads"])
+    ffn = config.get("mlp_hidden_size") or int(config["mlp_ratio"]) * d
+    fields = dict(
+        vocab_size=int(config.get("embedding_size") or config["vocab_size"]),
+        d_model=d,
+        n_layers=int(config["n_layers"]),
+        n_heads=heads,
+        n_kv_heads=config.get("n_kv_heads") or heads,
+        ffn_hidden=int(ffn),
+        norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(config.get("rope_theta", 10000.0)),
+        qkv_bias=bool(config.get("include_qkv_bias", False)),
+        tie_embeddings=bool(config.get("weight_tying", False)),
+    )
+    max_len = int(config.get("max_sequence_length", 4096))
+    return fields, max_len
+
+
+def _llama_qwen2_fields(config: dict[str, Any], layout: str) -> tuple[dict[str, Any], int]:
+    """ModelConfig fields and the context length of a Llama / Qwen2 ``config.json``."""
+    _refuse(config, {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False})
+    if layout == "llama" and config.get("attention_bias"):
+        raise HFFormatError(
+            "attention_bias=true (LLaMA puts a bias on q, k, v and o_proj): only Q/K/V biases are supported"
+        )
+    d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    if config.get("head_dim") not in (None, d // heads):
+        raise HFFormatError(f"head_dim={config['head_dim']} differs from hidden_size / num_attention_heads")
+    fields = dict(
+        vocab_size=int(config["vocab_size"]),
+        d_model=d,
+        n_layers=int(config["num_hidden_layers"]),
+        n_heads=heads,
+        n_kv_heads=config.get("num_key_value_heads") or heads,
+        ffn_hidden=int(config["intermediate_size"]),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        qkv_bias=layout == "qwen2",
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        **_rope_options(config),
+    )
+    max_len = int(config.get("max_position_embeddings", 4096))
+    return fields, max_len
+
+
 def read_source_config(
     config: dict[str, Any], tensor_names: set[str], seq_len: int | None, vocab_multiple: int
 ) -> Source:
     """Map a source ``config.json`` to our ``ModelConfig`` (validated); refuses what we cannot hold exactly."""
     layout = detect_layout(config, tensor_names)
-    if layout == "llada":
-        _refuse(
-            config,
-            {
-                "block_type": "llama",
-                "layer_norm_type": "rms",
-                "activation_type": "silu",
-                "alibi": False,
-                "rope": True,
-                "scale_logits": False,
-                "input_emb_norm": False,
-                "attention_layer_norm": False,
-                "include_bias": False,
-                "layer_norm_with_affine": True,
-                "bias_for_layer_norm": False,
-                "clip_qkv": None,
-                "multi_query_attention": None,
-            },
-        )
-        d, heads = int(config["d_model"]), int(config["n_heads"])
-        ffn = config.get("mlp_hidden_size") or int(config["mlp_ratio"]) * d
-        fields = dict(
-            vocab_size=int(config.get("embedding_size") or config["vocab_size"]),
-            d_model=d,
-            n_layers=int(config["n_layers"]),
-            n_heads=heads,
-            n_kv_heads=config.get("n_kv_heads") or heads,
-            ffn_hidden=int(ffn),
-            norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(config.get("rope_theta", 10000.0)),
-            qkv_bias=bool(config.get("include_qkv_bias", False)),
-            tie_embeddings=bool(config.get("weight_tying", False)),
-        )
-        max_len = int(config.get("max_sequence_length", 4096))
-    else:
-        _refuse(config, {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False})
-        if layout == "llama" and config.get("attention_bias"):
-            raise HFFormatError(
-                "attention_bias=true (LLaMA puts a bias on q, k, v and o_proj): only Q/K/V biases are supported"
-            )
-        d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        if config.get("head_dim") not in (None, d // heads):
-            raise HFFormatError(f"head_dim={config['head_dim']} differs from hidden_size / num_attention_heads")
-        fields = dict(
-            vocab_size=int(config["vocab_size"]),
-            d_model=d,
-            n_layers=int(config["num_hidden_layers"]),
-            n_heads=heads,
-            n_kv_heads=config.get("num_key_value_heads") or heads,
-            ffn_hidden=int(config["intermediate_size"]),
-            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            qkv_bias=layout == "qwen2",
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            **_rope_options(config),
-        )
-        max_len = int(config.get("max_position_embeddings", 4096))
+    fields, max_len = _llada_fields(config) if layout == "llada" else _llama_qwen2_fields(config, layout)
     if fields["n_kv_heads"] == fields["n_heads"]:
         fields["n_kv_heads"] = None  # plain multi-head: the default, so configs compare equal
     model = ModelConfig(seq_len=seq_len or max_len, vocab_multiple=vocab_multiple, **fields)

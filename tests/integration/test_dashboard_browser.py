@@ -23,15 +23,15 @@ from tests.conftest import free_port, tiny_run_overrides
 
 # Legend entries: "<run name> (<metric>)" (drawn before the data arrives).
 EXPECTED = ("mdlm (loss)", "memdlm (loss)", "mdlm (eval/loss)", "memdlm (eval/loss)", "memdlm (memory/gain)")
-# Per chart, in page order: the number of plotted lines (plotly draws a `path.js-line` per
-# trace once its points are loaded).
+# Per chart, in page order: the number of plotted line paths (plotly draws its `path.js-line`s
+# once a trace's points are loaded; the same number per run in every chart).
 CHARTS_JS = """[...document.querySelectorAll('.js-plotly-plot')].map(p =>
   [...p.querySelectorAll('.scatterlayer path.js-line')].filter(e => (e.getAttribute('d') || '').length > 10).length)"""
-WANT = [2, 2, 1]  # loss and eval/loss: a line per run; memory/gain: MemDLM's
 
 
 def _drawn(lines) -> bool:
-    return bool(lines) and len(lines) >= 3 and all(n >= w for n, w in zip(lines, WANT, strict=False))
+    """loss and eval/loss: a line per run (both runs); memory/gain: MemDLM's only."""
+    return bool(lines) and len(lines) >= 3 and lines[2] > 0 and lines[0] == lines[1] == 2 * lines[2]
 
 
 def _in_ci() -> bool:
@@ -82,7 +82,8 @@ def test_the_printed_url_shows_both_runs_loss_curves_and_the_memory_gain(
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     # The UI starts (~10-40 s of imports) while the comparison trains.
-    with _proc.started(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job workers
+    with _proc.started(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
         overrides = [
             o for o in tiny_run_overrides(tiny_dataset, root, "checkpoint.every=0") if o != "log_every=1"
         ]
@@ -107,7 +108,7 @@ def test_the_printed_url_shows_both_runs_loss_curves_and_the_memory_gain(
     assert "MDLM vs MemDLM" in text and "2 matching runs" in text, text[:3000]
     assert text.index("MDLM vs MemDLM") < text.index("Model metrics")
     assert f"compare-{out.name}" not in text.split("MDLM vs MemDLM")[0]  # the parent is not listed
-    assert _drawn(lines) and lines[:3] == WANT, f"plotted lines per chart: {lines}; screenshot: {shot}"
+    assert _drawn(lines), f"plotted lines per chart: {lines}; screenshot: {shot}"
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the screenshot travels with the comparison: its directory and the parent run's artifacts
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")

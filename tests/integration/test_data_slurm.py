@@ -24,7 +24,7 @@ OVERRIDES = ["workers=1", "val_fraction=0.01"]
 JOB_NAME = "memdlm-ci-data"  # configs/cluster/ci-slurm.yaml's job_name + "-data"
 
 
-def _corpus(path: Path, docs: int = 6000) -> Path:
+def _corpus(path: Path, docs: int = 24000) -> Path:  # ~30 s of tokenising: the kill lands mid-way
     rng = random.Random(11)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(docs):

@@ -10,10 +10,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import Tracker, TrackingConfig
+from pipeline.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND, Tracker, TrackingConfig
 from pipeline.train import Trainer
 from pipeline.train_config import load_train_config
 from tests import _proc
@@ -31,6 +32,7 @@ def test_a_run_logs_config_tags_batched_metrics_and_artifacts(world1, tiny_datas
         "eval.batches=1",
         "memory.enabled=true",
         "optim.lr=2e-3",
+        "tracking.system_metrics=false",
     )
     cfg = load_train_config(None, overrides)
     calls = []
@@ -62,6 +64,54 @@ def test_a_run_logs_config_tags_batched_metrics_and_artifacts(world1, tiny_datas
     assert len(metric_calls) == 1 and metric_calls[0] > 4 * 10  # all metrics of 4 steps in one batch
     local = tmp_path / "runs" / "a" / "loss_curves.png"
     assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(local).shape[1] >= 1200  # the loss panel and the memory-gain panel
+    # opens in MLflow 3's model-training view; `step` is the x axis, never a metric
+    assert client.get_experiment(run.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    assert "step" not in run.data.metrics
+    # the memory's effect at every logged step: gain, update norms, clipped fraction
+    for key in ("memory/gain", "memory/loss_phi0", "inner/stage1_update_norm", "inner/stage2_clipped_frac"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4], key
+    assert not any(k.startswith("system/") for k in run.data.metrics)  # off here
+
+
+def test_the_memory_gain_is_measured_on_logged_steps_only_and_system_metrics_are_logged(
+    world1, tiny_dataset, tmp_path
+):
+    overrides = tiny_run_overrides(
+        tiny_dataset,
+        tmp_path / "runs",
+        f"run_dir={tmp_path / 'runs' / 'b'}",
+        "steps=5",
+        "log_every=2",
+        "checkpoint.every=0",
+        "eval.every=0",
+        "memory.enabled=true",
+        "tracking.system_metrics=true",
+        "tracking.system_metrics_interval_s=0.2",
+    )
+    trainer = Trainer(load_train_config(None, overrides))
+    records = trainer.run()
+    client = MlflowClient(tracking_uri=trainer.tracker.uri)
+    run_id = trainer.tracker.run_id
+    assert [r["step"] for r in records] == [2, 4, 5]
+    assert [m.step for m in client.get_metric_history(run_id, "memory/gain")] == [2, 4, 5]
+    assert all("memory/gain" in r for r in records)
+    metrics = client.get_run(run_id).data.metrics
+    assert (
+        "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    )
+
+
+def test_an_existing_experiment_is_marked_as_a_training_experiment_unless_it_has_a_kind(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'k.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    plain = client.create_experiment("plain")
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    for name in ("plain", "chosen", "new"):
+        Tracker(TrackingConfig(uri=uri, experiment=name, root=str(tmp_path)), "r")
+    assert client.get_experiment(plain).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    assert client.get_experiment_by_name("new").tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
 
 
 def _free_port() -> int:
@@ -105,7 +155,8 @@ def test_runs_logged_through_an_mlflow_server_come_back_from_its_rest_api(tmp_pa
                     pytest.fail("mlflow server did not come up within 120 s")
                 time.sleep(1)
         tracker = Tracker(
-            TrackingConfig(uri=url, experiment="served", root=str(tmp_path / "runs")), "via-server"
+            TrackingConfig(uri=url, experiment="served", root=str(tmp_path / "runs"), system_metrics=False),
+            "via-server",
         )
         run_id = tracker.start({"optim.lr": "0.001"}, {"method": "mdlm"})
         for step in range(1, 4):

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.array import plan_units, prepare_with_array
+from data_prep.array import plan_units
 from data_prep.shard import DatasetPrepError, prepare_dataset
 from launch.clusters import ClusterConfig
+from launch.data_array import prepare_with_array
 from tests.conftest import make_text, prep_config, write_txt_corpus
 
 UNIT = 8 << 10  # bytes: a few KiB per unit, so the small corpus below makes several

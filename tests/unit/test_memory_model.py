@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.perf.memory_model import estimate_memory
 from pipeline.memory.config import MemoryConfig
+from pipeline.perf.memory_model import estimate_memory
 from pipeline.train_config import load_train_config
 
 

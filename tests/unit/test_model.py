@@ -10,8 +10,8 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.memory.config import MemoryConfig
 from pipeline.model.config import ModelConfig
-from pipeline.perf.flops import estimate_flops
 from pipeline.model.transformer import DLMTransformer
+from pipeline.perf.flops import estimate_flops
 from tests.conftest import tiny_model_config
 
 

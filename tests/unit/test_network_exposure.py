@@ -58,10 +58,7 @@ def test_single_node_rendezvous_and_gloo_listen_on_loopback_only():
 
 
 def test_tracking_uri_credentials_are_redacted():
-    assert (
-        redact_uri("https://alice:s3cret@mlflow.example.org:5000/x")
-        == "https://mlflow.example.org:5000/x"
-    )
+    assert redact_uri("https://alice:s3cret@mlflow.example.org:5000/x") == "https://mlflow.example.org:5000/x"
     assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
     resolved = {"tracking": {"uri": "http://bob:pw@host/"}, "seed": 0}
     out = redact_config(resolved)

@@ -1,0 +1,85 @@
+"""Worker for test_hf_tp: imported checkpoints and the architecture options at TP=2.
+
+argv: <dir> holding imports/<kind>/ (our export format), arch/ (an export with GQA, Q/K/V biases,
+a tied head and a padded vocabulary) and tokens.pt. Rank 0 writes <dir>/results.pt:
+  kinds[<kind>]   full logits at TP=2, each rank having read only its slices (load_initial_weights)
+  arch["tp2"/"tp1"]  logits and gradients of a cross-entropy loss at TP=2 and TP=1
+  init["tp2"/"tp1"]  the random initialisation of the arch config at both sizes
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from pipeline.engine.export import export_model_config, load_initial_weights
+from pipeline.model.config import ModelConfig
+from pipeline.model.parallel import init_distributed, tp_group, tp_size
+from pipeline.model.transformer import DLMTransformer
+from pipeline.objectives.mdlm import position_ce
+
+
+def gather(t: torch.Tensor, dim: int) -> torch.Tensor:
+    if tp_size() == 1:
+        return t.detach().clone()
+    parts = [torch.empty_like(t) for _ in range(tp_size())]
+    dist.all_gather(parts, t.detach().contiguous(), group=tp_group())
+    return torch.cat(parts, dim=dim)
+
+
+def full(model, grads: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.grad if grads else p.data
+        sharded = getattr(p, "tensor_model_parallel", False) and tp_size() > 1
+        out[name] = gather(t, p.partition_dim) if sharded else t.detach().clone()
+    return out
+
+
+def loaded(path: Path) -> DLMTransformer:
+    cfg = ModelConfig(**export_model_config(path))
+    model = DLMTransformer(cfg)
+    load_initial_weights(model, path, cfg)
+    return model
+
+
+def arch_run(path: Path, tokens: torch.Tensor) -> dict:
+    model = loaded(path)
+    logits = model(tokens=tokens)
+    # targets include the last real id, so the masked padded columns sit next to a scored one
+    targets = (tokens + 1) % model.cfg.vocab_size
+    position_ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).mean().backward()
+    return {"logits": gather(logits, -1), "grads": full(model, grads=True)}
+
+
+def arch_init(path: Path) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return full(DLMTransformer(ModelConfig(**export_model_config(path))), grads=False)
+
+
+def main(root: str) -> None:
+    root = Path(root)
+    tokens = torch.load(root / "tokens.pt")
+    res: dict = {"kinds": {}, "arch": {}, "init": {}}
+    init_distributed(tp=2)
+    for path in sorted((root / "imports").iterdir()):
+        with torch.no_grad():
+            res["kinds"][path.name] = gather(loaded(path)(tokens=tokens), -1)
+    res["arch"]["tp2"] = arch_run(root / "arch", tokens)
+    res["init"]["tp2"] = arch_init(root / "arch")
+    parallel_state.destroy_model_parallel()
+    init_distributed(tp=1)  # the reference: each rank alone (TP=1 x DP=2)
+    res["arch"]["tp1"] = arch_run(root / "arch", tokens)
+    res["init"]["tp1"] = arch_init(root / "arch")
+    if dist.get_rank() == 0:
+        torch.save(res, root / "results.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
