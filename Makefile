@@ -87,7 +87,7 @@ compare: venv ## MDLM vs MemDLM, same seed/data/budget -> runs/compare/latest/{c
 
 mlflow-ui: venv ## the MLflow dashboard of runs/mlflow.db on http://127.0.0.1:5000 (local only); prints the newest comparison's URL
 	@$(PY) -m launch.compare --url --root runs --port $(PORT)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port $(PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 bench: bench-data bench-step bench-scale bench-sample ## all benchmarks (results in bench/results/)
 

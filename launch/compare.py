@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -32,7 +33,7 @@ from urllib.parse import quote
 from pipeline.config import ConfigError
 from pipeline.dataset.manifest import DatasetError
 from pipeline.plots import GAIN, plot_compare
-from pipeline.tracking import LOCAL_UI, Tracker, ema, flatten, ui_url
+from pipeline.tracking import LOCAL_UI, Tracker, ema, flatten, redact_config, ui_url
 
 METHODS = ("mdlm", "memdlm")
 SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a saved runs view (MLflow 3 UI)
@@ -239,15 +240,15 @@ def save_view(client, experiment_id: str, key: str, name: str, run_ids: dict[str
     return f"/experiments/{experiment_id}/runs?{query}"
 
 
-def _cadence(overrides: list[str], steps: int, log_every: int | None, eval_every: int | None) -> list[str]:
-    """``log_every`` / ``eval.every`` overrides: the user's if given, else a curve's worth."""
+def _with_cadence(base, overrides: list[str], log_every: int | None, eval_every: int | None):
+    """``base`` with a curve's worth of logging and evaluation, unless the user set them."""
     given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
-    out = []
     if log_every is not None or "log_every" not in given:
-        out.append(f"log_every={log_every or auto_log_every(steps)}")
+        base = replace(base, log_every=log_every or auto_log_every(base.steps))
     if eval_every is not None or "eval.every" not in given:
-        out.append(f"eval.every={auto_eval_every(steps) if eval_every is None else eval_every}")
-    return out
+        every = auto_eval_every(base.steps) if eval_every is None else eval_every
+        base = replace(base, eval=replace(base.eval, every=every))
+    return base
 
 
 def compare(
@@ -259,22 +260,23 @@ def compare(
 ) -> Path:
     """Train both methods and write the comparison; returns its directory."""
     from pipeline.train import Trainer
-    from pipeline.train_config import load_train_config, resolve_train_dict
+    from pipeline.train_config import load_train_config
 
-    budget = [f"steps={steps}"] if steps else []
-    base = load_train_config(config, [*overrides, *budget])
-    common = [*overrides, *budget, *_cadence(overrides, base.steps, log_every, eval_every)]
+    # Resolved once; the two runs are derived from it with dataclasses.replace, never re-parsed.
+    base = load_train_config(config, [*overrides, *([f"steps={steps}"] if steps else [])])
+    base = _with_cadence(base, overrides, log_every, eval_every)
     root = Path(base.tracking.root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = root / "compare" / stamp
     out.mkdir(parents=True, exist_ok=True)
     print(f"comparison directory: {out.resolve()}")
     parent = Tracker(base.tracking, f"compare-{stamp}")
-    parent.start(flatten(resolve_train_dict(config, common)), {"kind": "compare"})
+    parent.start(flatten(redact_config(asdict(base))), {"kind": "compare"})
     run_ids = {}
     for method in METHODS:
-        extra = [*common, f"run_dir={out / method}", f"memory.enabled={str(method == 'memdlm').lower()}"]
-        trainer = Trainer(load_train_config(config, extra), parent_run_id=parent.run_id)
+        memory = replace(base.memory, enabled=method == "memdlm")
+        cfg = replace(base, run_dir=str(out / method), memory=memory)
+        trainer = Trainer(cfg, parent_run_id=parent.run_id)
         trainer.run()
         run_ids[method] = trainer.tracker.run_id if trainer.tracker else None
     summary = summarise(parent.client, run_ids)

@@ -56,8 +56,8 @@ from pipeline.model.parallel import (
 )
 from pipeline.objectives.mdlm import draw_noise, maskable_positions, mdlm_loss
 from pipeline.perf.flops import estimate_flops
+from pipeline.plots import plot_loss_curves
 from pipeline.stop import STOPPED_EXIT, StoppedForRequeue, StopSignal
-from pipeline.tracking import plot_loss_curves
 from pipeline.train_config import TrainConfig, load_resolved_config, load_train_config
 
 __all__ = ["STOPPED_EXIT", "StoppedForRequeue", "Trainer", "TrainingDiverged", "main"]

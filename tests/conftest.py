@@ -10,6 +10,8 @@ import pytest
 
 # Two processes on two cores: one OpenMP thread each, or they oversubscribe (STACK-FACTS).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# MLflow system metrics (a sampling thread per run) are off in tests unless a test turns them on.
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 WORDS = (
     "the a of and to in is was he that it his for with as on be at by had not are but from or have an they "

@@ -48,7 +48,13 @@ class MemoryConfig:
     def use_checkpoint(self, model_params: int) -> bool:
         return self.checkpoint if self.checkpoint is not None else model_params >= 1_000_000_000
 
-    def spec(self, n_layers: int, d_model: int, ffn_hidden: int) -> FastWeightSpec:
+    def spec_for(self, model) -> FastWeightSpec:
+        """The fast-weight layout for a model config (its layers, widths and fused-QKV rows)."""
+        return self.spec(model.n_layers, model.d_model, model.ffn_hidden, model.qkv_size)
+
+    def spec(
+        self, n_layers: int, d_model: int, ffn_hidden: int, qkv_size: int | None = None
+    ) -> FastWeightSpec:
         first = FastWeightSpec.first_memory_layer(n_layers, self.layer_fraction)
         return FastWeightSpec(
             layers=tuple(range(first, n_layers)),
@@ -58,4 +64,5 @@ class MemoryConfig:
             alpha=self.alpha,
             d_model=d_model,
             ffn_hidden=ffn_hidden,
+            qkv_size=qkv_size,
         )

@@ -85,6 +85,7 @@ class FastWeightSpec:
     alpha: float
     d_model: int
     ffn_hidden: int
+    qkv_size: int | None = None  # rows of the fused QKV (GQA: fewer than 3 * d_model)
 
     @staticmethod
     def first_memory_layer(n_layers: int, fraction: float) -> int:
@@ -93,7 +94,8 @@ class FastWeightSpec:
 
     def global_shape(self, target: str) -> tuple[int, int]:
         d, f = self.d_model, self.ffn_hidden
-        return {"qkv": (3 * d, d), "out": (d, d), "gate": (f, d), "up": (f, d), "down": (d, f)}[target]
+        qkv = self.qkv_size or 3 * d
+        return {"qkv": (qkv, d), "out": (d, d), "gate": (f, d), "up": (f, d), "down": (d, f)}[target]
 
     def reset(
         self, batch_size: int | None, generator: torch.Generator, device: torch.device | str = "cpu"

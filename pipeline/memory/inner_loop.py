@@ -19,6 +19,7 @@ read about 1/t larger than the outer loss, which is divided by the maskable coun
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 from pipeline.memory.config import MemoryConfig
-from pipeline.memory.fast_weights import FastWeights
+from pipeline.memory.fast_weights import FastWeights, FastWeightSpec
 from pipeline.model.parallel import tp_group, tp_size
 from pipeline.objectives.mdlm import (
     Noise,
@@ -36,7 +37,9 @@ from pipeline.objectives.mdlm import (
     global_count,
     loss_weight,
     position_ce,
+    sum_by_sequence,
     time_of_mask_ratio,
+    weight_by_sequence,
     weighted_loss,
 )
 
@@ -182,8 +185,7 @@ def inner_step(
 ) -> tuple[FastWeights, InnerStats]:
     """One SGD step on the fast weights with per-tensor clipping; returns new detached leaves."""
     B = positions.shape[0]
-    seq_of = torch.arange(B, device=positions.device).unsqueeze(1).expand_as(positions)[positions]
-    weighted = per_position * seq_weight[seq_of]
+    weighted, seq_of = weight_by_sequence(per_position, positions, seq_weight)
     sync = cfg.scope == "batch" and cfg.sync_dp and dp_group is not None and dist.get_world_size(dp_group) > 1
     if cfg.scope == "batch":
         # Divide by the global count, so summing gradients over DP gives the global-batch gradient.
@@ -191,8 +193,7 @@ def inner_step(
         loss = weighted.sum() / count
         sample_loss = loss.detach().reshape(1)
     else:
-        per_seq = torch.zeros(B, device=weighted.device, dtype=weighted.dtype).index_add(0, seq_of, weighted)
-        sample_loss_grad = per_seq / positions.sum(1).clamp(min=1)
+        sample_loss_grad = sum_by_sequence(weighted, seq_of, B) / positions.sum(1).clamp(min=1)
         loss = sample_loss_grad.sum()  # d loss / d phi_b involves sample b only
         sample_loss = sample_loss_grad.detach()
     leaves = fast.leaves()
@@ -248,6 +249,75 @@ class MemDLMOutput:
     gain: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class MemoryLayout:
+    """Where the memory sits in a model, computed once per step: the fast-weight spec, the first
+    memory layer, and whether the memory layers recompute in backward."""
+
+    spec: FastWeightSpec
+    first: int
+    checkpoint: bool
+
+    @classmethod
+    def of(cls, model_cfg, mem: MemoryConfig) -> MemoryLayout:
+        spec = mem.spec_for(model_cfg)
+        return cls(spec, spec.layers[0], mem.use_checkpoint(model_cfg.num_params()))
+
+    def reset(self, mem: MemoryConfig, batch: int, generator: torch.Generator, device) -> FastWeights:
+        """A fresh memory: one per batch, or one per sequence in ``sample`` scope."""
+        return self.spec.reset(batch if mem.scope == "sample" else None, generator, device)
+
+
+def _teacher(
+    model, tokens: torch.Tensor, mem: MemoryConfig, key_mask: torch.Tensor | None
+) -> _Teacher | None:
+    """The clean sequence without memory, for the distillation-style inner losses (ablations)."""
+    if mem.inner_loss == "ce":
+        return None
+    with torch.no_grad():
+        h = model.run_layers(model.embed(tokens), 0, model.cfg.n_layers, key_mask=key_mask)
+        return _Teacher(hidden=model.final_norm(h))
+
+
+def _below_memory(
+    model, x: torch.Tensor, layout: MemoryLayout, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The layers below the memory on x [B, T], without autograd (only fast weights get gradients)."""
+    with torch.no_grad():
+        return model.run_layers(model.embed(x), 0, layout.first, key_mask=key_mask)
+
+
+def _stage(
+    model,
+    h_below: torch.Tensor,
+    layout: MemoryLayout,
+    fast: FastWeights,
+    mask: torch.Tensor,
+    tokens: torch.Tensor,
+    weight: torch.Tensor,
+    mem: MemoryConfig,
+    teacher: _Teacher | None,
+    dp_group: dist.ProcessGroup | None,
+    key_mask: torch.Tensor | None,
+) -> tuple[FastWeights, InnerStats]:
+    """One inner stage: the memory layers from ``h_below`` (no grad below), loss at ``mask``, one
+    clipped SGD step on the fast weights only."""
+    with frozen_weights(model):
+        losses = _position_losses(
+            model,
+            h_below,
+            layout.first,
+            fast,
+            mask,
+            tokens,
+            mem.inner_loss,
+            teacher,
+            layout.checkpoint,
+            key_mask,
+        )
+        return inner_step(fast, losses, mask, weight, mem, dp_group)
+
+
 def inner_loop(
     model,
     tokens: torch.Tensor,
@@ -261,6 +331,7 @@ def inner_loop(
     h_anchor: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     reset_generator: torch.Generator | None = None,
+    layout: MemoryLayout | None = None,
 ) -> tuple[FastWeights, list[InnerStats]]:
     """Reset the memory and run the stages (1. pre-anchor ..., 2. anchor); returns phi and stats.
 
@@ -271,62 +342,31 @@ def inner_loop(
     passes one that is the same on every data-parallel rank, so a batch-scope memory synced
     over DP starts from one phi0 for the whole global batch.
     """
-    cfg = model.cfg
-    spec = mem.spec(cfg.n_layers, cfg.d_model, cfg.ffn_hidden)
-    first = spec.layers[0]
-    fast = spec.reset(
-        tokens.shape[0] if mem.scope == "sample" else None, reset_generator or generator, tokens.device
-    )
-    ckpt = mem.use_checkpoint(cfg.num_params())
-    teacher = None
-    if mem.inner_loss != "ce":
-        with torch.no_grad():
-            teacher = _Teacher(
-                hidden=model.final_norm(
-                    model.run_layers(model.embed(tokens), 0, cfg.n_layers, key_mask=key_mask)
-                )
-            )
+    layout = layout or MemoryLayout.of(model.cfg, mem)
+    fast = layout.reset(mem, tokens.shape[0], reset_generator or generator, tokens.device)
+    teacher = _teacher(model, tokens, mem, key_mask)
     n_maskable = noise.maskable.sum(1).clamp(min=1)
     stats: list[InnerStats] = []
-
+    ctx = {"layout": layout, "tokens": tokens, "mem": mem, "teacher": teacher, "dp_group": dp_group}
+    stage = functools.partial(_stage, model, key_mask=key_mask, **ctx)
     # 1. stage 1: pre-anchor states (most noisy first) -> clean; no autograd below the memory
     if pre_masks is None:
         pre_masks = pre_anchor_masks(
             noise.mask, noise.maskable, mem.pre_anchor_scale, mem.pre_anchor_steps, generator
         )
     for idx, m_pre in enumerate(pre_masks):
-        x_pre = torch.where(m_pre, mask_id, tokens)
-        with torch.no_grad():
-            h_pre = model.run_layers(model.embed(x_pre), 0, first, key_mask=key_mask)
+        h_pre = _below_memory(model, torch.where(m_pre, mask_id, tokens), layout, key_mask)
         rho_pre = pre_anchor_ratio(noise.mask, n_maskable, mem.pre_anchor_scale, len(pre_masks) - idx)
         w = loss_weight(time_of_mask_ratio(rho_pre, obj.schedule), obj.schedule, mem.inner_weighting)
-        with frozen_weights(model):
-            losses = _position_losses(
-                model, h_pre, first, fast, m_pre, tokens, mem.inner_loss, teacher, ckpt, key_mask
-            )
-            fast, st = inner_step(fast, losses, m_pre, w, mem, dp_group)
+        fast, st = stage(h_pre, fast=fast, mask=m_pre, weight=w)
         stats.append(st)
 
     # 2. stage 2: the exact anchor state -> clean
     if mem.anchor_step:
         if h_anchor is None:
-            with torch.no_grad():
-                h_anchor = model.run_layers(model.embed(noise.noisy), 0, first, key_mask=key_mask)
+            h_anchor = _below_memory(model, noise.noisy, layout, key_mask)
         w = loss_weight(noise.t, obj.schedule, mem.inner_weighting)
-        with frozen_weights(model):
-            losses = _position_losses(
-                model,
-                h_anchor.detach(),
-                first,
-                fast,
-                noise.mask,
-                tokens,
-                mem.inner_loss,
-                teacher,
-                ckpt,
-                key_mask,
-            )
-            fast, st = inner_step(fast, losses, noise.mask, w, mem, dp_group)
+        fast, st = stage(h_anchor.detach(), fast=fast, mask=noise.mask, weight=w)
         stats.append(st)
     return fast.detached(), stats
 
@@ -355,45 +395,34 @@ def memdlm_loss(
     the memory's gain: the memory layers and head once more from the shared anchor pass, with
     phi0, under no_grad (about the cost of the outer pass above the memory, forward only).
     """
-    spec = mem.spec(model.cfg.n_layers, model.cfg.d_model, model.cfg.ffn_hidden)
-    first = spec.layers[0]
+    layout = MemoryLayout.of(model.cfg, mem)
     # phi0 is redrawn afterwards from a copy of the reset generator's state: the draws the
     # training consumes are untouched, whether or not this step is measured.
     reset_state = (reset_generator or generator).get_state() if measure else None
     # The anchor's pass below the memory: once, with autograd, shared by stage 2 and the outer loss.
-    h_anchor = outer_forward(tokens=noise.noisy, end_layer=first)
+    h_anchor = outer_forward(tokens=noise.noisy, end_layer=layout.first)
     fast, stats = inner_loop(
-        model,
-        tokens,
-        noise,
-        obj,
-        mem,
-        mask_id,
-        generator,
-        dp_group,
-        pre_masks,
-        h_anchor,
-        reset_generator=reset_generator,
-    )
+        model, tokens, noise, obj, mem, mask_id, generator, dp_group, pre_masks, h_anchor,
+        reset_generator=reset_generator, layout=layout,
+    )  # fmt: skip
     # 3. outer: the memory layers with phi2 as a constant (first-order), MDLM loss at M_t
     logits = outer_forward(
-        hidden=h_anchor,
-        start_layer=first,
-        fast=fast.by_layer,
-        positions=noise.mask,
-        checkpoint_layers=mem.use_checkpoint(model.cfg.num_params()),
-    )
-    ce = position_ce(logits, tokens[noise.mask])
+        hidden=h_anchor, start_layer=layout.first, fast=fast.by_layer, positions=noise.mask,
+        checkpoint_layers=layout.checkpoint,
+    )  # fmt: skip
     w = loss_weight(noise.t, obj.schedule, obj.weighting)
-    loss = weighted_loss(ce, noise.mask, w, noise.maskable, obj.normalization, dp_group)
+    loss = weighted_loss(
+        position_ce(logits, tokens[noise.mask]), noise.mask, w, noise.maskable, obj.normalization, dp_group
+    )
     out = MemDLMOutput(loss=loss, fast=fast, stage_stats=stats)
     if measure:
         g0 = torch.Generator(tokens.device)
         g0.set_state(reset_state)
-        phi0 = spec.reset(tokens.shape[0] if mem.scope == "sample" else None, g0, tokens.device)
+        phi0 = layout.reset(mem, tokens.shape[0], g0, tokens.device)
         with torch.no_grad():
-            h0 = h_anchor.detach()
-            logits0 = model(hidden=h0, start_layer=first, fast=phi0.by_layer, positions=noise.mask)
+            logits0 = model(
+                hidden=h_anchor.detach(), start_layer=layout.first, fast=phi0.by_layer, positions=noise.mask
+            )
             ce0 = position_ce(logits0, tokens[noise.mask])
             out.loss_phi0 = weighted_loss(ce0, noise.mask, w, noise.maskable, obj.normalization, dp_group)
         out.gain = out.loss_phi0 - loss.detach()

@@ -116,6 +116,21 @@ def global_count(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tens
     return x
 
 
+def weight_by_sequence(
+    per_position: torch.Tensor, positions: torch.Tensor, seq_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position losses [N] (row-major over ``positions`` [B, T]) times their sequence's weight
+    [B]; also returns each position's sequence index [N]."""
+    B = positions.shape[0]
+    seq_of = torch.arange(B, device=positions.device).unsqueeze(1).expand_as(positions)[positions]
+    return per_position * seq_weight[seq_of], seq_of
+
+
+def sum_by_sequence(values: torch.Tensor, seq_of: torch.Tensor, batch: int) -> torch.Tensor:
+    """Sum values [N] into their sequences: [batch]."""
+    return torch.zeros(batch, device=values.device, dtype=values.dtype).index_add(0, seq_of, values)
+
+
 def weighted_loss(
     per_position: torch.Tensor,
     positions: torch.Tensor,
@@ -131,16 +146,14 @@ def weighted_loss(
     computes) equals the single-process loss of the global batch.
     """
     B = positions.shape[0]
-    seq_of = torch.arange(B, device=positions.device).unsqueeze(1).expand_as(positions)[positions]
-    weighted = per_position * seq_weight[seq_of]
+    weighted, seq_of = weight_by_sequence(per_position, positions, seq_weight)
     if normalization == "token":
         denom = global_count(maskable.sum(), dp_group)
         if dp_group is not None:
             denom = denom / dist.get_world_size(dp_group)
         return weighted.sum() / denom.clamp(min=1.0)
     if normalization == "sequence":
-        per_seq = torch.zeros(B, device=weighted.device, dtype=weighted.dtype).index_add_(0, seq_of, weighted)
-        return (per_seq / maskable.sum(1).clamp(min=1)).mean()
+        return (sum_by_sequence(weighted, seq_of, B) / maskable.sum(1).clamp(min=1)).mean()
     return weighted.sum() / B
 
 

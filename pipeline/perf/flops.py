@@ -75,7 +75,7 @@ def estimate_flops(
     adapter = 0.0
     first = cfg.n_layers
     if memory is not None and memory.enabled:
-        spec = memory.spec(cfg.n_layers, d, f)
+        spec = memory.spec_for(cfg)
         first = spec.layers[0]
         for target in TARGETS[memory.targets]:
             out, inp = spec.global_shape(target)

@@ -81,7 +81,7 @@ def estimate_memory(
     head = (6 + 4) * V / tp * tokens * mask_fraction
     fast = 0.0
     if memory is not None and memory.enabled:
-        spec = memory.spec(L, d, f)
+        spec = memory.spec(L, d, f, cfg.qkv_size)
         per_layer = 0.0
         for target in TARGETS[memory.targets]:
             out, inp = spec.global_shape(target)

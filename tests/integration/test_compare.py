@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import matplotlib.image
 from mlflow.tracking import MlflowClient
 
-from launch.compare import SHARED_VIEW_TAG, _cadence, auto_log_every, compare, latest_url, main
+from launch.compare import SHARED_VIEW_TAG, _with_cadence, auto_log_every, compare, latest_url, main
 from pipeline.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND
 from tests.conftest import tiny_run_overrides
 
@@ -84,6 +84,13 @@ def test_compare_reads_both_runs_back_and_writes_json_png_and_parent_run(
 
 def test_compare_cadence_draws_curves_unless_the_user_chose_one():
     assert auto_log_every(30) == 1 and auto_log_every(500) == 1 and auto_log_every(5000) == 10
-    assert _cadence([], 30, None, None) == ["log_every=1", "eval.every=3"]
-    assert _cadence(["log_every=5", "eval.every=0"], 30, None, None) == []
-    assert _cadence(["log_every=5"], 30, 2, 7) == ["log_every=2", "eval.every=7"]
+    from pipeline.train_config import load_train_config
+
+    def cadence(overrides, log_every, eval_every):
+        base = load_train_config(None, ["steps=30", *overrides])
+        cfg = _with_cadence(base, overrides, log_every, eval_every)
+        return cfg.log_every, cfg.eval.every
+
+    assert cadence([], None, None) == (1, 3)
+    assert cadence(["log_every=5", "eval.every=0"], None, None) == (5, 0)
+    assert cadence(["log_every=5"], 2, 7) == (2, 7)

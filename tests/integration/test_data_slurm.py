@@ -7,8 +7,11 @@ Outside CI this skips (with the reason) when no Slurm answers; in CI (CI=true) i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -48,6 +51,21 @@ def _running_array_tasks() -> list[str]:
     return out.stdout.split()
 
 
+def _kill_array_task(job: str, task: str) -> None:
+    """SIGKILL every process of array task ``job_task`` (matched on its SLURM_ARRAY_* environment)."""
+    want = {b"SLURM_ARRAY_JOB_ID=" + job.encode(), b"SLURM_ARRAY_TASK_ID=" + task.encode()}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = set((proc / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if want <= env:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
 def _cancel_all() -> None:
     subprocess.run(["scancel", "-n", JOB_NAME], check=False, timeout=30)
 
@@ -74,6 +92,9 @@ def test_make_data_on_slurm_survives_a_killed_task_and_matches_the_single_machin
                 )
                 time.sleep(0.2)
             killed = tasks[-1]
+            # SIGKILL the task's own processes (found by their Slurm array ids), then cancel it:
+            # with proctrack/linuxproc this CI Slurm's scancel alone let the worker finish its units.
+            _kill_array_task(*killed.split("_"))
             subprocess.run(["scancel", killed], check=True, timeout=30)
             rc = make.wait(timeout=300)
         first = log.read_text()
