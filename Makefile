@@ -38,10 +38,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
-test: venv ## run the whole test suite (~10 min on 2 CPU cores)
+test: venv ## run the whole test suite (~20 min on 2 CPU cores, Slurm tests included)
 	$(PY) -m pytest -q $(ARGS)
 
-test-fast: venv ## unit tests only (~1 min)
+test-fast: venv ## unit tests only (~4 min)
 	$(PY) -m pytest -q tests/unit $(ARGS)
 
 lint: venv ## ruff check + format check

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -43,7 +42,7 @@ from data_prep.shard import (
     prepare_dataset,
 )
 from launch.clusters import ClusterConfig
-from launch.submit import stop_local
+from launch.submit import gone_from_slurm, stop_local
 from pipeline.dataset.manifest import Manifest
 from pipeline.dataset.prep_config import PrepConfig
 from pipeline.dataset.tokenizer import Tokenizer
@@ -81,24 +80,8 @@ def _reset_units(work: Path, plan_id: str) -> None:
     _atomic_write_json(plan_file, {"id": plan_id})
 
 
-def _gone_from_slurm(job: Any) -> bool:
-    """A Slurm array task that left the queue without a result (cancelled, killed, node lost).
-
-    Without Slurm accounting (sacct), submitit 1.5.4 sees such a task as UNKNOWN and never done,
-    so the queue itself is asked: a task that squeue no longer lists has ended."""
-    if not isinstance(job, submitit.SlurmJob) or job.state not in ("UNKNOWN", "NODE_FAIL"):
-        return False
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-r", "-j", job.job_id], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and not out.stdout.strip() and not Path(job.paths.result_pickle).exists()
-
-
 def _ended(job: Any) -> bool:
-    return job.done() or _gone_from_slurm(job)
+    return job.done() or gone_from_slurm(job)
 
 
 def _follow(jobs: list, work: Path, plan: list[Unit], t0: float, base_tokens: int) -> None:
@@ -126,7 +109,7 @@ _ERROR_LINE = re.compile(r"^\s*([\w.]+(Error|Exception|Interrupt)\b.*)$")
 
 def _failure(job: Any, group: list[Unit]) -> str | None:
     """What went wrong with a task, in one line (its exception, or how it ended), else None."""
-    if not job.done() and _gone_from_slurm(job):
+    if not job.done() and gone_from_slurm(job):
         return f"task {job.job_id} (units {', '.join(u.name for u in group)}): left the Slurm queue without a result (cancelled or killed)"
     try:
         job.result()

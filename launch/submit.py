@@ -17,6 +17,7 @@ import importlib
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import submitit
 
 from launch.clusters import ClusterConfig
+from pipeline.model.parallel import drop_chosen_interface
 from pipeline.stop import STOPPED_EXIT, StopSignal
 
 
@@ -37,6 +39,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         # left there would point every task at another world. The job's environment decides.
         for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             os.environ.pop(key, None)
+        drop_chosen_interface()  # an interface picked for the submitting process's own world
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
@@ -174,6 +177,22 @@ def sbatch_preview(cluster: ClusterConfig, folder: Path) -> str:
     )
 
 
+def gone_from_slurm(job: Any) -> bool:
+    """A Slurm job (or array task) that left the queue without a result (cancelled, killed, node lost).
+
+    Without Slurm accounting (sacct), submitit 1.5.4 sees such a task as UNKNOWN and never done,
+    so the queue itself is asked: a task that squeue no longer lists has ended."""
+    if not isinstance(job, submitit.SlurmJob) or job.state not in ("UNKNOWN", "NODE_FAIL"):
+        return False
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-j", job.job_id], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and not out.stdout.strip() and not Path(job.paths.result_pickle).exists()
+
+
 def follow(job: submitit.Job, poll_s: float = 1.0, timeout_s: float | None = None) -> None:
     """Echo the rank-0 task's output (stdout, and stderr where the progress bar goes) while the job
     runs; TimeoutError if it still runs after ``timeout_s``."""
@@ -193,6 +212,11 @@ def follow(job: submitit.Job, poll_s: float = 1.0, timeout_s: float | None = Non
 
     while not job.done():
         pump()
+        if gone_from_slurm(job):
+            raise RuntimeError(
+                f"job {job.job_id} left the Slurm queue without a result (cancelled, or its node was lost); "
+                f"logs: {Path(job.paths.stdout).parent}"
+            )
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job.job_id} still running after {timeout_s} s")
         time.sleep(poll_s)

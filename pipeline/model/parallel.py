@@ -126,6 +126,28 @@ def rendezvous_store(rank: int, world: int, addr: str, port: int, timeout: datet
     return dist.TCPStore(ip, port, world, is_master=True, timeout=timeout, master_listen_fd=sock.detach())
 
 
+# Set when the interface variables below were chosen here, not by the user: a job launched from
+# this process must choose its own (launch/submit.py drops them), or a local run's "lo" would
+# follow a test or a login shell into a multi-node job.
+AUTO_IFNAME = "MEMDLM_AUTO_SOCKET_IFNAME"
+IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def _choose_interface(iface: str) -> None:
+    if any(os.environ.get(v) for v in IFNAME_VARS) and not os.environ.get(AUTO_IFNAME):
+        return  # the user's choice wins
+    for var in IFNAME_VARS:
+        os.environ[var] = iface
+    os.environ[AUTO_IFNAME] = "1"
+
+
+def drop_chosen_interface() -> None:
+    """Forget an interface this process chose for itself (before starting another world's job)."""
+    if os.environ.pop(AUTO_IFNAME, None):
+        for var in IFNAME_VARS:
+            os.environ.pop(var, None)
+
+
 def init_distributed(tp: int = 1, backend: str | None = None, timeout_s: int = 600) -> ParallelDims:
     """Start torch.distributed from env vars (or a 1-process world) and megatron's TP/DP groups.
 
@@ -150,11 +172,9 @@ def init_distributed(tp: int = 1, backend: str | None = None, timeout_s: int = 6
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        if _is_loopback(addr):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs too, not the host's address
-        elif iface := interface_for(addr):  # multi-node: the interface MASTER_ADDR is reached by
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
-            os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+        iface = "lo" if _is_loopback(addr) else interface_for(addr)  # gloo's pairs, not any address
+        if iface:
+            _choose_interface(iface)
         timeout = datetime.timedelta(seconds=timeout_s)
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
