@@ -38,8 +38,10 @@ def _corpus(path: Path, docs: int = 24000) -> Path:  # ~30 s of tokenising: the 
 def _make_data(corpus: Path, out: Path) -> list[str]:
     args = " ".join([*OVERRIDES, "--no-progress", "--unit-mb", "0.25"])
     return [
-        "make", "data", "DATA_CONFIG=configs/data/ci-tiny.yaml", f"CORPUS={corpus}", f"OUT={out}",
-        "CLUSTER=ci-slurm", "TASKS=2", f"ARGS={args}",
+        # --no-print-directory: under `make test` this is a sub-make, which would print
+        # "make[1]: Leaving directory" after the build's own last line
+        "make", "--no-print-directory", "data", "DATA_CONFIG=configs/data/ci-tiny.yaml",
+        f"CORPUS={corpus}", f"OUT={out}", "CLUSTER=ci-slurm", "TASKS=2", f"ARGS={args}",
     ]  # fmt: skip
 
 
