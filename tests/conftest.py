@@ -77,6 +77,16 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return root / "ds"
 
 
+def require_service(reason: str | None, what: str) -> None:
+    """Skip with ``reason`` when a service a test needs (Slurm, Chromium) is missing, but fail under
+    CI (``CI=true``), which must provide it: a CI that silently skips would prove nothing."""
+    if reason is None:
+        return
+    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must provide {what}: {reason}")
+    pytest.skip(reason)
+
+
 def free_port() -> int:
     import socket
 
@@ -116,6 +126,26 @@ def tiny_run_overrides(dataset, tracking_root, *extra: str) -> list[str]:
         "data.num_workers=0",
         *extra,
     ]
+
+
+def tiny_trainer_config(dataset, run_dir: Path, *extra: str):
+    """The tiny Trainer config of the one-process Trainer tests: 4 steps, checkpoints every 2, no
+    eval, ZeRO-3 really partitioning (persistence threshold 0); ``extra`` overrides win."""
+    from pipeline.train_config import load_train_config
+
+    return load_train_config(
+        None,
+        tiny_run_overrides(
+            dataset,
+            run_dir.parent / "mlruns",
+            f"run_dir={run_dir}",
+            "steps=4",
+            "checkpoint.every=2",
+            "eval.every=0",
+            "parallel.param_persistence_threshold=0",
+            *extra,
+        ),
+    )
 
 
 def tiny_job_args(dataset, tmp_path: Path, *extra: str) -> list[str]:

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from launch.compare import compare
 from tests import _chromium, _proc
-from tests.conftest import free_port, tiny_run_overrides
+from tests.conftest import free_port, require_service, tiny_run_overrides
 
 # Legend entries: "<run name> (<metric>)" (drawn before the data arrives).
 EXPECTED = ("mdlm (loss)", "memdlm (loss)", "mdlm (eval/loss)", "memdlm (eval/loss)", "memdlm (memory/gain)")
@@ -34,10 +34,6 @@ def _drawn(lines) -> bool:
     return bool(lines) and len(lines) >= 3 and lines[2] > 0 and lines[0] == lines[1] == 2 * lines[2]
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
 @pytest.fixture(scope="module")
 def chromium() -> str:
     path = _chromium.find()
@@ -49,8 +45,7 @@ def chromium() -> str:
         except subprocess.TimeoutExpired:
             reason = "installing chromium took over 10 minutes"
         path = _chromium.find()
-    if path is None:
-        (pytest.fail if _in_ci() else pytest.skip)(reason)
+    require_service(reason if path is None else None, "Chromium")
     return path
 
 

@@ -7,7 +7,6 @@ Outside CI these skip (with the reason) when no Slurm answers; in CI (CI=true) t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from launch.clusters import ClusterConfig
 from launch.submit import preempt_signal, submit
 from tests import _proc
-from tests.conftest import tiny_job_args
+from tests.conftest import require_service, tiny_job_args
 
 
 def _slurm_up() -> str | None:
@@ -34,11 +33,7 @@ def _slurm_up() -> str | None:
 
 @pytest.fixture(scope="module")
 def slurm():
-    reason = _slurm_up()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must provide Slurm: {reason}")
-        pytest.skip(reason)
+    require_service(_slurm_up(), "Slurm")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from launch.clusters import ClusterConfig
 from launch.submit import preempt_signal, submit
 from tests import _proc
-from tests.conftest import tiny_job_args
+from tests.conftest import require_service, tiny_job_args
 
 CLIENTS = Path("/run/memdlm-slurm-2node/bin")  # written by NODES=2 .ci/start-slurm.sh
 HOSTS = ("memdlm-n1", "memdlm-n2")
@@ -49,11 +49,7 @@ def _two_nodes_up() -> str | None:
 
 @pytest.fixture(scope="module")
 def slurm2():
-    reason = _two_nodes_up()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must provide the two-node Slurm: {reason}")
-        pytest.skip(reason)
+    require_service(_two_nodes_up(), "the two-node Slurm")
 
 
 @pytest.fixture

@@ -9,25 +9,11 @@ import pytest
 
 from pipeline.engine.checkpoint import CheckpointError, CheckpointWarning, verify_checkpoint
 from pipeline.train import Trainer
-from pipeline.train_config import load_train_config
-from tests.conftest import tiny_run_overrides
+from tests.conftest import tiny_trainer_config
 
 
 def _cfg(dataset, run_dir, *extra):
-    return load_train_config(
-        None,
-        tiny_run_overrides(
-            dataset,
-            run_dir.parent / "mlruns",
-            f"run_dir={run_dir}",
-            "steps=4",
-            "checkpoint.every=2",
-            "eval.every=0",
-            "memory.enabled=false",
-            "parallel.param_persistence_threshold=0",
-            *extra,
-        ),
-    )
+    return tiny_trainer_config(dataset, run_dir, "memory.enabled=false", *extra)
 
 
 def _losses(run_dir) -> list[tuple[int, float]]:

@@ -12,23 +12,11 @@ from pipeline.engine.checkpoint import CheckpointError, write_file_list
 from pipeline.engine.export import export_model, load_exported
 from pipeline.train import Trainer, TrainingDiverged
 from pipeline.train_config import load_train_config
-from tests.conftest import tiny_run_overrides
+from tests.conftest import tiny_run_overrides, tiny_trainer_config
 
 
 def _cfg(dataset, run_dir, *extra):
-    return load_train_config(
-        None,
-        tiny_run_overrides(
-            dataset,
-            run_dir.parent / "mlruns",
-            f"run_dir={run_dir}",
-            "steps=4",
-            "checkpoint.every=2",
-            "eval.every=0",
-            "parallel.param_persistence_threshold=0",
-            *extra,
-        ),
-    )
+    return tiny_trainer_config(dataset, run_dir, *extra)
 
 
 def test_export_round_trip_gives_identical_logits(world1, tiny_dataset, tmp_path):
