@@ -76,6 +76,10 @@ export-hf: venv ## our export -> HF Llama/Qwen2 layout: make export-hf CHECKPOIN
 	@test "$(origin OUT)" = "command line" || { echo "error: set OUT=<directory for the Hugging Face model>"; exit 2; }
 	$(PY) -m launch.hf export '$(CHECKPOINT)' '$(OUT)' $(if $(DTYPE),--dtype $(DTYPE))
 
+reshard: venv ## a checkpoint any TP x DP can resume (DeepSpeed universal): make reshard CHECKPOINT=runs/<run>/checkpoints[/step-N] [TP=.. DP=..]
+	@test "$(origin CHECKPOINT)" != "file" || { echo "error: set CHECKPOINT=runs/<run>/checkpoints (its newest) or one step-NNNNNN folder"; exit 2; }
+	$(PY) -m pipeline.engine.universal '$(CHECKPOINT)' $(if $(TP),--tp $(TP)) $(if $(DP),--dp $(DP))
+
 sample: venv ## generate: make sample CHECKPOINT=runs/local/export PROMPT="..." [ARGS='--block-length 16 --temperature 0.7']
 	$(PY) -m pipeline.sample --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" $(ARGS)
 

@@ -6,6 +6,9 @@
 #                                           network + UTS namespace, on a private bridge
 #   NODES=2 bash .ci/start-slurm.sh stop    tear the two-node cluster down (`stop` alone: one node)
 #   NODES=2 bash .ci/start-slurm.sh status  exit 0 if it answers with its nodes idle
+#   NODES=2 bash .ci/start-slurm.sh lose-node memdlm-n2   that host dies (every process SIGKILLed);
+#                                            DOWN after SlurmdTimeout (10 s), its jobs requeued
+#   NODES=2 bash .ci/start-slurm.sh node-back memdlm-n2   its slurmd again; the node returns
 #
 # Both can run at once (CI starts both): the one-node cluster lives in this host's network
 # namespace with /etc/slurm/slurm.conf; the two-node one in namespaces of its own with
@@ -55,7 +58,7 @@ one_node() {
       echo "slurm: one-node cluster stopped"; return ;;
     status) sinfo -h -o %T 2>/dev/null | grep -qE 'idle|mixed|alloc'; return ;;
     start) ;;
-    *) echo "usage: [NODES=1|2] $0 [start|stop|status]" >&2; exit 2 ;;
+    *) echo "usage: [NODES=1|2] $0 [start|stop|status] | NODES=2 $0 lose-node|node-back memdlm-n1|memdlm-n2" >&2; exit 2 ;;
   esac
   if command -v sinfo >/dev/null && sinfo -h -o %T 2>/dev/null | grep -qE 'idle|mixed|alloc'; then
     echo "slurm: already up"; return
@@ -183,7 +186,9 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-SlurmdTimeout=60
+# A node whose slurmd stops answering is DOWN after 10 s (default 300): a lost node's job is then
+# requeued (JobRequeue=1) and, submitted with a node range, comes back on the nodes left.
+SlurmdTimeout=10
 # Test-sized waits: a requeued job may start again after cred_expire (default 120 s) and is then
 # started by the backfill pass (bf_interval, default 30 s); tasks that ignore SIGTERM (submitit's
 # do) are killed KillWait (default 30 s) after it.
@@ -222,10 +227,34 @@ WRAP
   done
 }
 
+node_lose() {  # the host dies: every process in its namespace (slurmd, job steps, tasks), SIGKILL
+  local pids
+  pids=$(ip netns pids "$1" 2>/dev/null || true)
+  # shellcheck disable=SC2086
+  [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+  echo "slurm: $1 lost (its slurmd and every process on it killed)"
+}
+
+node_back() {  # the host comes back: its slurmd again (ReturnToService=2 makes it usable)
+  local ns=$1
+  alive "$RUN/slurmd-$ns.pid" && { echo "slurm: $ns is up"; return; }
+  SLURM_CONF="$CONF" ns_exec "$ns" unshare --uts sh -c "hostname $ns && exec slurmd -f $CONF -N $ns"
+  for _ in $(seq 1 40); do
+    "$RUN/bin/sinfo" -h -n "$ns" -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|alloc)' && { echo "slurm: $ns back"; return; }
+    sleep 0.5
+  done
+  echo "slurm: $ns did not come back; see $LOGS/2node-slurmd-$ns.log" >&2
+  exit 1
+}
+
 two_node() {
   case "$action" in
     stop) two_node_stop; echo "slurm: two-node cluster stopped"; return ;;
     status) two_node_up; return ;;
+    lose-node|node-back)
+      case "${2:-}" in memdlm-n1|memdlm-n2) ;; *) echo "usage: NODES=2 $0 $action memdlm-n1|memdlm-n2" >&2; exit 2 ;; esac
+      if [ "$action" = lose-node ]; then node_lose "$2"; else node_back "$2"; fi
+      return ;;
     start) ;;
     *) echo "usage: [NODES=1|2] $0 [start|stop|status]" >&2; exit 2 ;;
   esac
@@ -245,6 +274,6 @@ two_node() {
 
 case "$NODES" in
   1) one_node ;;
-  2) two_node ;;
+  2) two_node "$@" ;;
   *) echo "NODES=$NODES: 1 or 2" >&2; exit 2 ;;
 esac

@@ -38,7 +38,7 @@ from pipeline.dataset.tokenizer import load_tokenizer
 
 def tokenize_throughput(prep: PrepConfig) -> dict:
     docs_path = sample_documents()
-    tok = load_tokenizer(Path(prep.out_dir) / "tokenizer.model")
+    tok = load_tokenizer(Path(prep.out_dir))
     workers = os.cpu_count() or 1
     t0 = time.perf_counter()
     n = sum(

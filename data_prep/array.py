@@ -7,7 +7,8 @@ The build is :func:`data_prep.shard.prepare_dataset` with its tokenising step ru
 1. The submitting process trains the tokenizer once, before the array, exactly as the
    single-machine build does: on a seeded reservoir sample of at most ``tokenizer.max_sentences``
    lines (default 2,000,000) drawn uniformly from every non-empty line of the corpus (one read
-   of the text, no tokenising). A given ``tokenizer.model`` skips this.
+   of the text, no tokenising). A given tokenizer (``tokenizer.model=``: a ``.model`` or a
+   ``tokenizer.json``) skips this.
 2. The corpus is cut into work units by size: consecutive files (a plain ``.jsonl`` larger than a
    unit is cut at line starts) are packed into units of about ``unit_bytes`` (64 MiB). Units do
    not depend on the number of tasks, so a re-run with another ``TASKS`` reuses finished units.

@@ -1,4 +1,5 @@
-"""Prepare a dataset: corpus -> sentencepiece -> packed WebDataset shards + manifest.
+"""Prepare a dataset: corpus -> tokenizer (trained sentencepiece, or a given .model / tokenizer.json)
+-> packed WebDataset shards + manifest.
 
     python -m data_prep.prepare --config configs/data/sample.yaml
     python -m data_prep.prepare --corpus 'books/*.txt,notes.jsonl' --out data/books tokenizer.vocab_size=16000

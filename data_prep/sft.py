@@ -9,6 +9,12 @@ tokens are part of the response, maskable and scored, so the model learns where 
 and the sampler can generate a fixed-length response and cut it at the first EOS. The prompt is
 encoded on its own (as at inference) and never masked (``objective.mode: sft``; the manifest
 says ``kind: sft``). Shards are written under temporary names and renamed; the manifest last.
+
+``chat_template="tokenizer"`` renders each pair with the tokenizer's chat template instead (a
+tokenizer.json whose tokenizer_config.json has one): the prompt is the user turn plus the
+generation prompt, the response is the rest of the rendered conversation (the assistant turn, no
+leading space), then EOS. The rendered prompt's tokens must be a prefix of the conversation's,
+or the pair is an error: the unscored prompt is exactly what the model is given at inference.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import webdataset as wds
@@ -24,15 +31,50 @@ import webdataset as wds
 from pipeline.dataset.manifest import Manifest, ShardInfo, SplitInfo, build_manifest, write_manifest
 from pipeline.dataset.tokenizer import Tokenizer, load_tokenizer, sha256_file
 
+ChatTemplate = Literal["none", "tokenizer"]
+CHAT_TEMPLATES = ("none", "tokenizer")
+
 
 class SFTDataError(ValueError):
     """A pair that does not fit, or a split too small for its shards; the message says which."""
 
 
-def encode_pair(tok: Tokenizer, prompt: str, response: str, seq_len: int) -> tuple[np.ndarray, int]:
-    """``(tokens [seq_len], prompt_len)``; the response gets a leading space (as after "Answer:")."""
-    p = tok.encode(prompt)
-    r = [*tok.encode(" " + response), tok.eos_id]
+def _chat_pair(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """``(prompt ids, response ids)`` of the pair rendered with the tokenizer's chat template."""
+    user = {"role": "user", "content": prompt}
+    p = tok.encode(tok.apply_chat_template([user], add_generation_prompt=True))
+    full = tok.encode(
+        tok.apply_chat_template(
+            [user, {"role": "assistant", "content": response}], add_generation_prompt=False
+        )
+    )
+    if full[: len(p)] != p:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(p, full, strict=False)) if a != b), min(len(p), len(full))
+        )
+        raise SFTDataError(
+            f"chat template of {tok.path}: the rendered prompt ({len(p)} tokens) is not a prefix of the "
+            f"rendered conversation ({len(full)} tokens; they differ at token {at}), so the prompt the "
+            "model would be given at inference is not the one it was trained on; use chat_template: none"
+        )
+    r = full[len(p) :]
+    if not r or r[-1] != tok.eos_id:
+        r.append(tok.eos_id)
+    return p, r
+
+
+def encode_pair(
+    tok: Tokenizer, prompt: str, response: str, seq_len: int, chat_template: ChatTemplate = "none"
+) -> tuple[np.ndarray, int]:
+    """``(tokens [seq_len], prompt_len)``; the response gets a leading space (as after "Answer:"),
+    or, with ``chat_template="tokenizer"``, both are rendered as a conversation (module docstring)."""
+    if chat_template == "tokenizer":
+        p, r = _chat_pair(tok, prompt, response)
+    elif chat_template == "none":
+        p = tok.encode(prompt)
+        r = [*tok.encode(" " + response), tok.eos_id]
+    else:
+        raise SFTDataError(f"chat_template '{chat_template}': expected one of {', '.join(CHAT_TEMPLATES)}")
     if len(p) + len(r) > seq_len:
         raise SFTDataError(
             f"prompt ({len(p)} tokens) + response ({len(r)} tokens incl. EOS) exceed seq_len {seq_len}"
@@ -52,19 +94,26 @@ def write_sft_dataset(
     seed: int = 0,
     source: dict | None = None,
     config: dict | None = None,
+    chat_template: ChatTemplate = "none",
 ) -> Manifest:
     """Write ``out_dir`` from ``splits[name] = [(id, prompt, response), ...]``; returns the manifest.
 
-    Every shard of a split holds the same number of samples (the remainder is dropped and
-    recorded), so data-parallel ranks stay balanced.
+    ``tokenizer``: a tokenizer file or a directory holding one (a dataset's, an export's); it is
+    stored with the dataset. Every shard of a split holds the same number of samples (the
+    remainder is dropped and recorded), so data-parallel ranks stay balanced.
     """
     tok = load_tokenizer(tokenizer)
+    if chat_template == "tokenizer" and tok.chat_template is None:
+        raise SFTDataError(
+            f"chat_template: tokenizer asks for the tokenizer's chat template, but {tok.path} has none "
+            "(its tokenizer_config.json has no 'chat_template'); use chat_template: none"
+        )
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "shards").mkdir(parents=True)
     try:
-        manifest = _write_splits(splits, tok, tokenizer, tmp, seq_len, shards, seed, source, config)
+        manifest = _write_splits(splits, tok, tmp, seq_len, shards, seed, source, config, chat_template)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
         raise
@@ -77,13 +126,13 @@ def write_sft_dataset(
 def _write_splits(
     splits: dict[str, Sequence[tuple[str, str, str]]],
     tok: Tokenizer,
-    tokenizer: str | Path,
     tmp: Path,
     seq_len: int,
     shards: dict[str, int],
     seed: int,
     source: dict | None,
     config: dict | None,
+    chat_template: ChatTemplate,
 ) -> Manifest:
     dtype = np.dtype("uint16") if tok.vocab_size <= 65535 else np.dtype("int32")
     infos: dict[str, SplitInfo] = {}
@@ -101,7 +150,7 @@ def _write_splits(
                 for j in range(k * per, (k + 1) * per):
                     pid, prompt, response = pairs[j]
                     try:
-                        tokens, plen = encode_pair(tok, prompt, response, seq_len)
+                        tokens, plen = encode_pair(tok, prompt, response, seq_len, chat_template)
                     except SFTDataError as exc:
                         raise SFTDataError(f"split '{name}', example '{pid}': {exc}") from None
                     sink.write(
@@ -116,7 +165,7 @@ def _write_splits(
                 ShardInfo(path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, samples=per)
             )
         infos[name] = SplitInfo(sequences=per * n_shards, tokens=per * n_shards * seq_len, shards=shard_infos)
-    shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    tok.save(tmp)
     manifest = build_manifest(
         tok,
         kind="sft",
@@ -124,7 +173,7 @@ def _write_splits(
         dtype=dtype.name,
         splits=infos,
         seed=seed,
-        corpus={"source": source or {}, "dropped_pairs": dropped},
+        corpus={"source": source or {}, "dropped_pairs": dropped, "chat_template": chat_template},
         config=config or {"seq_len": seq_len, "shards": shards},
     )
     write_manifest(manifest, tmp)

@@ -4,7 +4,9 @@
 
 Layout written under ``out_dir``::
 
-    tokenizer.model            sentencepiece model (its sha256 is in the manifest)
+    tokenizer.model            sentencepiece model (its sha256 is in the manifest), or
+    tokenizer.json             a given Hugging Face tokenizer (tokenizer.model=path/tokenizer.json),
+    tokenizer_config.json        with its special tokens / chat template (both hashed)
     shards/train-00000.tar     WebDataset shards; each sample: __key__ "s<seq index>", tokens.npy
     shards/val-00000.tar       held-out split (whole documents, chosen by a seeded hash)
     manifest.json              written last, atomically: a dataset without it is not ready
@@ -27,6 +29,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,10 +51,18 @@ from pipeline.dataset.manifest import (
     write_manifest,
 )
 from pipeline.dataset.prep_config import SAMPLE_CORPUS, PrepConfig
-from pipeline.dataset.tokenizer import Tokenizer, load_tokenizer, sha256_file
+from pipeline.dataset.tokenizer import (
+    SENTENCEPIECE_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_JSON,
+    Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+    sha256_file,
+)
 
-# Long strings make BPE encoding super-linear: encode documents in chunks cut at newlines.
-_ENCODE_CHUNK_CHARS = 8192
+# Every tokenizer file a build may write into out_dir (one kind at a time).
+_TOKENIZER_FILES = (SENTENCEPIECE_FILE, TOKENIZER_JSON, TOKENIZER_CONFIG_FILE)
 _BATCH_CHARS = 1 << 20  # text handed to a worker per task
 _HASH_LIMIT = 256 << 20  # inputs up to this size are identified by content hash
 _SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.tar$")
@@ -62,19 +73,6 @@ class DatasetPrepError(ValueError):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _chunks(text: str) -> Iterator[str]:
-    """Cut ``text`` after newlines into pieces of about _ENCODE_CHUNK_CHARS (concatenation == text)."""
-    start = 0
-    n = len(text)
-    while start < n:
-        end = start + _ENCODE_CHUNK_CHARS
-        if end < n:
-            nl = text.rfind("\n", start, end)
-            end = nl + 1 if nl > start else end
-        yield text[start:end]
-        start = end
 
 
 def _is_val(seed: int, doc_index: int, fraction: float) -> bool:
@@ -108,6 +106,17 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
 
 
+def _stored_sha256(path: Path) -> str | None:
+    """The sha256 of the tokenizer stored at ``path`` (as the manifest records it), None when it
+    is missing or does not load."""
+    if not path.is_file():
+        return None
+    try:
+        return load_tokenizer(path).sha256
+    except TokenizerError:
+        return None
+
+
 # ---------------------------------------------------------------- tokenising (worker processes)
 
 _WORKER: dict[str, Any] = {}
@@ -118,15 +127,25 @@ def _init_worker(model_path: str, dtype: str) -> None:
     _WORKER.update(tok=tok, dtype=np.dtype(dtype))
 
 
-def _encode_batch(batch: list[tuple[int, str]]) -> list[tuple[int, np.ndarray]]:
-    """Encode documents; each result is the document's ids followed by EOS."""
-    tok: Tokenizer = _WORKER["tok"]
+def _encode_with(
+    tok: Tokenizer, batch: list[tuple[int, str]], dtype: np.dtype, batched: bool = True
+) -> list[tuple[int, np.ndarray]]:
+    """Encode documents; each result is the document's ids followed by EOS. ``batched=False``
+    encodes one at a time (a tokenizer.json then never starts its thread pool)."""
+    texts = [text for _, text in batch]
+    encoded = tok.encode_batch(texts) if batched else [tok.encode(t) for t in texts]
     out = []
-    for idx, text in batch:
-        pieces = tok.processor.encode(list(_chunks(text)))
-        pieces.append([tok.eos_id])
-        out.append((idx, np.concatenate([np.asarray(p, dtype=_WORKER["dtype"]) for p in pieces])))
+    for (idx, _), ids in zip(batch, encoded, strict=True):
+        arr = np.empty(len(ids) + 1, dtype=dtype)
+        arr[:-1] = ids
+        arr[-1] = tok.eos_id
+        out.append((idx, arr))
     return out
+
+
+def _encode_batch(batch: list[tuple[int, str]]) -> list[tuple[int, np.ndarray]]:
+    """A worker process's task (after :func:`_init_worker`)."""
+    return _encode_with(_WORKER["tok"], batch, _WORKER["dtype"])
 
 
 def _batches(docs: Iterator[Document]) -> Iterator[list[tuple[int, str]]]:
@@ -145,11 +164,16 @@ def _batches(docs: Iterator[Document]) -> Iterator[list[tuple[int, str]]]:
 def encode_documents(
     docs: Iterator[Document], model_path: Path, dtype: np.dtype, workers: int
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Encode documents in order with ``workers`` processes, keeping a bounded number of tasks in flight."""
+    """Encode documents in order, keeping a bounded number of batches in flight: with ``workers``
+    processes (sentencepiece), or ``workers`` threads of the tokenizer library's own pool
+    (tokenizer.json: no fork, so none after its threads started)."""
+    tok = load_tokenizer(model_path)
     if workers <= 1:
-        _init_worker(str(model_path), dtype.name)
         for batch in _batches(docs):
-            yield from _encode_batch(batch)
+            yield from _encode_with(tok, batch, dtype, batched=False)
+        return
+    if tok.multithreaded:
+        yield from _encode_threaded(tok, docs, dtype, workers)
         return
     # fork: workers inherit the imports and need no `if __name__ == "__main__"` guard in callers;
     # nothing threaded (torch, OpenMP) is started by data_prep before this point.
@@ -162,6 +186,22 @@ def encode_documents(
                 yield from pending.popleft().get()
         while pending:
             yield from pending.popleft().get()
+
+
+def _encode_threaded(
+    tok: Tokenizer, docs: Iterator[Document], dtype: np.dtype, workers: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """tokenizer.json: one batch is encoded (the library releases the GIL and runs on its thread
+    pool, ``RAYON_NUM_THREADS`` = ``workers`` unless set) while this thread reads the next."""
+    os.environ.setdefault("RAYON_NUM_THREADS", str(workers))  # read when the pool first starts
+    with ThreadPoolExecutor(1) as pool:
+        pending: deque = deque()
+        for batch in _batches(docs):
+            pending.append(pool.submit(_encode_with, tok, batch, dtype))
+            if len(pending) >= 2:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
 
 
 # ---------------------------------------------------------------- the build
@@ -195,6 +235,8 @@ class _Build:
         cfg = to_dict(self.cfg)
         cfg.pop("workers")
         cfg.pop("out_dir")
+        for key in [k for k, v in cfg["tokenizer"].items() if k.endswith("_token") and v is None]:
+            del cfg["tokenizer"][key]  # unset special tokens: the fingerprint of builds made before them
         files = []
         for path, text_field in inputs:
             st = path.stat()
@@ -237,7 +279,8 @@ class _Build:
     def discard_unfinished(self) -> None:
         """Remove what an unfinished build wrote (only the files this module names)."""
         shutil.rmtree(self.work, ignore_errors=True)
-        (self.out / "tokenizer.model").unlink(missing_ok=True)
+        for name in _TOKENIZER_FILES:
+            (self.out / name).unlink(missing_ok=True)
         if self.shard_dir.is_dir():
             for p in self.shard_dir.iterdir():
                 if _SHARD_NAME.match(p.name) or ".tmp-" in p.name:
@@ -265,15 +308,20 @@ class _Build:
 
     # tokenizer --------------------------------------------------------
     def tokenizer(self, inputs: list[tuple[Path, str]], state: dict[str, Any]) -> Tokenizer:
-        dest = self.out / "tokenizer.model"
+        dest = self.out / SENTENCEPIECE_FILE
         tcfg = self.cfg.tokenizer
         if tcfg.model is not None:
-            given = load_tokenizer(tcfg.model)  # validates special tokens, names the file
-            if not dest.exists() or sha256_file(dest) != given.sha256:
-                tmp = dest.with_name(f".tokenizer.model.tmp-{os.getpid()}")
-                shutil.copyfile(given.path, tmp)
-                os.replace(tmp, dest)
+            # validates the special tokens, names the file; a tokenizer.json's given special
+            # tokens are written into the dataset's tokenizer_config.json (self-describing copy)
+            given = load_tokenizer(tcfg.model, special_tokens=tcfg.special_tokens())
+            dest = self.out / given.file_name
+            if _stored_sha256(dest) != given.sha256:
+                for name in _TOKENIZER_FILES:  # one tokenizer per dataset: drop the other kind's
+                    (self.out / name).unlink(missing_ok=True)
+                given.save(self.out)
             return load_tokenizer(dest)
+        for name in (TOKENIZER_JSON, TOKENIZER_CONFIG_FILE):
+            (self.out / name).unlink(missing_ok=True)
         if (
             state.get("tokenizer_sha256")
             and dest.is_file()
@@ -479,8 +527,7 @@ def prepare_dataset(
             damaged: dict[str, str] = {"manifest.json": str(exc)}
         else:
             damaged = b.damaged_shards(manifest, state)
-            tok_path = b.out / manifest.tokenizer_file
-            if not tok_path.is_file() or sha256_file(tok_path) != manifest.tokenizer_sha256:
+            if _stored_sha256(b.out / manifest.tokenizer_file) != manifest.tokenizer_sha256:
                 damaged[manifest.tokenizer_file] = "missing or not the tokenizer the shards were made with"
         if not damaged:
             print(

@@ -19,6 +19,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pipeline.dataset import ConfigError, load_config
 from pipeline.dataset.manifest import DatasetError, Manifest, load_manifest
@@ -36,7 +37,12 @@ class TaskSFTSet:
 @dataclass
 class TaskDataConfig:
     out_dir: str = "data/tasks-sft"
-    tokenizer: str = "data/sample/tokenizer.model"  # the pretrained model's tokenizer
+    # The pretrained model's tokenizer: a tokenizer.model / tokenizer.json, or a dataset or export
+    # directory holding one (an import-hf export: its hf_tokenizer/tokenizer.json).
+    tokenizer: str = "data/sample/tokenizer.model"
+    # "tokenizer": render each (prompt, answer) with the tokenizer's chat template (data_prep/sft.py);
+    # "none": prompt + " " + answer as plain text
+    chat_template: Literal["none", "tokenizer"] = "none"
     filler: str = "sample"  # "sample" (the sample corpus) or a .jsonl/.txt of prose
     seq_len: int = 256
     seed: int = 0  # train uses seed, val seed + 1; keep both away from the eval seed
@@ -56,7 +62,10 @@ class TaskDataConfig:
 
 
 def _fingerprint(cfg: TaskDataConfig, tokenizer_sha: str) -> str:
-    blob = json.dumps({"cfg": asdict(cfg), "tokenizer": tokenizer_sha}, sort_keys=True)
+    fields = asdict(cfg)
+    if fields["chat_template"] == "none":
+        del fields["chat_template"]  # the default: the fingerprint of data written before the key
+    blob = json.dumps({"cfg": fields, "tokenizer": tokenizer_sha}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -66,7 +75,7 @@ def prepare_task_data(cfg: TaskDataConfig) -> Manifest:
     from data_prep.tasks import generate, load_filler, resolve_filler_path
     from pipeline.dataset.tokenizer import load_tokenizer
 
-    if not Path(cfg.tokenizer).is_file():
+    if not Path(cfg.tokenizer).exists():
         raise DatasetError(
             f"{cfg.tokenizer}: tokenizer not found; task data is tokenised with the pretrained model's "
             "tokenizer (`make pretrain CLUSTER=local` prepares data/sample/tokenizer.model) — or set tokenizer="
@@ -109,6 +118,7 @@ def prepare_task_data(cfg: TaskDataConfig) -> Manifest:
         seed=cfg.seed,
         source={"tasks": [asdict(t) for t in cfg.tasks], "filler": cfg.filler},
         config={"fingerprint": fp, **asdict(cfg)},
+        chat_template=cfg.chat_template,
     )
     n = {k: v.sequences for k, v in manifest.splits.items()}
     print(f"task data ready: {out} ({n['train']} train / {n['val']} val pairs of {cfg.seq_len} tokens)")

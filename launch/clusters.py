@@ -17,6 +17,10 @@ class ClusterConfig:
     data: str = "configs/data/sample.yaml"  # dataset build config (data_prep), prepared before launch
     train: str = "configs/train/local.yaml"  # training config (CONFIG= overrides it)
     nodes: int = 1
+    # Slurm may start the job, or bring it back after a requeue (a lost node, a preemption), on as
+    # few as min_nodes nodes (`--nodes=min_nodes-nodes`); the trainer then resumes at that world
+    # size through the elastic path (grad_accum keeps the global batch). None: exactly `nodes`.
+    min_nodes: int | None = None
     tasks_per_node: int = 1  # one task per GPU (or per CPU process locally)
     gpus_per_node: int = 0
     cpus_per_task: int = 1
@@ -39,6 +43,8 @@ class ClusterConfig:
             raise ConfigError(
                 f"key 'nodes': got {self.nodes}, the local executor runs on this machine only (1)"
             )
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ConfigError(f"key 'min_nodes': got {self.min_nodes}, expected 1..nodes ({self.nodes})")
         if self.executor == "slurm" and not self.partition:
             raise ConfigError("key 'partition': required for executor 'slurm'")
 

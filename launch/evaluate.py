@@ -158,7 +158,7 @@ def evaluate_checkpoint(path: str, cfg: EvalRunConfig, out: Path) -> dict[str, A
             )
     eb = cfg.exposure_bias
     if eb.enabled:
-        prompts, responses = exposure_pairs(eb, sampler.model.cfg.seq_len, Path(path) / "tokenizer.model")
+        prompts, responses = exposure_pairs(eb, sampler.model.cfg.seq_len, Path(path))
         result["exposure_bias"] = {}
         for mem in cfg.memory:
             fast = (

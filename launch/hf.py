@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.hf.convert import SENTENCEPIECE_ONLY, export_hf, import_hf
+from pipeline.hf.convert import export_hf, import_hf
 from pipeline.hf.layouts import HFFormatError
 
 
@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"mask id {info['special_ids']['mask']}: not checked ({tok['note']})")
             else:
                 print(f"mask id {info['special_ids']['mask']} = {tok['mask_token']!r} (from {tok['kind']})")
-                if not tok["sentencepiece_usable"]:
-                    print(f"note: {SENTENCEPIECE_ONLY}")
+                if tok.get("data_tokenizer"):
+                    print(f"make data reads {args.out}/{tok['data_tokenizer']} (tokenizer.model=...)")
+                if tok.get("note"):
+                    print(f"note: {tok['note']}")
         else:
             out = export_hf(args.checkpoint, args.out, dtype=args.dtype)
             print(f"exported {args.checkpoint} -> {out} (transformers: AutoModelForCausalLM.from_pretrained)")

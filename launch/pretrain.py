@@ -60,6 +60,21 @@ def _dry_run(cluster: ClusterConfig, cfg: TrainConfig, run_dir: Path) -> None:
     if cluster.executor == "slurm":
         print("# the sbatch script submitit would submit:")
         print(sbatch_preview(cluster, run_dir / "submitit"))
+    dp = cluster.world_size // cfg.parallel.tp
+    print(
+        f"# plan: {cluster.world_size} task(s) = TP={cfg.parallel.tp} x DP={dp}, ZeRO-{cfg.parallel.zero_stage}, "
+        f"{cfg.method}, {cfg.model.num_params() / 1e9:.2f}B parameters, {cfg.steps} steps "
+        f"(warm-up {cfg.optim.warmup_for(cfg.steps)}, lr {cfg.optim.lr:g})"
+    )
+    if cfg.lora.enabled:
+        from pipeline.model.lora import lora_summary
+
+        print(f"# {lora_summary(cfg.model, cfg.lora)}")
+    if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():
+        print(
+            f"# note: init_from={cfg.init_from} is not an export directory yet (no model.safetensors); "
+            "a real launch stops there (`make import-hf SRC=<hf dir> OUT=<dir>` writes one)"
+        )
     print(f"# dry run: nothing prepared or submitted; the run directory would be {run_dir}")
 
 

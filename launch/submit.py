@@ -138,6 +138,14 @@ def slurm_parameters(cluster: ClusterConfig) -> dict[str, Any]:
         "slurm_setup": list(cluster.setup),
         "slurm_additional_parameters": dict(cluster.sbatch_extra),
     }
+    if cluster.min_nodes is not None and cluster.min_nodes < cluster.nodes:
+        # submitit writes --nodes from an int; an additional parameter of the same name replaces it.
+        # With --ntasks-per-node in the request Slurm fixes the task count at min_nodes' and
+        # allocates min_nodes even when more are idle (measured on Slurm 22.05); without it, it
+        # allocates as many nodes as it can, and srun starts tasks_per_node on each of them.
+        params["slurm_additional_parameters"]["nodes"] = f"{cluster.min_nodes}-{cluster.nodes}"
+        del params["tasks_per_node"]
+        params["slurm_srun_args"] = [f"--ntasks-per-node={cluster.tasks_per_node}"]
     if cluster.gpus_per_node:
         params["gpus_per_node"] = cluster.gpus_per_node
     for key in ("account", "qos", "constraint"):
@@ -165,7 +173,7 @@ def sbatch_preview(cluster: ClusterConfig, folder: Path) -> str:
         partition=p["slurm_partition"],
         time=p["timeout_min"],
         nodes=p["nodes"],
-        ntasks_per_node=p["tasks_per_node"],
+        ntasks_per_node=p.get("tasks_per_node"),
         cpus_per_task=p["cpus_per_task"],
         gpus_per_node=p.get("gpus_per_node"),
         qos=p.get("slurm_qos"),
@@ -174,6 +182,7 @@ def sbatch_preview(cluster: ClusterConfig, folder: Path) -> str:
         mem=f"{p['mem_gb']}GB" if "mem_gb" in p else None,  # as submitit converts mem_gb
         setup=p["slurm_setup"],
         additional_parameters=p["slurm_additional_parameters"] or None,
+        srun_args=p.get("slurm_srun_args"),
     )
 
 

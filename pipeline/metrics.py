@@ -66,4 +66,7 @@ class MetricsFile:
             f.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
+        """Every record so far (none yet: a run resumed at its last step logs nothing new)."""
+        if not self.path.is_file():
+            return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

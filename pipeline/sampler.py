@@ -268,7 +268,7 @@ def load_sampler(
     from pipeline.engine.export import load_exported
 
     model, info = load_exported(checkpoint, device=device)
-    tok = load_tokenizer(Path(checkpoint) / "tokenizer.model")
+    tok = load_tokenizer(checkpoint)  # its tokenizer.model or tokenizer.json
     mem = MemoryConfig(**info["memory"])
     sampler = DiffusionSampler(
         model, vocab_size=tok.vocab_size, mask_id=tok.mask_id, pad_id=tok.pad_id, memory=mem

@@ -210,6 +210,19 @@ class Tracker:
         if self._pending_steps >= self.cfg.flush_every:
             self.flush()
 
+    def log_event(self, step: int, name: str, text: str, metrics: Mapping[str, float]) -> None:
+        """Something that happened to the run at ``step`` (its layout at the start, a resize on
+        resume): tag ``event.<name>.step-<N>`` = ``text``, and ``metrics`` at ``step``, sent now
+        (a resumed job's replayed steps do not apply: the event is new)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+        self.client.set_tag(self.run_id, f"event.{name}.step-{step:06d}", text)
+
     def flush(self) -> None:
         for i in range(0, len(self._buffer), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=self._buffer[i : i + MAX_METRICS_PER_BATCH])

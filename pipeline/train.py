@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 -m pipeline.train --config configs/train/local.yaml parallel.tp=2
 
 Per step: stream ``grad_accum`` micro-batches (their position is part of the checkpoint); draw
-the anchor noise from a generator seeded by (seed, step, micro-batch, data-parallel rank) and the
+the anchor noise from a generator seeded by (seed, step, global micro-batch slot) and the
 memory's reset from one seeded by (seed, step, micro-batch) alone (the same on every DP rank: one
 memory per global batch); compute the MDLM loss or MemDLM's outer loss (inner loop through
 ``engine.module``, outer loss through ``engine``); backward; then one optimizer step (DeepSpeed's
@@ -22,7 +22,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from pipeline.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from pipeline.engine.elastic import ResumePlan, plan_resume, prepare_universal
 from pipeline.eval.heldout import evaluate_heldout
 from pipeline.memory.inner_loop import memdlm_loss
 from pipeline.metrics import MetricsFile, peak_memory_mib, throughput
@@ -99,20 +100,29 @@ class Trainer:
         data = build_dataset(cfg)
         self.manifest, self.manifest_sha = data.manifest, data.manifest_sha256
         self.mask_id, self.pad_id = data.mask_id, data.pad_id
+        resume = self._plan_resume() if cfg.checkpoint.resume else None
+        if resume is not None and resume.resized:
+            _say(f"elastic resume from {resume.path.name}: {resume.describe()}")
+            prepare_universal(resume, cfg.checkpoint.reshard)
+            self.cfg = cfg = replace(cfg, grad_accum=resume.current.grad_accum)
+            self.resolved = run_record(cfg, runtime)
         from pipeline.engine.deepspeed import build_engine
 
         _say(f"building the engine ({cfg.model.num_params() / 1e6:.1f}M parameters, {self.dims})")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (and TP size)
-        self.engine, _, self.scheduler = build_engine(cfg, model_factory(cfg), self.precision)
+        self.engine, _, self.scheduler = build_engine(
+            cfg, model_factory(cfg), self.precision, load_universal=resume is not None and resume.resized
+        )
         self.model = self.engine.module
         self.loader = TokenBatchLoader(cfg.data, rank=dp_rank(), world_size=dp_size())
         self.flops = estimate_flops(cfg.model, cfg.memory)
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
         self.inner_skipped_total, self.skipped_shards_total = 0.0, 0
         self.history: list[dict[str, Any]] = []
-        resumed_run_id = self._maybe_resume() if cfg.checkpoint.resume else None
+        resumed_run_id = self._resume(resume) if resume is not None else None
         self.batches = iter(self.loader)
         self.tracker = build_tracker(cfg, self.resolved, self.dims, resumed_run_id, parent_run_id)
+        self._log_layout(resume)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
 
     # ------------------------------------------------------------ the loop
@@ -192,26 +202,52 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def _layout(self) -> Layout:
-        return Layout(world=self.dims.world, tp=self.dims.tp, dp=self.dims.dp)
+        d = self.dims
+        return Layout(d.world, d.tp, d.dp, self.cfg.grad_accum, self.cfg.data.batch_size)
 
-    def _maybe_resume(self) -> str | None:
-        """Restore from the newest verified checkpoint, if any; returns its MLflow run id.
+    def _plan_resume(self) -> ResumePlan | None:
+        """The newest verified checkpoint and how this layout resumes it (None: start afresh).
 
         A damaged or missing newest checkpoint falls back to the previous complete one with a
         warning, or raises with ``checkpoint.on_damaged=error`` (see pipeline/engine/checkpoint.py)."""
         path = find_resume_checkpoint(self.ckpt_dir, self.cfg.checkpoint.on_damaged)
         if path is None:
             return None
-        state = load_checkpoint(self.engine, path, self._layout(), self.manifest_sha)
-        self.loader.load_state_dict(state["data"][self.rank][0])
+        state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
+        return plan_resume(path, state, self._layout())
+
+    def _resume(self, plan: ResumePlan) -> str | None:
+        """Restore engine, data position and counters from ``plan``; returns its MLflow run id."""
+        state = load_checkpoint(self.engine, plan, self.manifest_sha)
+        # one data state per data-parallel rank (the TP ranks of a DP rank share theirs)
+        by_rank = {entry[0]["rank"]: entry[0] for entry in state["data"]}
+        saved, now = plan.saved, plan.current
+        if (saved.dp, saved.grad_accum) == (now.dp, now.grad_accum):  # same data layout (TP may differ)
+            self.loader.load_state_dict(by_rank[dp_rank()])
+        else:
+            old = [by_rank[r] for r in range(saved.dp)]
+            self.loader.load_resized_state(old, saved.grad_accum, now.grad_accum)
         self.step = state["step"]
         self.nonfinite_total = state["counters"]["nonfinite_total"]
         self.inner_skipped_total = state["counters"]["inner_skipped_total"]
         # corrupt shards all ranks had skipped (older checkpoints: none recorded)
         self.skipped_shards_total = state["counters"].get("skipped_shards_total", 0)
-        if self.rank == 0:
-            print(f"resumed from {path} at step {self.step}")
+        _say(f"resumed from {plan.path} at step {self.step}")
         return state.get("mlflow_run_id")
+
+    def _log_layout(self, resume: ResumePlan | None) -> None:
+        """The layout as metrics at the run's first step and at every resize (an event on the run)."""
+        if not self.tracker or (resume is not None and not resume.resized):
+            return
+        d = self.dims
+        metrics = {"layout/world_size": d.world, "layout/tp": d.tp, "layout/dp": d.dp}
+        metrics["layout/grad_accum"] = self.cfg.grad_accum
+        text = (
+            resume.describe()
+            if resume is not None
+            else f"TP={d.tp} x DP={d.dp} (grad_accum {self.cfg.grad_accum})"
+        )
+        self.tracker.log_event(self.step, "resize" if resume is not None else "layout", text, metrics)
 
     def save(self) -> Path:
         state = {
@@ -234,10 +270,11 @@ class Trainer:
         self, tokens: torch.Tensor, micro: int, prompt_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
-        # Noise and pre-anchor masks differ per DP rank (each rank has its own rows); the memory's
-        # reset must not: in batch scope the DP-synced inner gradients are only the global
-        # batch's gradient if every rank starts from the same phi0.
-        g = _generator(self.device, cfg.seed, self.step, micro, dp_rank())
+        # Noise and pre-anchor masks are keyed by the global micro-batch slot (dp_rank * grad_accum +
+        # micro), which holds the same rows at every layout (an elastic resume keeps it). The
+        # memory's reset is the same on every DP rank: in batch scope the DP-synced inner gradients
+        # are only the global batch's gradient if every rank starts from the same phi0.
+        g = _generator(self.device, cfg.seed, self.step, "slot", dp_rank() * cfg.grad_accum + micro)
         g_reset = _generator(self.device, cfg.seed, self.step, micro, -1)
         maskable = maskable_positions(tokens, self.pad_id, prompt_mask)  # SFT: never the prompt
         noise = draw_noise(tokens, maskable, cfg.objective, self.mask_id, g)

@@ -16,6 +16,7 @@ from pipeline.config import ConfigError, from_dict, merge, parse_overrides, read
 from pipeline.data.stream import DataConfig
 from pipeline.memory.config import MemoryConfig
 from pipeline.model.config import ModelConfig
+from pipeline.model.lora import LoraConfig
 from pipeline.objectives.mdlm import ObjectiveConfig
 from pipeline.tracking import TrackingConfig
 
@@ -27,6 +28,9 @@ class OptimConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
+    # Warm-up as a fraction of ``steps`` (the paper: 0.1); when set it replaces warmup_steps (a
+    # config may name only one of the two).
+    warmup_fraction: float | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -38,6 +42,14 @@ class OptimConfig:
             raise ConfigError(
                 f"optim: lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, grad_clip >= 0 ({self})"
             )
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"key 'optim.warmup_fraction': got {self.warmup_fraction}, expected 0 <= x < 1")
+
+    def warmup_for(self, steps: int) -> int:
+        """Warm-up steps of a run of ``steps`` steps: ``warmup_fraction`` of them when set."""
+        if self.warmup_fraction is None:
+            return self.warmup_steps
+        return round(self.warmup_fraction * steps)
 
 
 @dataclass
@@ -60,6 +72,9 @@ class CheckpointConfig:
     # a damaged or missing newest checkpoint: resume from the previous complete one with a
     # warning (fallback), or stop with an error naming the bad file (error)
     on_damaged: Literal["fallback", "error"] = "fallback"
+    # Resuming at another TP x DP layout: convert the checkpoint to DeepSpeed's universal format
+    # on the fly (auto, logged), or refuse and say to run `make reshard` first (never)
+    reshard: Literal["auto", "never"] = "auto"
 
 
 @dataclass
@@ -91,6 +106,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # Outer LoRA on the base weights (the paper's fine-tuning recipe): base frozen, only the
+    # adapters trained, merged into the weights on export (pipeline/model/lora.py).
+    lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -118,6 +136,12 @@ def resolve_train_dict(
         raise ConfigError(
             f"{path}: key 'parallel.bf16' ({value!r}) was replaced by 'parallel.precision' (auto | bf16 | fp32); "
             f"write parallel.precision={'bf16' if value else 'fp32'}, or auto to follow the hardware"
+        )
+    optim = data.get("optim")
+    if isinstance(optim, dict) and optim.get("warmup_fraction") is not None and "warmup_steps" in optim:
+        raise ConfigError(
+            f"{path}: keys 'optim.warmup_steps' ({optim['warmup_steps']!r}) and 'optim.warmup_fraction' "
+            f"({optim['warmup_fraction']!r}) both set; name one of them"
         )
     preset = data.get("model_preset")
     if preset is not None:

@@ -36,7 +36,7 @@ import io
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -229,7 +229,11 @@ class _ShardStream(IterableDataset):
         p = self.plan
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        logical = (p.start_batch + physical) % p.num_workers
+        yield from self.worker_batches((p.start_batch + physical) % p.num_workers)
+
+    def worker_batches(self, logical: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Logical worker ``logical``'s batches from the plan's ``start_batch`` on, then its report."""
+        p = self.plan
         skip = p.start_batch // p.num_workers + (1 if logical < p.start_batch % p.num_workers else 0)
         skipped = [0]  # corrupt shards this logical worker skipped in this epoch so far
         samples: Iterator[dict[str, Any]] = self._samples(logical, skipped)
@@ -257,6 +261,62 @@ class _ShardStream(IterableDataset):
             buf = []
         # No batch follows a shard skipped at the end of the worker's list: report the count.
         yield {"skipped_shards": torch.tensor(skipped[0]), "worker": torch.tensor(logical)}
+
+    def rank_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rank's batches in epoch order from ``start_batch`` (what a DataLoader with one
+        worker process per logical worker serves), read in this process: the logical workers'
+        streams taken round-robin."""
+        p = self.plan
+        streams = [self.worker_batches((p.start_batch + i) % p.num_workers) for i in range(p.num_workers)]
+        while streams:
+            for stream in list(streams):
+                for batch in stream:
+                    if "tokens" in batch:
+                        yield batch
+                        break
+                else:
+                    streams.remove(stream)
+
+
+@dataclass
+class _Carry:
+    """The rest of an epoch begun at another data-parallel layout (an elastic resume).
+
+    The old layout's ranks were at batches ``next_batch[r]`` of ``end_batch`` in ``epoch``; one
+    training step consumed ``old_grad_accum`` batches of every old rank. Global micro-batch slot
+    ``k`` of a step (``k = dp_rank * grad_accum + micro``, the same numbering in both layouts)
+    held old rank ``k // old_grad_accum``'s batch ``next + step * old_grad_accum + k %
+    old_grad_accum``. The new layout gives each slot the same batch, so every global batch of the
+    rest of the epoch is the one the old layout would have trained on, and every sample of the
+    epoch is read exactly once. ``position`` counts this rank's (step, micro) slots already taken.
+    """
+
+    epoch: int
+    old_world: int
+    old_num_workers: int
+    old_grad_accum: int
+    new_grad_accum: int
+    next_batch: list[int]
+    end_batch: int
+    position: int = 0
+
+    def slots(self, rank: int) -> Iterator[tuple[int, int, int]]:
+        """``(position, old rank, old batch)`` of this rank's remaining carried-over batches, in order.
+
+        A slot lane (one micro index) ends at its first batch past the epoch: lanes only go forward."""
+        alive = set(range(self.new_grad_accum))
+        c = self.position
+        while alive:
+            step, micro = divmod(c, self.new_grad_accum)
+            if micro in alive:
+                k = rank * self.new_grad_accum + micro
+                old_rank, offset = divmod(k, self.old_grad_accum)
+                batch = self.next_batch[old_rank] + step * self.old_grad_accum + offset
+                if batch >= self.end_batch:
+                    alive.discard(micro)
+                else:
+                    yield c, old_rank, batch
+            c += 1
 
 
 class TokenBatchLoader:
@@ -310,6 +370,7 @@ class TokenBatchLoader:
         # logical worker in the current epoch (each worker counts from the epoch's start).
         self._skipped_before = 0
         self._skipped_in_epoch = [0] * logical
+        self._carry: _Carry | None = None  # the rest of an epoch begun at another DP layout
         self._plan_args = self._plan_arguments(info, logical, shuffle)
         self.batches_per_epoch = logical * self._plan(0, 0).batches_per_worker()
         if self.batches_per_epoch == 0:
@@ -356,6 +417,8 @@ class TokenBatchLoader:
         return self._skipped_before + sum(self._skipped_in_epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._carry is not None:
+            yield from self._carried_batches()
         while True:
             if self.batch_in_epoch >= self.batches_per_epoch:
                 if not self.loop:
@@ -380,6 +443,44 @@ class TokenBatchLoader:
             if not self.loop:
                 return
 
+    def _carried_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of the epoch carried over from another layout (see :class:`_Carry`)."""
+        carry = self._carry
+        assert carry is not None
+        readers: dict[int, tuple[Iterator[dict[str, torch.Tensor]], int]] = {}
+        slots = list(carry.slots(self.rank))  # a few integers per remaining batch of the epoch
+        for i, (position, old_rank, batch) in enumerate(slots):
+            stream, at = readers.get(old_rank, (None, -1))
+            if stream is None or at > batch:
+                plan = _Plan(
+                    **{
+                        **self._plan_args,
+                        "rank": old_rank,
+                        "world_size": carry.old_world,
+                        "num_workers": carry.old_num_workers,
+                    },
+                    epoch=carry.epoch,
+                    start_batch=batch,
+                )
+                stream, at = _ShardStream(plan).rank_batches(), batch
+            while at < batch:  # another new rank's slot
+                next(stream)
+                at += 1
+            out = next(stream)
+            readers[old_rank] = (stream, at + 1)
+            for key in ("skipped_shards", "worker"):
+                out.pop(key)
+            carry.position = position + 1
+            if i == len(slots) - 1:
+                self._carry = None  # its last batch is out: the state is the next epoch's start
+            yield out
+        self._carry = None
+
+    @property
+    def carrying(self) -> bool:
+        """Whether batches still come from an epoch begun at another data-parallel layout."""
+        return self._carry is not None
+
     def state_dict(self) -> dict[str, Any]:
         """The exact stream position: JSON-serialisable, a few integers."""
         logical = max(1, self.num_workers)
@@ -401,6 +502,7 @@ class TokenBatchLoader:
             "num_shards": len(self.manifest.split(self.split).shards),
             "skipped_shards": self.skipped_shards,
             "skipped_shards_in_epoch": list(self._skipped_in_epoch),
+            "carry": None if self._carry is None else asdict(self._carry),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -436,3 +538,62 @@ class TokenBatchLoader:
             in_epoch = [0] * len(self._skipped_in_epoch)
         self._skipped_in_epoch = [int(n) for n in in_epoch]
         self._skipped_before = int(state.get("skipped_shards", 0)) - sum(self._skipped_in_epoch)
+        carry = state.get("carry")
+        self._carry = None if carry is None else _Carry(**carry)
+
+    def load_resized_state(self, states: list[dict[str, Any]], old_grad_accum: int, grad_accum: int) -> None:
+        """Continue a stream that ``len(states)`` data-parallel ranks (``states[r]`` = rank r's
+        :meth:`state_dict`, ``old_grad_accum`` batches each per step) were reading, now that this
+        layout reads it with ``grad_accum`` batches per rank per step.
+
+        The same global batch size is required (``len(states) * old_grad_accum == world_size *
+        grad_accum``). The rest of the current epoch is carried over slot by slot (:class:`_Carry`);
+        the next epoch is split for this layout. A clear ``DatasetError`` when that is impossible."""
+        old_world = len(states)
+        if old_world * old_grad_accum != self.world_size * grad_accum:
+            raise DatasetError(
+                f"cannot carry the data stream over: {old_world} rank(s) x grad_accum {old_grad_accum} read "
+                f"{old_world * old_grad_accum} micro-batches per step, this layout {self.world_size} x {grad_accum}"
+            )
+        mine = self.state_dict()
+        for r, state in enumerate(states):
+            if state.get("version") != STATE_VERSION:
+                raise DatasetError(f"data-loader state version {state.get('version')} is not {STATE_VERSION}")
+            for key in ("split", "seed", "batch_size", "tokenizer_sha256", "num_shards"):
+                if state.get(key) != mine[key]:
+                    raise DatasetError(
+                        f"cannot resume the data stream exactly: checkpoint has {key}={state.get(key)!r}, this "
+                        f"run has {key}={mine[key]!r} (the sample order depends on it; resume with the same value)"
+                    )
+            if (state.get("rank"), state.get("world_size")) != (r, old_world):
+                raise DatasetError(f"data-loader states out of order: entry {r} is rank {state.get('rank')}")
+            if state.get("carry") is not None:
+                raise DatasetError(
+                    "the checkpoint was written while the data stream was still finishing an epoch begun at "
+                    "another layout (an earlier resize); resume at its own layout until that epoch ends"
+                )
+        epochs = {int(state["epoch"]) for state in states}
+        if len(epochs) != 1:
+            raise DatasetError(
+                f"data-parallel ranks were in different epochs {sorted(epochs)}: cannot carry over"
+            )
+        (epoch,) = epochs
+        old_workers = max(1, int(states[0]["num_workers"]))
+        end = (
+            old_workers
+            * _Plan(
+                **{**self._plan_args, "rank": 0, "world_size": old_world, "num_workers": old_workers},
+                epoch=epoch,
+                start_batch=0,
+            ).batches_per_worker()
+        )
+        nxt = [int(state["batch_in_epoch"]) for state in states]
+        self.epoch, self.batch_in_epoch = epoch + 1, 0
+        self._carry = _Carry(epoch, old_world, old_workers, old_grad_accum, grad_accum, nxt, end)
+        if next(self._carry.slots(self.rank), None) is None:
+            self._carry = None  # the old layout had finished the epoch (or left nothing for this rank)
+        # corrupt shards skipped so far, counted once (on data-parallel rank 0)
+        self._skipped_before = (
+            sum(int(state.get("skipped_shards", 0)) for state in states) if self.rank == 0 else 0
+        )
+        self._skipped_in_epoch = [0] * len(self._skipped_in_epoch)

@@ -2,7 +2,9 @@
 
 * ``prep_config``: the dataset build config (``configs/data/*.yaml``);
 * ``manifest``: ``manifest.json`` (splits, shards with size and sha256, tokenizer hash, kind);
-* ``tokenizer``: loading the sentencepiece model and checking it against a manifest;
+* ``tokenizer``: loading a sentencepiece ``.model`` or a Hugging Face ``tokenizer.json`` (an
+  import-hf export's ``hf_tokenizer/``) with its special ids checked (``hf_tokenizer`` renders chat
+  templates);
 * ``tasks``: the task-file format (JSON lines of ``TaskExample``) and each task's scorer;
 * ``seeding``: the one seed derivation every seeded stream uses.
 

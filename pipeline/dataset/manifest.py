@@ -1,7 +1,8 @@
 """The dataset manifest: what ``data_prep`` wrote and what training checks before reading it.
 
-``manifest.json`` sits in the dataset directory beside ``tokenizer.model`` and ``shards/``.
-It records the tokenizer hash, vocabulary size, sequence length, token dtype and, per split,
+``manifest.json`` sits in the dataset directory beside the tokenizer (``tokenizer.model``, or
+``tokenizer.json`` + ``tokenizer_config.json``) and ``shards/``. It records the tokenizer's kind
+and hash, vocabulary size, sequence length, token dtype and, per split,
 the shards with their sha256 and sample counts. Training refuses a dataset whose manifest
 disagrees with the tokenizer or the model config, or whose shards do not have the recorded
 sizes (:func:`verify_manifest`): a vocab or sequence-length mismatch otherwise trains on
@@ -23,7 +24,7 @@ from typing import Any
 
 from pipeline.atomic_io import atomic_write_text
 from pipeline.dataset.remote import RemoteReadError, is_url, locate, remote_size
-from pipeline.dataset.tokenizer import load_tokenizer
+from pipeline.dataset.tokenizer import SENTENCEPIECE, TOKENIZER_KINDS, load_tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -75,6 +76,9 @@ class Manifest:
     # pretrain: packed documents, every token maskable; sft: one (prompt, response) pair per
     # sequence with a ``prompt_len`` per sample, the prompt never masked (objective.mode: sft)
     kind: str = "pretrain"
+    # "sentencepiece" (tokenizer_file tokenizer.model) or "tokenizer.json" (tokenizer_file
+    # tokenizer.json; tokenizer_sha256 covers its tokenizer_config.json too)
+    tokenizer_kind: str = SENTENCEPIECE
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,8 +126,14 @@ def manifest_from_json(data: dict[str, Any], where: str) -> Manifest:
     kind = data.get("kind", "pretrain")
     if kind not in KINDS:
         raise DatasetError(f"{where}: kind '{kind}' not supported (expected one of {', '.join(KINDS)})")
+    tokenizer_kind = data.get("tokenizer_kind", SENTENCEPIECE)
+    if tokenizer_kind not in TOKENIZER_KINDS:
+        raise DatasetError(
+            f"{where}: tokenizer_kind '{tokenizer_kind}' not supported (expected one of {', '.join(TOKENIZER_KINDS)})"
+        )
     return Manifest(
         kind=kind,
+        tokenizer_kind=tokenizer_kind,
         format_version=version,
         seq_len=_require(data, "seq_len", int, where),
         dtype=dtype,
@@ -180,7 +190,8 @@ def build_manifest(
         seq_len=seq_len,
         dtype=dtype,
         vocab_size=tok.vocab_size,
-        tokenizer_file="tokenizer.model",
+        tokenizer_file=tok.file_name,
+        tokenizer_kind=tok.kind,
         tokenizer_sha256=tok.sha256,
         special_ids=tok.special_ids(),
         splits=splits,
@@ -254,7 +265,8 @@ def verify_manifest(
     """Check the dataset against the tokenizer and model config it will be used with, and
     every shard's size against the manifest.
 
-    ``tokenizer_path`` defaults to the tokenizer stored with the dataset. ``vocab_size`` is
+    ``tokenizer_path`` (a file, or a directory holding one) defaults to the tokenizer stored with
+    the dataset; its kind and hash must be the manifest's. ``vocab_size`` is
     the model's (it may be padded above the tokenizer's for tensor-parallel divisibility, never
     below). Raises DatasetError naming what differs. With ``on_corrupt_shard="skip"`` (the
     loader's setting of that name) shards of the wrong size are a warning instead: the loader
@@ -272,6 +284,11 @@ def verify_manifest(
         Path(tokenizer_path) if tokenizer_path is not None else Path(dataset_dir) / manifest.tokenizer_file
     )
     tok = load_tokenizer(tok_path)
+    if tok.kind != manifest.tokenizer_kind:
+        raise DatasetError(
+            f"{where}: the dataset was tokenised with a {manifest.tokenizer_kind} tokenizer, but {tok_path} "
+            f"is a {tok.kind} one"
+        )
     if tok.sha256 != manifest.tokenizer_sha256:
         raise DatasetError(
             f"{where}: tokenizer mismatch: the dataset was tokenised with sha256 "

@@ -6,22 +6,51 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import ConfigError
+from pipeline.dataset.tokenizer import SPECIAL_TOKEN_NAMES
 
 SAMPLE_CORPUS = "sample"  # corpus entry that stands for the embedded sample corpus
 
 
 @dataclass
 class TokenizerConfig:
-    """Train a sentencepiece model, or reuse ``model`` (a ``.model`` path) as it is."""
+    """Train a sentencepiece model, or reuse ``model`` as it is: a sentencepiece ``.model``, a
+    Hugging Face ``tokenizer.json`` (its ``tokenizer_config.json`` beside it is read too), or a
+    directory holding one (pipeline/dataset/tokenizer.py). A given tokenizer is copied into the
+    dataset; the training keys below are then unused."""
 
     model: str | None = None
+    # Special tokens of a given tokenizer.json that its tokenizer_config.json does not declare (or
+    # declares otherwise): the token text, e.g. mask_token: "<|mdm_mask|>". PAD may be the EOS
+    # token only when said so here or in the config. Written into the dataset's tokenizer_config.json.
+    mask_token: str | None = None
+    pad_token: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
     vocab_size: int = 8000
     model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: float = 0.9995
     # Lines sampled (seeded reservoir) from the corpus to train on; bounds memory and time.
     max_sentences: int = 2_000_000
 
+    def special_tokens(self) -> dict[str, str]:
+        """The special tokens given, by name (``{"mask": "<|mask|>"}``)."""
+        return {
+            name: value
+            for name in SPECIAL_TOKEN_NAMES
+            if (value := getattr(self, f"{name}_token")) is not None
+        }
+
     def validate(self) -> None:
+        for name, value in self.special_tokens().items():
+            key = f"tokenizer.{name}_token"
+            if self.model is None or self.model.endswith(".model"):
+                raise ConfigError(
+                    f"key '{key}': given as '{value}', but special tokens can be given only for a "
+                    "tokenizer.json tokenizer (tokenizer.model=path/to/tokenizer.json or its directory); "
+                    "a sentencepiece model's are fixed"
+                )
+            if not value:
+                raise ConfigError(f"key '{key}': empty, expected the token's text")
         if self.vocab_size < 300:
             raise ConfigError(
                 f"key 'tokenizer.vocab_size': got {self.vocab_size}, expected >= 300 "

@@ -33,6 +33,7 @@ states are ``torch.load(weights_only=True)``; a file that still fails to load is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,15 +42,19 @@ import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipeline.atomic_io import atomic_write_text
+
+if TYPE_CHECKING:
+    from pipeline.engine.elastic import ResumePlan
 
 LATEST = "latest"
 FILE_LIST = "files.json"
@@ -77,9 +82,14 @@ class CheckpointWarning(UserWarning):
 
 @dataclass
 class Layout:
+    """How a run is laid out: processes, tensor- and data-parallel sizes, micro-batches per rank
+    per step and sequences per micro-batch (global batch = dp * grad_accum * micro_batch)."""
+
     world: int
     tp: int
     dp: int
+    grad_accum: int = 1
+    micro_batch: int = 0
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -165,12 +175,12 @@ def _write_file_list_collective(root: Path) -> None:
         write_file_list(root, {k: v for share in shares for k, v in share.items()})
 
 
-def verify_checkpoint(path: Path, hashes: bool = True) -> None:
+def verify_checkpoint(path: Path, hashes: bool = True, required: str = "train_state.json") -> None:
     """Raise ``DamagedCheckpoint`` naming the first file of ``path`` that is missing, of the wrong
     size or (with ``hashes``) of the wrong sha256 according to its ``files.json``.
 
-    A checkpoint without ``files.json`` (written before it existed) needs a readable
-    ``train_state.json`` only."""
+    ``files.json`` must list ``required``. A checkpoint without ``files.json`` (written before it
+    existed) needs a readable ``train_state.json`` only."""
     if not path.is_dir():
         raise DamagedCheckpoint(path, "the checkpoint folder does not exist")
     listing = path / FILE_LIST
@@ -178,8 +188,8 @@ def verify_checkpoint(path: Path, hashes: bool = True) -> None:
         _read_json(path / "train_state.json")
         return
     files = _read_json(listing).get("files")
-    if not isinstance(files, dict) or "train_state.json" not in files:
-        raise DamagedCheckpoint(listing, "expected a 'files' mapping that lists train_state.json")
+    if not isinstance(files, dict) or required not in files:
+        raise DamagedCheckpoint(listing, f"expected a 'files' mapping that lists {required}")
     for rel, want in sorted(files.items()):
         file = path / rel
         if not (isinstance(want, dict) and isinstance(want.get("size"), int) and "sha256" in want):
@@ -300,18 +310,29 @@ def find_resume_checkpoint(
 ) -> Path | None:
     """Collective ``select_checkpoint``: rank 0 verifies and chooses, every rank gets the same
     answer (or raises the same ``CheckpointError``)."""
+
+    def choose() -> str | None:
+        path = select_checkpoint(ckpt_dir, on_damaged)
+        return None if path is None else str(path)
+
+    value = on_rank0(choose)
+    return None if value is None else Path(value)
+
+
+def on_rank0(work: Callable[[], Any]) -> Any:
+    """Collective: ``work()`` on rank 0 only (a choice, a conversion), its result on every rank;
+    a ``CheckpointError`` it raises is raised on every rank, with the same message."""
     answer: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            path = select_checkpoint(ckpt_dir, on_damaged)
-            answer[0] = ("ok", None if path is None else str(path))
+            answer[0] = ("ok", work())
         except CheckpointError as exc:
             answer[0] = ("error", str(exc))
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":
         raise CheckpointError(value)
-    return None if value is None else Path(value)
+    return value
 
 
 # ------------------------------------------------------------ save
@@ -398,37 +419,47 @@ def _not_zip_archives(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.rglob("*.pt")) if not zipfile.is_zipfile(p)]
 
 
-def load_checkpoint(engine, path: Path, layout: Layout, manifest_sha256: str) -> dict[str, Any]:
-    """Collective. Restores engine, RNG; returns the train state (caller restores the loader).
+def load_checkpoint(engine, plan: ResumePlan, manifest_sha256: str) -> dict[str, Any]:
+    """Collective. Restores engine and RNG from ``plan.path``; returns its train state (the caller
+    restores the data stream). At the saved layout the DeepSpeed checkpoint and every rank's RNG
+    state load as written; at another one (``plan.resized``) its universal copy loads (the engine
+    must be built with ``load_universal``) and the global RNG is reseeded from (seed, step, rank).
 
     Errors from DeepSpeed's loader or ``torch.load`` become ``CheckpointError`` naming the file."""
-    state = _read_json(path / "train_state.json")
-    saved = state.get("layout", {})
-    if (saved.get("tp"), saved.get("dp")) != (layout.tp, layout.dp):
-        raise CheckpointError(
-            f"{path}: written with TP={saved.get('tp')} x DP={saved.get('dp')}, this run is TP={layout.tp} x "
-            f"DP={layout.dp}. Resuming needs the same layout (ZeRO-3 optimizer state is partitioned per rank and "
-            "the data position per data-parallel rank). Use the same world size, or export the weights and "
-            "start a new run from them."
-        )
+    from pipeline.engine.universal import universal_dir
+
+    path, state = plan.path, plan.state
     if state.get("manifest_sha256") != manifest_sha256:
         raise CheckpointError(
             f"{path}: written for a dataset with manifest sha256 {str(state.get('manifest_sha256'))[:12]}…, this "
             f"run's dataset has {manifest_sha256[:12]}…; the data position would not mean the same samples"
         )
+    source = universal_dir(path) if plan.resized else path
+    # DeepSpeed's universal loader copies the first param group's hyperparameters into every
+    # group (zero/stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3): the no-decay
+    # group (norms) would silently start decaying. Ours differ in weight_decay only; keep them.
+    decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
     try:
-        load_path, _ = engine.load_checkpoint(
-            str(path), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with _deepspeed_sees_tp_group(plan.resized):
+            load_path, _ = engine.load_checkpoint(
+                str(source), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        for group, value in zip(engine.optimizer.param_groups, decay, strict=True):
+            group["weight_decay"] = value
+        if plan.resized:
+            _unshare_adam_steps(engine.optimizer)
     except Exception as exc:
-        bad = _not_zip_archives(path / "ds")
-        where = (", ".join(map(str, bad)) + " (not a complete torch file)") if bad else str(path / "ds")
+        bad = _not_zip_archives(source / "ds")
+        where = (", ".join(map(str, bad)) + " (not a complete torch file)") if bad else str(source / "ds")
         raise CheckpointError(
             f"{where}: DeepSpeed could not load the checkpoint: {type(exc).__name__}: {exc}"
         ) from exc
     if load_path is None:
-        raise CheckpointError(f"{path}: DeepSpeed found no checkpoint under tag 'ds'")
+        raise CheckpointError(f"{source}: DeepSpeed found no checkpoint under tag 'ds'")
     rank = dist.get_rank()
+    if plan.resized:
+        _reseed(int((state.get("config") or {}).get("seed", 0)), int(state["step"]), rank)
+        return state
     rng_file = path / "rng" / f"rank-{rank:05d}.pt"
     try:
         tensors = torch.load(rng_file, weights_only=True)
@@ -439,3 +470,45 @@ def load_checkpoint(engine, path: Path, layout: Layout, manifest_sha256: str) ->
     meta = _read_json(path / "rng" / f"rank-{rank:05d}.json")
     _set_rng_state(tensors, meta)
     return state
+
+
+def _unshare_adam_steps(zero_optimizer) -> None:
+    """Give every ZeRO sub-group its own Adam step counter.
+
+    The universal loader stores one tensor object as ``state["step"]`` of every sub-group; torch's
+    AdamW increments it in place, so with two sub-groups (decay and no-decay) each optimizer step
+    counted twice and Adam's bias correction drifted from the second step after a resize on."""
+    inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+@contextlib.contextmanager
+def _deepspeed_sees_tp_group(enabled: bool) -> Iterator[None]:
+    """ZeRO-3's universal loader cuts TP shards in the group ``deepspeed.utils.groups`` names, which
+    only DeepSpeed's own AutoTP sets (the ``mpu`` we pass is not consulted there): name megatron's
+    TP group for the duration of the load, and nothing else."""
+    if not enabled:
+        yield
+        return
+    from deepspeed.utils import groups
+
+    from pipeline.model.parallel import tp_group
+
+    before = groups._TENSOR_MODEL_PARALLEL_GROUP
+    groups._TENSOR_MODEL_PARALLEL_GROUP = tp_group()
+    try:
+        yield
+    finally:
+        groups._TENSOR_MODEL_PARALLEL_GROUP = before
+
+
+def _reseed(seed: int, step: int, rank: int) -> None:
+    """Global RNG streams of a rank that has no saved state of its own (after a resize)."""
+    from pipeline.dataset.seeding import seed_of
+
+    value = seed_of(seed, step, "global-rng", rank)
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)

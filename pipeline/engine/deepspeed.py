@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pipeline.engine.universal import describe_tensor_parallel_layout
 from pipeline.hardware.device import deepspeed_accelerator, training_device
 from pipeline.hardware.precision import Precision, resolve_precision
 from pipeline.train_config import TrainConfig
@@ -80,20 +81,26 @@ class MegatronMPU:
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine down to ``lr * min_lr_ratio``."""
+    """Linear warm-up to ``lr`` over the warm-up steps (``warmup_steps``, or ``warmup_fraction``
+    of ``steps``), then cosine down to ``lr * min_lr_ratio``."""
     o = cfg.optim
     total = cfg.steps
+    warmup = o.warmup_for(total)
 
     def factor(step: int) -> float:
-        if o.warmup_steps and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
 
-def ds_config(cfg: TrainConfig, dp_size: int, precision: Precision) -> dict[str, Any]:
+def ds_config(
+    cfg: TrainConfig, dp_size: int, precision: Precision, load_universal: bool = False
+) -> dict[str, Any]:
+    """DeepSpeed's config for ``cfg`` at ``dp_size`` data-parallel ranks. ``load_universal``: the
+    next ``load_checkpoint`` reads a universal checkpoint (pipeline/engine/universal.py)."""
     p = cfg.parallel
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage == 3:
@@ -121,7 +128,7 @@ def ds_config(cfg: TrainConfig, dp_size: int, precision: Precision) -> dict[str,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": False},
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -134,7 +141,10 @@ def quiet_deepspeed() -> None:
 
 
 def build_engine(
-    cfg: TrainConfig, model_fn: Callable[[], torch.nn.Module], precision: Precision | None = None
+    cfg: TrainConfig,
+    model_fn: Callable[[], torch.nn.Module],
+    precision: Precision | None = None,
+    load_universal: bool = False,
 ):
     """Build the model (inside ``zero.Init`` when configured) and wrap it in a DeepSpeed engine.
 
@@ -143,6 +153,7 @@ def build_engine(
     per optimizer step, after all its micro-batches' ``engine.backward`` (explicit boundary).
     Returns ``(engine, optimizer, scheduler)``. Weights must be final before this call: ZeRO's
     fp32 master copy overwrites later changes at the next step (load through the engine).
+    ``load_universal``: the engine will resume from a universal checkpoint (another TP x DP layout).
     """
     quiet_deepspeed()
     import deepspeed
@@ -162,23 +173,28 @@ def build_engine(
         model = model_fn()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen (the base under outer LoRA): not the optimizer's
+            continue
         # Under zero.Init a parameter's data is already an empty 1-D partition: p.dim() says 1
         # for every weight, and weight decay silently vanishes. ds_shape is the real shape.
         shape = getattr(p, "ds_shape", p.shape)
         (no_decay if len(shape) < 2 or "norm" in name else decay).append(p)
     o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [g for g in groups if g["params"]],  # LoRA has no 1-D tensors: no empty group for ZeRO
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
     )
+    # Every checkpoint records how the TP shards join, so any checkpoint can become universal.
+    describe_tensor_parallel_layout(model, mpu.get_model_parallel_world_size())
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         mpu=mpu,
-        config=ds_config(cfg, mpu.get_data_parallel_world_size(), precision),
+        config=ds_config(cfg, mpu.get_data_parallel_world_size(), precision, load_universal),
         dist_init_required=False,
     )
     return engine, optimizer, scheduler

@@ -4,7 +4,8 @@
     model, info = load_exported("runs/local/export")     # anywhere, one process, no DeepSpeed
 
 ``out_dir/model.safetensors`` holds full (unsharded) fp32 weights under the module's parameter
-names; ``config.json`` the model config, the method and memory config, and the special ids;
+names (outer LoRA adapters merged into their weights); ``config.json`` the model config, the
+method and memory config, and the special ids;
 ``tokenizer.model`` the tokenizer. Written into a temporary folder and renamed.
 """
 
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ConfigError
+from pipeline.dataset.tokenizer import load_tokenizer
 from pipeline.model.config import ModelConfig
 from pipeline.model.parallel import tp_group, tp_size
 
@@ -49,8 +51,14 @@ def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def export_model(
     engine, cfg, out_dir: str | Path, tokenizer_path: str | Path, special_ids: dict[str, Any], step: int
 ) -> Path:
-    """Collective; rank 0 writes ``out_dir`` atomically."""
+    """Collective; rank 0 writes ``out_dir`` atomically. Outer LoRA adapters are merged into their
+    weights (``W + (alpha / r) B A``): the export holds base-model names only, like any other."""
     state = consolidated_state_dict(engine.module)
+    lora = getattr(cfg, "lora", None)
+    if lora is not None and lora.enabled:
+        from pipeline.model.lora import merge_lora
+
+        state = merge_lora(state, lora)
     out_dir = Path(out_dir)
     if dist.get_rank() == 0:
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -65,8 +73,11 @@ def export_model(
             "special_ids": special_ids,
             "step": step,
         }
+        if lora is not None and lora.enabled:
+            info["lora"] = {**asdict(lora), "merged": True}
         (tmp / "config.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        # sentencepiece .model or tokenizer.json (+ its config), under the names load_tokenizer finds
+        load_tokenizer(tokenizer_path).save(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

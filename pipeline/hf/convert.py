@@ -6,7 +6,11 @@
 An import writes ``model.safetensors`` (fp32, our TP=1 names, vocabulary rows zero-padded to
 ``vocab_multiple``), ``config.json`` (model config, ``method: mdlm``, default memory/objective,
 special ids, and a ``source`` record) and the tokenizer: ``tokenizer.model`` when the source has
-a sentencepiece model our loader accepts, and every tokenizer file under ``hf_tokenizer/``.
+a sentencepiece model our loader accepts, and every tokenizer file under ``hf_tokenizer/``; there,
+when the source's ``tokenizer.json`` loads in our pipeline, ``tokenizer_config.json`` also names
+the special tokens found in the model config (the mask token), so ``make data``
+``tokenizer.model=<export>/hf_tokenizer/tokenizer.json`` needs no more options
+(``source.tokenizer.data_tokenizer``).
 An export writes ``config.json`` for ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` when the model
 has Q/K/V biases) with ``is_causal: false`` (transformers then builds a bidirectional mask),
 ``model.safetensors`` with the padded vocabulary rows dropped, and the tokenizer files.
@@ -50,10 +54,9 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 SENTENCEPIECE_ONLY = (
-    "our data pipeline (make data, pipeline/dataset/tokenizer.py) reads sentencepiece tokenizer.model "
-    "files with [PAD]/[MASK]/BOS/EOS only; the source's tokenizer files are kept under hf_tokenizer/ "
-    "for sampling/evaluation with transformers, and fine-tuning data must be tokenised with them "
-    "outside `make data` for now"
+    "the source has no sentencepiece tokenizer.model with [PAD]/[MASK]/BOS/EOS; our data pipeline "
+    "(make data, pipeline/dataset/tokenizer.py) reads its tokenizer.json instead: prepare fine-tuning "
+    "data with tokenizer.model=<export>/hf_tokenizer/tokenizer.json (source.tokenizer.data_tokenizer)"
 )
 
 
@@ -275,6 +278,7 @@ def import_hf(
     _check_tensors(where, source, reader)
     state = convert_state(reader.get, source)
     sp_ok = _sentencepiece_usable(src / "tokenizer.model")
+    hf_tok, data_tokenizer = _data_tokenizer(src, tokenizer, sp_ok)
     info = {
         "model": asdict(source.model),
         "method": "mdlm",
@@ -287,26 +291,30 @@ def import_hf(
             "layout": source.layout,
             "model_type": source.model_type,
             "path": str(src.resolve()),
-            "tokenizer": {
-                **tokenizer,
-                "sentencepiece_usable": sp_ok,
-                **({} if sp_ok or tokenizer["kind"] is None else {"note": SENTENCEPIECE_ONLY}),
-            },
+            "tokenizer": {**tokenizer, "sentencepiece_usable": sp_ok, **data_tokenizer},
         },
     }
 
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
-        if copied:
-            (tmp / "hf_tokenizer").mkdir()
-            for name in copied:
-                shutil.copyfile(src / name, tmp / "hf_tokenizer" / name)
-        if sp_ok:
-            shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
+        _copy_tokenizer(src, tmp, hf_tok, sp_ok)
 
     return _write_atomic(out, fill)
+
+
+def _copy_tokenizer(src: Path, tmp: Path, hf_tok: Any, sp_ok: bool) -> None:
+    """Every tokenizer file of ``src`` into ``hf_tokenizer/`` (its tokenizer_config.json naming the
+    special tokens when the tokenizer.json loads in our pipeline); a usable tokenizer.model on top."""
+    copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if copied:
+        (tmp / "hf_tokenizer").mkdir()
+        for name in copied:
+            shutil.copyfile(src / name, tmp / "hf_tokenizer" / name)
+        if hf_tok is not None:
+            hf_tok.save(tmp / "hf_tokenizer")
+    if sp_ok:
+        shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
 
 
 def _mask_id(src: Path, from_config: int | None, given: int | None) -> int:
@@ -333,6 +341,30 @@ def _sentencepiece_usable(path: Path) -> bool:
     except TokenizerError:
         return False
     return True
+
+
+def _data_tokenizer(src: Path, tokenizer: dict[str, Any], sp_ok: bool) -> tuple[Any, dict[str, Any]]:
+    """``(the source's tokenizer.json as our loader reads it, or None; what config.json records)``:
+    ``data_tokenizer``, the export's file to prepare data with, and a ``note`` when not sentencepiece."""
+    from pipeline.dataset.tokenizer import TokenizerError, load_tokenizer
+
+    if sp_ok:
+        return None, {"data_tokenizer": "tokenizer.model"}
+    if tokenizer["kind"] != "tokenizer.json":
+        note = (
+            "our data pipeline reads a sentencepiece tokenizer.model with [PAD]/[MASK]/BOS/EOS or a "
+            "tokenizer.json; the source has neither, so fine-tuning data must be tokenised outside make data"
+        )
+        return None, {"data_tokenizer": None, **({"note": note} if tokenizer["kind"] else {})}
+    try:  # the mask token was checked against the source config (or --mask-id) just before
+        tok = load_tokenizer(src / "tokenizer.json", special_tokens={"mask": tokenizer["mask_token"]})
+    except TokenizerError as exc:
+        note = (
+            f"{SENTENCEPIECE_ONLY}, but it does not load as it is ({exc}); give what is missing when "
+            "preparing data (tokenizer.pad_token=... etc.)"
+        )
+        return None, {"data_tokenizer": None, "note": note}
+    return tok, {"data_tokenizer": "hf_tokenizer/tokenizer.json", "note": SENTENCEPIECE_ONLY}
 
 
 def hf_config(cfg: ModelConfig, special_ids: dict[str, Any]) -> dict[str, Any]:
@@ -422,7 +454,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32"
         if hf_tok.is_dir():
             for file in sorted(hf_tok.iterdir()):
                 shutil.copyfile(file, tmp / file.name)
-        elif (checkpoint / "tokenizer.model").is_file():
-            shutil.copyfile(checkpoint / "tokenizer.model", tmp / "tokenizer.model")
+        else:  # the tokenizer the run trained with: tokenizer.model, or tokenizer.json + its config
+            for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+                if (checkpoint / name).is_file():
+                    shutil.copyfile(checkpoint / name, tmp / name)
 
     return _write_atomic(out, fill)

@@ -150,6 +150,16 @@ class Block(nn.Module):
         self.down = RowParallelLinear(
             f, d, config=mp, init_method=init_out, bias=False, input_is_parallel=True, skip_bias_add=False
         )
+        # Outer LoRA adapters by projection name (pipeline/model/lora.py:add_lora), or None.
+        self.lora: nn.ModuleDict | None = None
+
+    def _linear(self, name: str, x: torch.Tensor, fast: LayerFast) -> torch.Tensor:
+        """Projection ``name`` with its fast-weight delta (if any) plus its outer LoRA (if any): both
+        are additive low-rank terms on the output, so the memory adapts the effective weight."""
+        y = delta_linear(getattr(self, name), x, fast, name)
+        if self.lora is not None and name in self.lora:
+            y = y + self.lora[name](x)
+        return y
 
     def forward(
         self,
@@ -165,7 +175,7 @@ class Block(nn.Module):
         B, T, _ = x.shape
         h = self.attn_norm(x)
         g = self.group
-        qkv = delta_linear(self.qkv, h, fast, "qkv").view(B, T, self.n_local_kv, g + 2, self.head_dim)
+        qkv = self._linear("qkv", h, fast).view(B, T, self.n_local_kv, g + 2, self.head_dim)
         # Query head j of group i is head i * group + j: the order transformers' repeat_kv assumes.
         q = qkv[:, :, :, :g].reshape(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
         k, v = (qkv[:, :, :, g + i].transpose(1, 2) for i in range(2))  # [B, KV_local, T, hd]
@@ -173,11 +183,11 @@ class Block(nn.Module):
         # Bidirectional: no causal mask; only padding keys (batched inference) are hidden.
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=g > 1)
         a = a.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
-        x = x + delta_linear(self.out, a, fast, "out")
+        x = x + self._linear("out", a, fast)
         h = self.ffn_norm(x)
-        gt = delta_linear(self.gate, h, fast, "gate")
-        u = delta_linear(self.up, h, fast, "up")
-        return x + delta_linear(self.down, F.silu(gt) * u, fast, "down")
+        gt = self._linear("gate", h, fast)
+        u = self._linear("up", h, fast)
+        return x + self._linear("down", F.silu(gt) * u, fast)
 
 
 class DLMTransformer(nn.Module):

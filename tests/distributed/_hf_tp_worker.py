@@ -18,17 +18,10 @@ from megatron.core import parallel_state
 
 from pipeline.engine.export import export_model_config, load_initial_weights
 from pipeline.model.config import ModelConfig
-from pipeline.model.parallel import init_distributed, tp_group, tp_size
+from pipeline.model.parallel import init_distributed, tp_size
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import position_ce
-
-
-def gather(t: torch.Tensor, dim: int) -> torch.Tensor:
-    if tp_size() == 1:
-        return t.detach().clone()
-    parts = [torch.empty_like(t) for _ in range(tp_size())]
-    dist.all_gather(parts, t.detach().contiguous(), group=tp_group())
-    return torch.cat(parts, dim=dim)
+from tests.distributed._gather import gather
 
 
 def full(model, grads: bool) -> dict[str, torch.Tensor]:

@@ -18,21 +18,14 @@ from megatron.core import parallel_state
 
 from pipeline.memory.config import MemoryConfig
 from pipeline.memory.inner_loop import memdlm_loss, pre_anchor_masks
-from pipeline.model.parallel import dp_group, init_distributed, tp_group, tp_size
+from pipeline.model.parallel import dp_group, init_distributed, tp_size
 from pipeline.model.transformer import DLMTransformer
 from pipeline.objectives.mdlm import Noise, ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
 from tests.conftest import tiny_model_config
+from tests.distributed._gather import gather
 
 MASK = 4
 OBJ = ObjectiveConfig()
-
-
-def gather(t: torch.Tensor, dim: int) -> torch.Tensor:
-    if tp_size() == 1:
-        return t.detach().clone()
-    parts = [torch.empty_like(t) for _ in range(tp_size())]
-    dist.all_gather(parts, t.detach().contiguous(), group=tp_group())
-    return torch.cat(parts, dim=dim)
 
 
 def full_grads(model) -> dict[str, torch.Tensor]:

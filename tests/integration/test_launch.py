@@ -24,7 +24,13 @@ def test_local_executor_runs_two_tasks_to_a_finished_checkpoint(tiny_dataset, tm
     )
     assert job.results() == [0, 0]
     state = json.loads((run_dir / "checkpoints" / "step-000003" / "train_state.json").read_text())
-    assert state["layout"] == {"world": 2, "tp": 1, "dp": 2}  # the two tasks formed one process group
+    assert state["layout"] == {
+        "world": 2,
+        "tp": 1,
+        "dp": 2,
+        "grad_accum": 1,
+        "micro_batch": 4,
+    }  # the two tasks formed one process group
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
         1,
         2,
@@ -55,7 +61,7 @@ def test_slurm_dry_run_prints_the_sbatch_script(capsys):
 def test_cluster_config_errors_name_what_is_allowed(tmp_path, capsys):
     assert pretrain_main(["--cluster", "moon"]) == 2
     assert (
-        "unknown cluster 'moon': no configs/cluster/moon.yaml; available: ci-slurm, ci-slurm-2node, local, slurm-example"
+        "unknown cluster 'moon': no configs/cluster/moon.yaml; available: ci-slurm, ci-slurm-2node, local, slurm-2node-h100, slurm-example"
         in capsys.readouterr().err
     )
     bad = tmp_path / "bad.yaml"

@@ -153,7 +153,7 @@ def test_make_pretrain_trains_dp2_across_two_hosts_like_two_local_processes(slur
     logs = _task_logs(run_dir, job_id)
     assert "task 0/2 on memdlm-n1" in logs[0] and "task 1/2 on memdlm-n2" in logs[1]
     state = json.loads((run_dir / "checkpoints" / "step-000004" / "train_state.json").read_text())
-    assert state["layout"] == {"world": 2, "tp": 1, "dp": 2}
+    assert state["layout"] == {"world": 2, "tp": 1, "dp": 2, "grad_accum": 1, "micro_batch": 4}
     client = MlflowClient(tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}")
     run = client.get_run(state["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
@@ -215,3 +215,82 @@ def test_a_time_limit_signal_saves_on_both_nodes_requeues_and_resumes_there(
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps[-1] == 30 and steps == sorted(set(steps))  # no step trained twice
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000030"
+
+
+def _node(action: str, host: str) -> None:
+    """``.ci/start-slurm.sh lose-node|node-back <host>``: the host dies (every process in its
+    namespace SIGKILLed: slurmd, the job step, the task) or comes back (its slurmd again)."""
+    out = _proc.run(
+        ["bash", ".ci/start-slurm.sh", action, host], env={**os.environ, "NODES": "2"}, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _in_queue(job) -> bool:
+    out = subprocess.run(
+        ["squeue", "-h", "-j", job.job_id], env=_env(), timeout=30, capture_output=True, text=True
+    )
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def _log_tail(run_dir: Path, job_id: str) -> str:
+    log = run_dir / "submitit" / f"{job_id}_0_log.out"
+    return log.read_text()[-3000:] if log.is_file() else "(no log)"
+
+
+def test_losing_a_node_requeues_on_the_one_left_and_the_run_finishes_every_step_once(
+    clients, jobs, tiny_dataset, tmp_path
+):
+    """--nodes=1-2: started on both hosts; after the step-5 checkpoint memdlm-n2 dies (slurmd, step
+    and task killed); Slurm marks it DOWN (SlurmdTimeout 10 s), requeues the job, which comes back on
+    memdlm-n1 alone and resumes DP 2 -> 1 (grad_accum 1 -> 2) through the universal checkpoint."""
+    steps = 16
+    args = tiny_job_args(
+        tiny_dataset, tmp_path, f"steps={steps}", "eval.every=0", "checkpoint.every=5", "log_every=1"
+    )
+    cluster = ClusterConfig(
+        executor="slurm",
+        partition="debug",
+        nodes=2,
+        min_nodes=1,
+        tasks_per_node=1,
+        cpus_per_task=1,
+        time_min=10,
+    )
+    run_dir = tmp_path / "run"
+    jobs.append(job := submit(cluster, args, run_dir, wait=False))
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() >= "step-000005"):
+        assert time.time() < deadline and _in_queue(job), (
+            f"no checkpoint in time: {_log_tail(run_dir, job.job_id)}"
+        )
+        time.sleep(0.5)
+    try:
+        _node("lose-node", "memdlm-n2")
+        deadline = time.time() + 400
+        while latest.read_text().strip() != f"step-{steps:06d}" or _in_queue(job):
+            assert time.time() < deadline, (
+                f"the requeued job did not finish: {_log_tail(run_dir, job.job_id)}"
+            )
+            time.sleep(1)
+    finally:
+        _node("node-back", "memdlm-n2")
+    rank0 = (run_dir / "submitit" / f"{job.job_id}_0_log.out").read_text()
+    assert rank0.count("task 0/2 on memdlm-n1") == 1 and rank0.count("task 0/1 on memdlm-n1") == 1, rank0[
+        -3000:
+    ]
+    assert (
+        "elastic resume from step-000005: TP=1 x DP=2 (grad_accum 1) -> TP=1 x DP=1 (grad_accum 2)" in rank0
+    )
+    steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, steps + 1))  # no gap, none twice
+    state = json.loads((run_dir / "checkpoints" / f"step-{steps:06d}" / "train_state.json").read_text())
+    assert state["layout"]["dp"] == 1 and state["layout"]["grad_accum"] == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    world = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "layout/world_size")]
+    assert world == [(0, 2.0), (5, 1.0)]
+    assert run.data.tags["event.resize.step-000005"].startswith("TP=1 x DP=2 (grad_accum 1) -> TP=1 x DP=1")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, steps + 1))

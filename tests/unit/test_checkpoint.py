@@ -9,6 +9,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from pipeline.engine.checkpoint import (
     select_checkpoint,
     verify_checkpoint,
 )
+from pipeline.engine.elastic import ResumePlan
 
 LAYOUT = Layout(world=1, tp=1, dp=1)
 MANIFEST_SHA = "a" * 64
@@ -36,6 +38,7 @@ class FakeEngine:
     def __init__(self, value: float = 0.0):
         self.value = value
         self.loaded: float | None = None
+        self.optimizer = SimpleNamespace(param_groups=[])  # read and restored around a load
 
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
         out = Path(save_dir) / tag
@@ -53,6 +56,12 @@ def _save(ckpt_dir: Path, step: int, value: float | None = None, keep: int = 3) 
     state = {"layout": {"world": 1, "tp": 1, "dp": 1}, "manifest_sha256": MANIFEST_SHA}
     engine = FakeEngine(float(step) if value is None else value)
     return save_checkpoint(engine, ckpt_dir, step, state, [{"pos": step}], keep=keep)
+
+
+def _load(engine: FakeEngine, path: Path) -> dict:
+    """``load_checkpoint`` at the layout the checkpoint was written at."""
+    state = json.loads((path / "train_state.json").read_text())
+    return load_checkpoint(engine, ResumePlan(path, state, LAYOUT, LAYOUT), MANIFEST_SHA)
 
 
 def _truncate(path: Path, keep_bytes: int = 10) -> None:
@@ -192,7 +201,7 @@ def test_a_re_save_killed_at_any_point_leaves_a_complete_checkpoint_of_that_step
     chosen = _select_quietly(ckpt_dir)
     assert chosen is not None and latest_checkpoint(ckpt_dir) == chosen
     engine = FakeEngine()
-    state = load_checkpoint(engine, chosen, LAYOUT, MANIFEST_SHA)
+    state = _load(engine, chosen)
     assert state["step"] == 4 and engine.loaded in (40.0, 41.0)  # the old copy or the new one, whole
 
     _save(ckpt_dir, 6)  # the next save tidies up after the kill
@@ -206,10 +215,10 @@ def test_loading_a_truncated_torch_file_names_it(two_saves):
     rng = path / "rng" / "rank-00000.pt"
     _truncate(rng, keep_bytes=rng.stat().st_size // 2)
     with pytest.raises(CheckpointError, match=re.escape(f"{rng}: could not load the RNG state")):
-        load_checkpoint(FakeEngine(), path, LAYOUT, MANIFEST_SHA)
+        _load(FakeEngine(), path)
     optim = path / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     _truncate(optim, keep_bytes=optim.stat().st_size // 2)
     with pytest.raises(
         CheckpointError, match=re.escape(f"{optim} (not a complete torch file): DeepSpeed could not")
     ):
-        load_checkpoint(FakeEngine(), path, LAYOUT, MANIFEST_SHA)
+        _load(FakeEngine(), path)

@@ -45,13 +45,17 @@ def test_sbatch_string_function_takes_every_argument_the_preview_passes():
     assert passed <= accepted, f"{VERSION}: _make_sbatch_string lost {sorted(passed - accepted)}"
 
 
-def test_sbatch_preview_is_the_script_the_slurm_executor_submits(tmp_path, monkeypatch):
-    # submitit's Slurm executor only checks that `srun` is on PATH before it can be built.
+@pytest.fixture
+def srun_on_path(tmp_path, monkeypatch):
+    """submitit's Slurm executor only checks that `srun` is on PATH before it can be built."""
     srun = tmp_path / "bin" / "srun"
     srun.parent.mkdir()
     srun.write_text("#!/bin/sh\nexit 1\n")
     srun.chmod(srun.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{srun.parent}:{os.environ['PATH']}")
+
+
+def test_sbatch_preview_is_the_script_the_slurm_executor_submits(tmp_path, srun_on_path):
     cluster = load_cluster("slurm-example")
     folder = tmp_path / "submitit"
     executor = make_executor(cluster, folder)._executor  # the SlurmExecutor behind AutoExecutor
@@ -60,6 +64,19 @@ def test_sbatch_preview_is_the_script_the_slurm_executor_submits(tmp_path, monke
     assert preview == submitted, f"{VERSION}: the DRY_RUN preview no longer matches the submitted script"
     assert f"#SBATCH --signal={preempt_signal().name.removeprefix('SIG')}@" in preview
     assert "#SBATCH --mem=0GB" in preview and slurm_parameters(cluster)["mem_gb"] == 0
+
+
+def test_a_node_range_asks_slurm_for_as_many_nodes_as_it_can_and_srun_for_the_tasks(tmp_path, srun_on_path):
+    cluster = load_cluster("slurm-example", ["min_nodes=1"])
+    folder = tmp_path / "submitit"
+    executor = make_executor(cluster, folder)._executor
+    submitted = executor._make_submission_file_text(executor._submitit_command_str, "uid")
+    assert sbatch_preview(cluster, folder) == submitted
+    assert f"#SBATCH --nodes=1-{cluster.nodes}\n" in submitted
+    # --ntasks-per-node in the request would pin the allocation to min_nodes
+    assert "#SBATCH --ntasks-per-node" not in submitted
+    assert f"srun --unbuffered --output {folder}/%j_%t_log.out" in submitted
+    assert f"--ntasks-per-node={cluster.tasks_per_node} " in submitted
 
 
 def _preempt_handler() -> str:

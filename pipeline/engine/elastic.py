@@ -1,0 +1,105 @@
+"""What a resume at another TP x DP layout keeps, what it changes, and when it must refuse.
+
+Kept exactly: the weights and Adam moments (DeepSpeed's universal checkpoint, gathered to full
+tensors and cut again: pipeline/engine/universal.py), the step, the LR schedule, the global batch
+(``dp * grad_accum * batch_size`` sequences: ``grad_accum`` absorbs the change of ``dp``), and the
+data position (the rest of the epoch in the same global batches, pipeline/data/stream.py). The
+anchor noise is keyed by the global micro-batch slot, not by the rank, so MDLM's losses after a
+resize equal the uninterrupted run's up to summation order.
+
+Changed: which rank holds which rows, and so MemDLM's memory scope (one memory per micro-batch
+slot across the DP ranks: with fewer ranks and more accumulation each memory adapts on fewer
+rows), and the per-rank global RNG streams (reseeded from ``(seed, step, rank)``; nothing in the
+training step draws from them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.engine.checkpoint import CheckpointError, Layout, on_rank0
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """A verified checkpoint to resume from, and the layout it was written at vs this run's."""
+
+    path: Path
+    state: dict[str, Any]  # its train_state.json
+    saved: Layout
+    current: Layout
+
+    @property
+    def resized(self) -> bool:
+        return (self.saved.tp, self.saved.dp) != (self.current.tp, self.current.dp)
+
+    def describe(self) -> str:
+        s, c = self.saved, self.current
+        return (
+            f"TP={s.tp} x DP={s.dp} (grad_accum {s.grad_accum}) -> TP={c.tp} x DP={c.dp} (grad_accum "
+            f"{c.grad_accum}): global batch {c.dp * c.grad_accum * c.micro_batch} sequences kept"
+        )
+
+
+def saved_layout(state: dict[str, Any]) -> Layout:
+    """The layout a checkpoint was written at (older ones lack grad_accum / micro_batch: from its config)."""
+    layout = dict(state.get("layout") or {})
+    config = (state.get("config") or {}) if isinstance(state.get("config"), dict) else {}
+    layout.setdefault("grad_accum", int(config.get("grad_accum", 1)))
+    layout.setdefault("micro_batch", int((config.get("data") or {}).get("batch_size", 0)))
+    return Layout(**{k: int(layout[k]) for k in ("world", "tp", "dp", "grad_accum", "micro_batch")})
+
+
+def plan_resume(path: Path, state: dict[str, Any], current: Layout) -> ResumePlan:
+    """The resume of ``path`` at ``current`` (whose ``grad_accum`` is the config's).
+
+    At the saved TP x DP the config's ``grad_accum`` stands. At another one ``grad_accum`` becomes
+    whatever keeps the saved global batch; ``CheckpointError`` when no integer does, or when the
+    micro-batch size changed (the data position counts micro-batches of that size)."""
+    saved = saved_layout(state)
+    ranks = sorted({entry[0].get("rank") for entry in state.get("data") or [] if entry})
+    if ranks != list(range(saved.dp)):
+        raise CheckpointError(
+            f"{path / 'train_state.json'}: data-loader states of DP ranks {ranks}, but its layout says DP="
+            f"{saved.dp}; the checkpoint is inconsistent (restore it, or resume from an earlier one)"
+        )
+    if (saved.tp, saved.dp) == (current.tp, current.dp):
+        return ResumePlan(path, state, saved, current)
+    if saved.micro_batch != current.micro_batch:
+        raise CheckpointError(
+            f"{path}: written with data.batch_size={saved.micro_batch}, this run has {current.micro_batch}; a "
+            f"resume at another layout keeps the micro-batch size (set data.batch_size={saved.micro_batch})"
+        )
+    micro_batches = saved.dp * saved.grad_accum  # per step, over all DP ranks
+    if micro_batches % current.dp:
+        raise CheckpointError(
+            f"{path}: its global batch is {micro_batches} micro-batches of {saved.micro_batch} (DP={saved.dp} x "
+            f"grad_accum={saved.grad_accum}), which DP={current.dp} cannot split evenly; resume on a number of "
+            f"data-parallel ranks that divides {micro_batches}"
+        )
+    grown = Layout(current.world, current.tp, current.dp, micro_batches // current.dp, current.micro_batch)
+    return ResumePlan(path, state, saved, grown)
+
+
+def prepare_universal(plan: ResumePlan, reshard: Literal["auto", "never"]) -> None:
+    """Collective: make sure ``plan.path`` has its universal copy. Rank 0 converts it (with a log
+    line) under ``reshard=auto``; ``never`` without a copy, or a failed conversion, raises the
+    same ``CheckpointError`` on every rank, saying what to run."""
+    from pipeline.engine.universal import convert_to_universal, has_universal
+
+    def convert() -> None:
+        if has_universal(plan.path):
+            return
+        if reshard == "never":
+            raise CheckpointError(
+                f"{plan.path}: written at TP={plan.saved.tp} x DP={plan.saved.dp}, this run is TP="
+                f"{plan.current.tp} x DP={plan.current.dp}, and checkpoint.reshard=never. Run `make "
+                f"reshard CHECKPOINT={plan.path}` (DeepSpeed's universal checkpoint) and resume again, "
+                "or set checkpoint.reshard=auto"
+            )
+        print(f"elastic resume: converting {plan.path} to a universal checkpoint", flush=True)
+        convert_to_universal(plan.path)
+
+    on_rank0(convert)

@@ -1,0 +1,98 @@
+"""Worker for test_elastic_resume: the real Trainer (ZeRO-3, MDLM) at one layout, resumed at another.
+
+    _elastic_worker.py <dataset> <out> <run> <tp> <grad_accum> <steps> [<snap_at>]
+
+Trains run ``<out>/<run>`` (resuming whatever checkpoint it holds) to ``steps``, checkpoints every
+4 steps. Rank 0 writes, under ``<out>``:
+  <run>.json          the logged records of this launch
+  <run>-loaded.pt     a resumed launch's state right after loading its checkpoint
+  <run>-snap.pt       a fresh launch's state after step ``snap_at`` (it then trains on, uninterrupted)
+  <run>-end.pt        the state at the end
+A state: full fp32 master weights and Adam exp_avg / exp_avg_sq (ZeRO partitions and TP shards
+gathered), the LR, the step, grad_accum, and the full logits of a fixed batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+from pipeline.train import Trainer
+from tests.conftest import tiny_trainer_config
+from tests.distributed._gather import gather
+
+
+def config(dataset: str, run_dir: Path, tp: int, grad_accum: int, steps: int):
+    return tiny_trainer_config(
+        dataset,
+        run_dir,
+        f"steps={steps}",
+        f"parallel.tp={tp}",
+        f"grad_accum={grad_accum}",
+        "data.batch_size=2",
+        "memory.enabled=false",
+        "checkpoint.every=4",
+        "checkpoint.keep=3",
+        "parallel.precision=fp32",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        # eps above float noise: the sign of a ~1e-9 gradient depends on summation order
+        "optim.eps=1e-6",
+    )
+
+
+def _full(t: torch.Tensor, param) -> torch.Tensor:
+    """A ZeRO-gathered tensor of ``param``, its TP shards joined too (fp32, on the CPU)."""
+    if getattr(param, "tensor_model_parallel", False):
+        t = gather(t, param.partition_dim)
+    return t.detach().float().cpu().clone()
+
+
+def snapshot(trainer: Trainer) -> dict:
+    """Full tensors of the trainer's weights, Adam moments, LR, and logits of a fixed batch."""
+    out: dict = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    for name, p in trainer.model.named_parameters():
+        out["weights"][name] = _full(safe_get_full_fp32_param(p), p)
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[key][name] = _full(safe_get_full_optimizer_state(p, key), p)
+    out["lr"] = float(trainer.scheduler.get_last_lr()[0])
+    tokens = torch.randint(6, 300, (2, trainer.cfg.model.seq_len), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = trainer.model(tokens)
+    out["logits"] = gather(logits, -1)
+    out["grad_accum"] = trainer.cfg.grad_accum
+    out["step"] = trainer.step
+    return out
+
+
+def main(
+    dataset: str, out_dir: str, run: str, tp: int, grad_accum: int, steps: int, snap_at: int = 0
+) -> None:
+    out = Path(out_dir)
+    trainer = Trainer(config(dataset, out / run, tp, grad_accum, steps))
+
+    def save(name: str) -> None:
+        state = snapshot(trainer)  # collective
+        if dist.get_rank() == 0:
+            torch.save(state, out / f"{run}-{name}.pt")
+
+    history = []
+    if trainer.step > 0:
+        save("loaded")
+    elif snap_at:
+        history += trainer.run(stop_after=snap_at)
+        save("snap")
+    history += trainer.run()
+    save("end")
+    if dist.get_rank() == 0:
+        (out / f"{run}.json").write_text(json.dumps(history))
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(a[0], a[1], a[2], *map(int, a[3:]))
