@@ -164,6 +164,10 @@ def tokenise_units(work: str, model_path: str, dtype: str, units: list[Unit], wo
             "tokens": int(sum(lengths)),
             "bin_bytes": (out / f"{unit.name}.bin").stat().st_size,
             "seconds": time.time() - t_unit,
+            # when and by which process: where an array's time went (bench/data.py reads these)
+            "started": t_unit,
+            "ended": time.time(),
+            "task": f"{os.uname().nodename}:{pid}",
             "stats": asdict(stats),
         }
         _atomic_write_json(out / f"{unit.name}.json", rec)  # last: marks the unit done

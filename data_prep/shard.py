@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from data_prep.corpus import CorpusStats, Document, iter_documents, resolve_inputs
@@ -449,6 +448,10 @@ class _Build:
                 f"corpus too small for split '{split}': {tokens:,} tokens make {n_seq} sequences of seq_len={L}, "
                 f"fewer than {split}_shards={n_shards}; {fix}"
             )
+        # Imported here, not at the top: webdataset imports torch (~2 s), and a job-array task
+        # (data_prep/array.py) imports this module only to tokenise.
+        import webdataset as wds
+
         stream = np.memmap(self.work / f"{split}.bin", dtype=dtype, mode="r")
         offset = 1 if split == "val" else 0  # distinct permutations per split from one seed
         order = np.random.default_rng([self.cfg.seed, offset]).permutation(n_seq)[: per_shard * n_shards]

@@ -48,6 +48,9 @@ from pipeline.dataset.prep_config import PrepConfig
 from pipeline.dataset.tokenizer import Tokenizer
 
 _POLL_S = 2.0  # seconds between progress lines while the array runs
+# How often the tasks' ends are checked: local tasks are processes (a poll is free), so the merge
+# starts as soon as the last one exits; a Slurm task's state costs a scheduler query.
+_CHECK_S = {"local": 0.05}
 
 
 def make_array_executor(cluster: ClusterConfig, folder: Path, parallelism: int) -> submitit.Executor:
@@ -84,24 +87,31 @@ def _ended(job: Any) -> bool:
     return job.done() or gone_from_slurm(job)
 
 
-def _follow(jobs: list, work: Path, plan: list[Unit], t0: float, base_tokens: int) -> None:
-    """Print progress (units and tasks done, tokens/s) until every job has ended."""
+def _follow(
+    jobs: list, work: Path, plan: list[Unit], t0: float, base_tokens: int, check_s: float = _POLL_S
+) -> None:
+    """Print progress (units and tasks done, tokens/s) until every job has ended, checking the
+    jobs every ``check_s`` seconds and reading the units' records every ``_POLL_S``."""
     last = ""
+    next_line = 0.0
     while True:
         finished = sum(_ended(j) for j in jobs)
-        recs = [r for u in plan if (r := unit_done(work, u)) is not None]
-        tokens = sum(r["tokens"] for r in recs) - base_tokens
-        rate = tokens / max(time.time() - t0, 1e-9)
-        line = (
-            f"tokenising: {len(recs)}/{len(plan)} units, {finished}/{len(jobs)} task(s) ended, "
-            f"{tokens / 1e6:.2f}M tokens this run, {rate / 1e6:.2f}M tokens/s"
-        )
-        if line.split(", ")[:2] != last.split(", ")[:2]:
-            print(line, flush=True)
-            last = line
+        now = time.monotonic()
+        if finished == len(jobs) or now >= next_line:
+            next_line = now + _POLL_S
+            recs = [r for u in plan if (r := unit_done(work, u)) is not None]
+            tokens = sum(r["tokens"] for r in recs) - base_tokens
+            rate = tokens / max(time.time() - t0, 1e-9)
+            line = (
+                f"tokenising: {len(recs)}/{len(plan)} units, {finished}/{len(jobs)} task(s) ended, "
+                f"{tokens / 1e6:.2f}M tokens this run, {rate / 1e6:.2f}M tokens/s"
+            )
+            if line.split(", ")[:2] != last.split(", ")[:2]:
+                print(line, flush=True)
+                last = line
         if finished == len(jobs):
             return
-        time.sleep(_POLL_S)
+        time.sleep(check_s)
 
 
 _ERROR_LINE = re.compile(r"^\s*([\w.]+(Error|Exception|Interrupt)\b.*)$")
@@ -175,7 +185,7 @@ def _submit_and_follow(
         flush=True,
     )
     try:
-        _follow(jobs, work, plan, t0, base)
+        _follow(jobs, work, plan, t0, base, _CHECK_S.get(cluster.executor, _POLL_S))
     except BaseException:
         if cluster.executor == "local":  # our child processes: never leave them running
             for job in jobs:

@@ -71,6 +71,17 @@ class DatasetInfo:
     pad_id: int
 
 
+def _init_from_tokenizer(init_from: str | None) -> Path | None:
+    """The tokenizer file of an ``init_from`` export (an import's ``hf_tokenizer/`` included);
+    None when it has none (nothing to compare the dataset's with)."""
+    if not init_from:
+        return None
+    names = ("tokenizer.model", "tokenizer.json", "hf_tokenizer/tokenizer.json")
+    if not any((Path(init_from) / name).is_file() for name in names):
+        return None
+    return find_tokenizer(init_from)  # both kinds side by side: an error naming them
+
+
 def build_dataset(cfg: TrainConfig) -> DatasetInfo:
     """The dataset's manifest, checked against the model, the objective and ``init_from``."""
     manifest = load_manifest(cfg.data.path)
@@ -86,15 +97,12 @@ def build_dataset(cfg: TrainConfig) -> DatasetInfo:
             f"key 'objective.mode': '{cfg.objective.mode}' does not fit the dataset {cfg.data.path}, whose "
             f"manifest says kind '{manifest.kind}' (set objective.mode={manifest.kind})"
         )
-    if cfg.init_from and any(
-        (Path(cfg.init_from) / n).is_file() for n in ("tokenizer.model", "tokenizer.json")
-    ):
-        tok = find_tokenizer(cfg.init_from)
-        if load_tokenizer(tok).sha256 != manifest.tokenizer_sha256:
-            raise DatasetError(
-                f"init_from={cfg.init_from}: its tokenizer ({tok}) is not the one {cfg.data.path} was "
-                "tokenised with; prepare the fine-tuning data with the pretrained model's tokenizer"
-            )
+    tok = _init_from_tokenizer(cfg.init_from)
+    if tok is not None and load_tokenizer(tok).sha256 != manifest.tokenizer_sha256:
+        raise DatasetError(
+            f"init_from={cfg.init_from}: its tokenizer ({tok}) is not the one {cfg.data.path} was "
+            "tokenised with; prepare the fine-tuning data with the pretrained model's tokenizer"
+        )
     sha = hashlib.sha256((Path(cfg.data.path) / "manifest.json").read_bytes()).hexdigest()
     ids = manifest.special_ids
     return DatasetInfo(manifest, sha, int(ids["mask"]), int(ids["pad"]))

@@ -95,7 +95,10 @@ class _SentencePiece:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         pieces = [list(chunks(t)) or [""] for t in texts]
-        flat = self.proc.encode([p for ps in pieces for p in ps])
+        # One thread: sentencepiece's default (-1) starts a thread per online CPU in every call,
+        # so a data_prep worker (or a job-array task of one worker) would use every core of the
+        # node; data_prep parallelises with worker processes instead (multithreaded is False).
+        flat = self.proc.encode([p for ps in pieces for p in ps], num_threads=1)
         out, k = [], 0
         for ps in pieces:
             out.append([i for ids in flat[k : k + len(ps)] for i in ids])

@@ -233,6 +233,21 @@ def _in_queue(job) -> bool:
     return out.returncode == 0 and bool(out.stdout.strip())
 
 
+def _wait_until_idle(hosts: tuple[str, ...], seconds: float = 120) -> None:
+    """Both hosts idle: a node range starts a job on as many nodes as are free *now*, and an earlier
+    test's job may still be ending (its tasks are killed KillWait after the cancel)."""
+    deadline = time.time() + seconds
+    while True:
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %T"], env=_env(), timeout=30, capture_output=True, text=True
+        )
+        states = dict(line.split()[:2] for line in out.stdout.splitlines() if line.strip())
+        if all(states.get(h) == "idle" for h in hosts):
+            return
+        assert time.time() < deadline, f"the nodes are not idle after {seconds} s: {states}"
+        time.sleep(1)
+
+
 def _log_tail(run_dir: Path, job_id: str) -> str:
     log = run_dir / "submitit" / f"{job_id}_0_log.out"
     return log.read_text()[-3000:] if log.is_file() else "(no log)"
@@ -258,6 +273,7 @@ def test_losing_a_node_requeues_on_the_one_left_and_the_run_finishes_every_step_
         time_min=10,
     )
     run_dir = tmp_path / "run"
+    _wait_until_idle(HOSTS)
     jobs.append(job := submit(cluster, args, run_dir, wait=False))
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.time() + 300

@@ -61,7 +61,12 @@ def test_a_run_logs_config_tags_batched_metrics_and_artifacts(world1, tiny_datas
         "loss_curves.png",
     }
     metric_calls = [m for m, _ in calls if m]
-    assert len(metric_calls) == 1 and metric_calls[0] > 4 * 10  # all metrics of 4 steps in one batch
+    # the layout event at the start (4 metrics at step 0), then all metrics of 4 steps in one batch
+    assert len(metric_calls) == 2 and metric_calls[0] == 4 and metric_calls[1] > 4 * 10
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "layout/world_size")] == [
+        (0, 1)
+    ]
+    assert run.data.tags["event.layout.step-000000"] == "TP=1 x DP=1 (grad_accum 1)"
     local = tmp_path / "runs" / "a" / "loss_curves.png"
     assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(local).shape[1] >= 1200  # the loss panel and the memory-gain panel

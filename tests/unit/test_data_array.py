@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,15 @@ def test_a_failed_task_is_redone_alone_on_the_next_invocation(tmp_path, monkeypa
     assert f"{total - len(kept)} to do, {len(kept)} finished earlier" in out
     assert {n: (units / n).stat().st_mtime_ns for n in kept} == kept  # finished units not redone
     assert (run_dir / "ds" / "manifest.json").read_bytes() == reference
+
+
+def test_an_array_task_imports_no_torch():
+    # ~2 s of every task's start-up went to torch (through webdataset) before it was imported lazily
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, submitit, data_prep.array; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

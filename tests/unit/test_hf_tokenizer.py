@@ -39,10 +39,16 @@ def _texts(n: int, seed: int) -> list[str]:
 
 
 def write_hf_tokenizer(
-    directory: Path, *, config: dict | None = None, drop: tuple[str, ...] = (), vocab_size: int = 400
+    directory: Path,
+    *,
+    config: dict | None = None,
+    drop: tuple[str, ...] = (),
+    vocab_size: int = 400,
+    texts: list[str] | None = None,
 ) -> Path:
-    """A byte-level BPE tokenizer.json trained on seeded prose, with a tokenizer_config.json as
-    transformers writes it (special tokens, added_tokens_decoder, chat_template) minus ``drop``."""
+    """A byte-level BPE tokenizer.json trained on ``texts`` (default: seeded prose), with a
+    tokenizer_config.json as transformers writes it (special tokens, added_tokens_decoder,
+    chat_template) minus ``drop``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -54,7 +60,7 @@ def write_hf_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_texts(60, 0), trainer)
+    tok.train_from_iterator(_texts(60, 0) if texts is None else texts, trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     cfg = {
