@@ -81,6 +81,13 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
+# Test-sized waits, as in the two-node cluster below: a requeued job starts again after
+# cred_expire (default 120 s), picked up by the backfill pass (bf_interval, default 30 s); tasks
+# that ignore SIGTERM (submitit's do) are killed KillWait (default 30 s) after it. The defaults made
+# the requeue test wait ~4 min.
+AuthInfo=cred_expire=10
+SchedulerParameters=bf_interval=5
+KillWait=5
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
