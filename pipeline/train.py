@@ -35,6 +35,7 @@ from pipeline.config import ConfigError
 from pipeline.data.stream import TokenBatchLoader
 from pipeline.dataset.manifest import DatasetError
 from pipeline.dataset.seeding import seed_of
+from pipeline.dataset.tokenizer import TokenizerError
 from pipeline.engine.checkpoint import (
     CheckpointError,
     Layout,
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
     except StoppedForRequeue as exc:
         print(str(exc), flush=True)
         return STOPPED_EXIT
-    except (ConfigError, DatasetError, CheckpointError, TrainingDiverged) as exc:
+    except (ConfigError, DatasetError, CheckpointError, TokenizerError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
