@@ -38,7 +38,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
-test: venv ## run the whole test suite (~21 min on 2 CPU cores, Slurm tests included)
+test: venv ## run the whole test suite (~19 min on 2 CPU cores, Slurm tests included)
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: venv ## unit tests only (~4 min)
