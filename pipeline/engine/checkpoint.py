@@ -435,19 +435,11 @@ def load_checkpoint(engine, plan: ResumePlan, manifest_sha256: str) -> dict[str,
             f"run's dataset has {manifest_sha256[:12]}…; the data position would not mean the same samples"
         )
     source = universal_dir(path) if plan.resized else path
-    # DeepSpeed's universal loader copies the first param group's hyperparameters into every
-    # group (zero/stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3): the no-decay
-    # group (norms) would silently start decaying. Ours differ in weight_decay only; keep them.
-    decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
     try:
-        with _deepspeed_sees_tp_group(plan.resized):
+        with _universal_load_fixes(engine) if plan.resized else contextlib.nullcontext():
             load_path, _ = engine.load_checkpoint(
                 str(source), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
             )
-        for group, value in zip(engine.optimizer.param_groups, decay, strict=True):
-            group["weight_decay"] = value
-        if plan.resized:
-            _unshare_adam_steps(engine.optimizer)
     except Exception as exc:
         bad = _not_zip_archives(source / "ds")
         where = (", ".join(map(str, bad)) + " (not a complete torch file)") if bad else str(source / "ds")
@@ -472,36 +464,36 @@ def load_checkpoint(engine, plan: ResumePlan, manifest_sha256: str) -> dict[str,
     return state
 
 
-def _unshare_adam_steps(zero_optimizer) -> None:
-    """Give every ZeRO sub-group its own Adam step counter.
-
-    The universal loader stores one tensor object as ``state["step"]`` of every sub-group; torch's
-    AdamW increments it in place, so with two sub-groups (decay and no-decay) each optimizer step
-    counted twice and Adam's bias correction drifted from the second step after a resize on."""
-    inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
-    for state in inner.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-
-
 @contextlib.contextmanager
-def _deepspeed_sees_tp_group(enabled: bool) -> Iterator[None]:
-    """ZeRO-3's universal loader cuts TP shards in the group ``deepspeed.utils.groups`` names, which
-    only DeepSpeed's own AutoTP sets (the ``mpu`` we pass is not consulted there): name megatron's
-    TP group for the duration of the load, and nothing else."""
-    if not enabled:
-        yield
-        return
+def _universal_load_fixes(engine) -> Iterator[None]:
+    """What DeepSpeed 0.19.8's ZeRO-3 universal load gets wrong for our model, mended around it:
+
+    * it cuts TP shards in the group ``deepspeed.utils.groups`` names, which only DeepSpeed's own
+      AutoTP sets (the ``mpu`` we pass is not consulted there): megatron's TP group is named for
+      the duration of the load, and nothing else;
+    * it copies the first param group's hyperparameters into every group
+      (load_hp_checkpoint_state_from_checkpoint_dir_stage3): the no-decay group (norms) would
+      start decaying. Ours differ in weight_decay only; it is put back;
+    * it stores one tensor object as ``state["step"]`` of every sub-group, which torch's AdamW
+      increments in place: with two sub-groups each step counted twice in Adam's bias correction.
+      Every sub-group gets its own counter."""
     from deepspeed.utils import groups
 
     from pipeline.model.parallel import tp_group
 
+    decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
     before = groups._TENSOR_MODEL_PARALLEL_GROUP
     groups._TENSOR_MODEL_PARALLEL_GROUP = tp_group()
     try:
         yield
     finally:
         groups._TENSOR_MODEL_PARALLEL_GROUP = before
+    for group, value in zip(engine.optimizer.param_groups, decay, strict=True):
+        group["weight_decay"] = value
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _reseed(seed: int, step: int, rank: int) -> None:

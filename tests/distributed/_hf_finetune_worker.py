@@ -26,8 +26,7 @@ from megatron.core import parallel_state
 from pipeline.engine.export import export_model, export_model_config
 from pipeline.model.config import ModelConfig
 from pipeline.train import Trainer
-from pipeline.train_config import load_train_config
-from tests.conftest import tiny_run_overrides
+from tests.conftest import tiny_trainer_config
 
 STEPS = 8
 RUNS = {"tp2": ("parallel.tp=2", "data.batch_size=4"), "dp2": ("parallel.tp=1", "data.batch_size=2")}
@@ -42,28 +41,22 @@ def model_overrides(export: Path, seq_len: int) -> list[str]:
 
 def config(export: Path, dataset: Path, run_dir: Path, *extra: str):
     seq_len = json.loads((dataset / "manifest.json").read_text())["seq_len"]
-    return load_train_config(
-        None,
-        tiny_run_overrides(
-            dataset,
-            run_dir.parent / "mlruns",
-            f"run_dir={run_dir}",
-            f"init_from={export}",
-            f"steps={STEPS}",
-            *model_overrides(export, seq_len),
-            "objective.mode=sft",
-            "memory.enabled=true",
-            "parallel.zero_stage=3",
-            "parallel.param_persistence_threshold=0",
-            "parallel.precision=fp32",
-            "optim.lr=3e-3",
-            "optim.warmup_steps=1",
-            "checkpoint.every=0",
-            f"eval.every={STEPS}",  # at the end of the run (as in production: then save, export)
-            "eval.batches=1",
-            "tracking.enabled=false",
-            *extra,
-        ),
+    return tiny_trainer_config(
+        dataset,
+        run_dir,
+        f"init_from={export}",
+        f"steps={STEPS}",
+        *model_overrides(export, seq_len),
+        "objective.mode=sft",
+        "memory.enabled=true",
+        "parallel.precision=fp32",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=1",
+        "checkpoint.every=0",
+        f"eval.every={STEPS}",  # at the end of the run (as in production: then save, export)
+        "eval.batches=1",
+        "tracking.enabled=false",
+        *extra,
     )
 
 

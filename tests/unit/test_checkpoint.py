@@ -9,7 +9,6 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,7 +37,6 @@ class FakeEngine:
     def __init__(self, value: float = 0.0):
         self.value = value
         self.loaded: float | None = None
-        self.optimizer = SimpleNamespace(param_groups=[])  # read and restored around a load
 
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
         out = Path(save_dir) / tag
