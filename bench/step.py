@@ -25,12 +25,14 @@ import torch
 
 from bench.common import machine, precision_record, sync, training_precision, write
 from pipeline.config import load_config
+from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.diffusion.loss import mdlm_loss
+from pipeline.diffusion.noise import draw_noise, maskable_positions
 from pipeline.hardware.precision import Precision
 from pipeline.memory.inner_loop import MemoryConfig, memdlm_loss, pre_anchor_masks
 from pipeline.model.config import ModelConfig
 from pipeline.model.parallel import init_distributed
 from pipeline.model.transformer import DLMTransformer
-from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
 from pipeline.perf.flops import estimate_flops, estimate_mfu
 
 MASK_ID = 4

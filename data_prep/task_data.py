@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pipeline.cli import run_main
 from pipeline.dataset import ConfigError, load_config
 from pipeline.dataset.manifest import DatasetError, Manifest, load_manifest
 
@@ -125,19 +126,25 @@ def prepare_task_data(cfg: TaskDataConfig) -> Manifest:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
+# Bad input of every kind: the config, the dataset, the tokenizer and its chat template, the SFT
+# pairs and the task files are ValueErrors (ConfigError, DatasetError, TokenizerError, ...).
+USER_ERRORS = (ConfigError, DatasetError, ValueError)
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/data/tasks.yaml")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    try:
-        prepare_task_data(load_config(TaskDataConfig, args.config, args.overrides))
-    except (ConfigError, DatasetError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    prepare_task_data(load_config(TaskDataConfig, args.config, args.overrides))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error is one ``error:`` line and 2 (pipeline/cli.py), also when called."""
+    return run_main(_main, argv, user_errors=USER_ERRORS)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    sys.exit(run_main(main, user_errors=USER_ERRORS))

@@ -1,4 +1,5 @@
-"""Cluster configs (``configs/cluster/<name>.yaml``): where and how a training job runs."""
+"""Cluster configs (``configs/cluster/<name>.yaml``, or any YAML file given by path): where and how a
+training job runs."""
 
 from __future__ import annotations
 
@@ -34,11 +35,16 @@ class ClusterConfig:
     mem_gb: int | None = None
     setup: list[str] = field(default_factory=list)  # shell lines run before the tasks (modules, venv)
     sbatch_extra: dict[str, str] = field(default_factory=dict)  # any other #SBATCH key: value
+    # Local jobs: when the launcher is stopped (Ctrl-C, SIGTERM, SIGHUP), how long its tasks get to
+    # save a checkpoint at the next step boundary and exit before they are killed.
+    stop_grace_s: int = 120
 
     def validate(self) -> None:
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}': got {getattr(self, key)}, expected >= 1")
+        if self.stop_grace_s < 0:
+            raise ConfigError(f"key 'stop_grace_s': got {self.stop_grace_s}, expected >= 0")
         if self.executor == "local" and self.nodes != 1:
             raise ConfigError(
                 f"key 'nodes': got {self.nodes}, the local executor runs on this machine only (1)"
@@ -60,8 +66,12 @@ def available_clusters(cluster_dir: Path = CLUSTER_DIR) -> list[str]:
 def load_cluster(
     name: str, overrides: list[str] | None = None, cluster_dir: Path = CLUSTER_DIR
 ) -> ClusterConfig:
-    """Resolve ``CLUSTER=<name>`` to its typed config; an unknown name lists the known ones."""
-    path = cluster_dir / f"{name}.yaml"
+    """Resolve ``CLUSTER=<name>`` (``configs/cluster/<name>.yaml``, or a path to a YAML file) to its
+    typed config; an unknown name lists the known ones."""
+    given = Path(name)
+    path = given if given.suffix in (".yaml", ".yml") else cluster_dir / f"{name}.yaml"
+    if given.suffix in (".yaml", ".yml") and not path.is_file():
+        raise ConfigError(f"cluster config {path}: no such file")
     if not path.is_file():
         raise ConfigError(
             f"unknown cluster '{name}': no {path}; available: {', '.join(available_clusters(cluster_dir)) or 'none'}"

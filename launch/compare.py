@@ -3,9 +3,12 @@
     python -m launch.compare [--config configs/train/local.yaml] [--steps 100] [key=value ...]
     python -m launch.compare --url [--port 5000]     # the dashboard URL of the newest comparison
 
-Trains both methods (a parent MLflow run with the two as children) logging at a cadence that
-draws a curve (every step up to 500 steps, ``--log-every`` / ``log_every=`` to change; held-out
-loss about 10 times per run, ``--eval-every`` / ``eval.every=``), reads both runs back through
+Prepares (or checks) the dataset first, as ``make pretrain CLUSTER=local`` does (``--data-config``,
+default the local cluster's). Trains both methods (a parent MLflow run with the two as children,
+each in its fixed colour: the ``mlflow.runColor`` tag, the colours of ``loss_curves.png``)
+logging at a cadence that draws a curve (every step up to 500 steps, ``--log-every`` /
+``log_every=`` to change; held-out loss about 10 times per run, ``--eval-every`` /
+``eval.every=``), reads both runs back through
 the MLflow client, and writes ``<tracking.root>/compare/<timestamp>/``: ``compare.json`` (the
 numbers and the plotted series), ``compare.md`` (a table, the memory's effect, the dashboard URL)
 and ``loss_curves.png`` (train, held-out, the memory's gain and update norms).
@@ -30,10 +33,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pipeline.config import ConfigError
-from pipeline.dataset.manifest import DatasetError
-from pipeline.plots import GAIN, plot_compare
-from pipeline.tracking import LOCAL_UI, Tracker, ema, flatten, redact_config, ui_url
+from data_prep.prepare import USER_ERRORS
+from launch.clusters import ClusterConfig, load_cluster
+from launch.pretrain import prepare_data
+from pipeline.build import export_tracking_credentials
+from pipeline.cli import run_main
+from pipeline.plots import COLORS, GAIN, plot_compare
+from pipeline.tracking import LOCAL_UI, Tracker, ema, flatten, redact_config, redact_uri, ui_url
 
 METHODS = ("mdlm", "memdlm")
 SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a saved runs view (MLflow 3 UI)
@@ -43,6 +49,13 @@ CHARTS = (  # (metric, title): the first section of the saved view, in this orde
     (GAIN, "memory gain: loss(phi0) - loss(phi2), same anchor"),
 )
 SECTION_ID = "mdlm-vs-memdlm"
+# The run's colour in MLflow's UI (its charts and runs table read this tag; the colour picker
+# writes it): each method keeps the colour it has in loss_curves.png.
+RUN_COLOR_TAG = "mlflow.runColor"
+
+
+def _redacted(uri: str | None) -> str | None:
+    return redact_uri(uri) if uri else uri
 
 
 def auto_log_every(steps: int) -> int:
@@ -257,14 +270,20 @@ def compare(
     overrides: list[str],
     log_every: int | None = None,
     eval_every: int | None = None,
+    data_config: str | None = None,
 ) -> Path:
-    """Train both methods and write the comparison; returns its directory."""
+    """Train both methods and write the comparison; returns its directory. With ``data_config``
+    the dataset is prepared (or checked) first, as ``make pretrain CLUSTER=local`` does."""
     from pipeline.train import Trainer
     from pipeline.train_config import load_train_config
 
     # Resolved once; the two runs are derived from it with dataclasses.replace, never re-parsed.
     base = load_train_config(config, [*overrides, *([f"steps={steps}"] if steps else [])])
     base = _with_cadence(base, overrides, log_every, eval_every)
+    if data_config is not None:  # both runs train in this one process: a world of 1
+        prepare_data(ClusterConfig(executor="local"), base, config, data_config)
+    export_tracking_credentials(base)  # tracking.uri's user:password -> MLflow's variables
+    base = replace(base, tracking=replace(base.tracking, uri=_redacted(base.tracking.uri)))
     root = Path(base.tracking.root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = root / "compare" / stamp
@@ -277,6 +296,8 @@ def compare(
         memory = replace(base.memory, enabled=method == "memdlm")
         cfg = replace(base, run_dir=str(out / method), memory=memory)
         trainer = Trainer(cfg, parent_run_id=parent.run_id)
+        if trainer.tracker:  # the method's fixed colour, in the UI from the first point on
+            parent.client.set_tag(trainer.tracker.run_id, RUN_COLOR_TAG, COLORS[method])
         trainer.run()
         run_ids[method] = trainer.tracker.run_id if trainer.tracker else None
     summary = summarise(parent.client, run_ids)
@@ -317,11 +338,17 @@ def latest_url(root: Path, port: int | None = None) -> str | None:
     return url
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="configs/train/local.yaml")
+    parser.add_argument(
+        "--data-config",
+        default=None,
+        help="dataset config prepared (or checked) first (default: the local cluster's, "
+        "configs/cluster/local.yaml 'data')",
+    )
     parser.add_argument(
         "--steps", type=int, default=None, help="training steps per method (default: the config's)"
     )
@@ -336,13 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         url = latest_url(Path(args.root), args.port)
         print(f"newest comparison: {url}" if url else f"no comparison under {args.root}/compare yet")
         return 0
-    try:
-        compare(args.config, args.steps, args.overrides, args.log_every, args.eval_every)
-    except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    data_config = args.data_config or load_cluster("local").data
+    compare(args.config, args.steps, args.overrides, args.log_every, args.eval_every, data_config)
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error is one ``error:`` line and 2 (pipeline/cli.py), also when called."""
+    return run_main(_main, argv, user_errors=USER_ERRORS)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, user_errors=USER_ERRORS))

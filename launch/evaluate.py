@@ -23,17 +23,19 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from data_prep.tasks import generate, load_filler, read_jsonl, resolve_filler_path, write_jsonl
+from pipeline.build import export_tracking_credentials
+from pipeline.cli import run_main
 from pipeline.config import ConfigError, load_config
 from pipeline.eval.exposure_bias import ExposureBiasCurve, exposure_bias, plot_exposure_bias
 from pipeline.eval.tasks import TaskScoringConfig, evaluate_examples
-from pipeline.tracking import TrackingConfig
+from pipeline.tracking import TrackingConfig, redact_config, redact_uri
 
 
 @dataclass
@@ -234,9 +236,11 @@ def log_to_mlflow(cfg: EvalRunConfig, results: list[dict[str, Any]], out: Path) 
 
     if not cfg.tracking.enabled:
         return None
-    tracker = Tracker(cfg.tracking, f"eval-{out.name}")
+    export_tracking_credentials(cfg)  # tracking.uri's user:password -> MLflow's variables
+    tracking = replace(cfg.tracking, uri=redact_uri(cfg.tracking.uri) if cfg.tracking.uri else None)
+    tracker = Tracker(tracking, f"eval-{out.name}")
     tracker.start(
-        flatten(asdict(cfg)),
+        flatten(redact_config(asdict(cfg))),
         {
             "git_commit": git_commit(Path(__file__).resolve().parent),
             "checkpoints": ",".join(r["checkpoint"] for r in results),
@@ -271,7 +275,7 @@ def run(checkpoints: list[str], cfg: EvalRunConfig) -> Path:
     torch.manual_seed(cfg.seed)
     results = [evaluate_checkpoint(c, cfg, out) for c in checkpoints]
     (out / "results.json").write_text(
-        json.dumps({"config": asdict(cfg), "results": results}, indent=2) + "\n"
+        json.dumps({"config": redact_config(asdict(cfg)), "results": results}, indent=2) + "\n"
     )
     (out / "results.md").write_text(markdown(results))
     curves = {
@@ -294,26 +298,31 @@ def run(checkpoints: list[str], cfg: EvalRunConfig) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", action="append", required=True, help="export directory (repeatable)")
     ap.add_argument("--config", default="configs/eval/local.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. scoring.mc_samples=16")
     args = ap.parse_args(argv)
-    try:
-        for c in args.checkpoint:
-            if not (Path(c) / "model.safetensors").is_file():
-                raise ConfigError(
-                    f"{c}: not an export directory (no model.safetensors); `make pretrain CLUSTER=local` "
-                    "writes runs/local/export"
-                )
-        cfg = load_config(EvalRunConfig, args.config, args.overrides)
-        run(args.checkpoint, cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    for c in args.checkpoint:
+        if not (Path(c) / "model.safetensors").is_file():
+            raise ConfigError(
+                f"{c}: not an export directory (no model.safetensors); `make pretrain CLUSTER=local` "
+                "writes runs/local/export"
+            )
+    cfg = load_config(EvalRunConfig, args.config, args.overrides)
+    run(args.checkpoint, cfg)
     return 0
 
 
+# What a user can fix: a config key, a dataset or task file that does not fit, a missing file.
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error is one ``error:`` line and 2 (pipeline/cli.py), also when called."""
+    return run_main(_main, argv, user_errors=USER_ERRORS)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, user_errors=USER_ERRORS))

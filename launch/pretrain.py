@@ -8,23 +8,35 @@ writes the resolved config (every default) to ``<run_dir>/config.json`` and subm
 submitit (local tasks on this machine, or Slurm) a job that loads exactly that file. ``--dry-run`` prints the
 resolved configs and the sbatch script instead. The run directory (resolved config, metrics,
 checkpoints, export, submitit logs) is printed at start and end.
+
+A local job never outlives this command: stopped by Ctrl-C, SIGTERM (kill, timeout) or SIGHUP (a
+closed terminal), it has its tasks save a checkpoint at the next step boundary and exit (within
+the cluster's ``stop_grace_s``, then they are killed), and exits 128 + the signal's number; the
+same command resumes the run. Killed outright (SIGKILL), its tasks notice and do the same. A
+Slurm job runs on by itself: its id and ``scancel <id>`` are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from data_prep.prepare import USER_ERRORS, load_dataset_config, prepare_any
 from launch.clusters import ClusterConfig, load_cluster
-from launch.submit import sbatch_preview, submit
+from launch.submit import Interrupted, JobFailed, LaunchError, require_slurm, sbatch_preview, submit
 from pipeline.build import export_tracking_credentials
+from pipeline.cli import print_error, run_main
 from pipeline.config import ConfigError
 from pipeline.data.stream import TokenBatchLoader
 from pipeline.dataset.manifest import verify_manifest
+from pipeline.run_lock import RunLocked, check_free
+from pipeline.stop import STOPPED_EXIT
+from pipeline.tracking import redact_config
 from pipeline.train_config import TrainConfig, load_train_config, write_resolved_config
 
 
@@ -56,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _dry_run(cluster: ClusterConfig, cfg: TrainConfig, run_dir: Path) -> None:
     print("# cluster:", json.dumps(asdict(cluster), indent=2))
-    print("# training config (resolved):", json.dumps(asdict(cfg), indent=2))
+    print("# training config (resolved):", json.dumps(redact_config(asdict(cfg)), indent=2))
     if cluster.executor == "slurm":
         print("# the sbatch script submitit would submit:")
         print(sbatch_preview(cluster, run_dir / "submitit"))
@@ -78,7 +90,7 @@ def _dry_run(cluster: ClusterConfig, cfg: TrainConfig, run_dir: Path) -> None:
     print(f"# dry run: nothing prepared or submitted; the run directory would be {run_dir}")
 
 
-def _prepare_data(cluster: ClusterConfig, cfg: TrainConfig, train_path: str, data_config: str) -> None:
+def prepare_data(cluster: ClusterConfig, cfg: TrainConfig, train_path: str, data_config: str) -> None:
     """Build (or check) the dataset the config reads, and check it fits the config and world size."""
     if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():
         raise ConfigError(
@@ -102,46 +114,76 @@ def _prepare_data(cluster: ClusterConfig, cfg: TrainConfig, train_path: str, dat
     TokenBatchLoader(cfg.data, rank=0, world_size=cluster.world_size // cfg.parallel.tp)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        cluster = load_cluster(args.cluster)
-        train_path = args.config or cluster.train
-        cfg = load_train_config(train_path, args.overrides)  # resolved once, here
-        if cluster.world_size % cfg.parallel.tp:
-            raise ConfigError(
-                f"parallel.tp={cfg.parallel.tp} does not divide the cluster's {cluster.world_size} tasks"
-            )
-        run_dir = Path(cfg.run_dir).resolve()
-        if args.dry_run:
-            _dry_run(cluster, cfg, run_dir)
-            return 0
-        _prepare_data(cluster, cfg, train_path, args.data_config or cluster.data)
-        # The job loads exactly this file: every default written out, nothing parsed twice.
-        resolved = write_resolved_config(cfg, run_dir / "config.json")
-        export_tracking_credentials(cfg)  # the file holds the URI without them; the job's env has them
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _resolve(args: argparse.Namespace) -> tuple[ClusterConfig, TrainConfig, str]:
+    """The cluster, the resolved training config and the training config's path."""
+    cluster = load_cluster(args.cluster)
+    train_path = args.config or cluster.train
+    cfg = load_train_config(train_path, args.overrides)  # resolved once, here
+    if cluster.world_size % cfg.parallel.tp:
+        raise ConfigError(
+            f"parallel.tp={cfg.parallel.tp} does not divide the cluster's {cluster.world_size} tasks"
+        )
+    return cluster, cfg, train_path
+
+
+def _stopped(cluster: ClusterConfig, run_dir: Path) -> str:
+    """What an interrupted launch left: the local job's newest checkpoint, or the Slurm job running."""
+    if cluster.executor != "local":
+        return f"the Slurm job keeps running (see `scancel` above); run directory: {run_dir}"
+    saved = sorted((run_dir / "checkpoints").glob("step-*"))
+    if not saved:
+        return f"the job was stopped before its first checkpoint; run directory: {run_dir}"
+    return f"the job was stopped; newest checkpoint {saved[-1]}: run the same command again to resume"
+
+
+def _launch(cluster: ClusterConfig, cfg: TrainConfig, resolved: Path, run_dir: Path, wait: bool) -> int:
+    """Submit the job that loads ``resolved``; with ``wait``, follow it to its end."""
     print(
         f"run directory: {run_dir} ({cfg.method}, {cluster.world_size} task(s), TP={cfg.parallel.tp})",
         flush=True,
     )
     try:
-        job = submit(
-            cluster,
-            ["--resolved", str(resolved), "--export"],
-            run_dir,
-            wait=cluster.executor == "local" or args.wait,
-        )
-    except Exception as exc:  # submitit wraps task failures; the task's own error is in its log
-        print(f"error: job failed: {exc}", file=sys.stderr)
+        job = submit(cluster, ["--resolved", str(resolved), "--export"], run_dir, wait=wait)
+    except Interrupted as exc:
+        with contextlib.suppress(OSError):  # a closed terminal (SIGHUP): the job is stopped all the same
+            print_error(f"interrupted by {signal.Signals(exc.signum).name}: {_stopped(cluster, run_dir)}")
+        return 128 + exc.signum
+    except JobFailed as exc:  # the task's own error, and its log
+        print_error(exc)
         return 1
-    if cluster.executor == "local" or args.wait:
-        print(f"run directory: {run_dir} (config.json, metrics.jsonl, checkpoints/, export/, submitit/)")
-    else:
+    if not wait:
         print(f"job {job.job_id} queued; logs in {run_dir / 'submitit'}")
+        return 0
+    if STOPPED_EXIT in job.results():  # a task was asked to stop (SIGTERM): saved, not finished
+        print(
+            f"job {job.job_id} stopped before its last step (a stop was requested) with a checkpoint in "
+            f"{run_dir / 'checkpoints'}: run the same command again to resume"
+        )
+        return STOPPED_EXIT
+    print(f"run directory: {run_dir} (config.json, metrics.jsonl, checkpoints/, export/, submitit/)")
     return 0
+
+
+def _main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    cluster, cfg, train_path = _resolve(args)
+    run_dir = Path(cfg.run_dir).resolve()
+    if args.dry_run:
+        _dry_run(cluster, cfg, run_dir)
+        return 0
+    check_free(run_dir)  # a running trainer owns run_dir: refuse before rewriting its config.json
+    if cluster.executor == "slurm":
+        require_slurm()  # before preparing data that could take an hour
+    prepare_data(cluster, cfg, train_path, args.data_config or cluster.data)
+    # The job loads exactly this file: every default written out, nothing parsed twice.
+    resolved = write_resolved_config(cfg, run_dir / "config.json")
+    export_tracking_credentials(cfg)  # the file holds the URI without them; the job's env has them
+    return _launch(cluster, cfg, resolved, run_dir, wait=cluster.executor == "local" or args.wait)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error is one ``error:`` line and 2 (pipeline/cli.py), also when called."""
+    return run_main(_main, argv, user_errors=(*USER_ERRORS, LaunchError, RunLocked))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,7 +28,16 @@ from pipeline.hardware.peak import peak_flops
 from pipeline.hardware.precision import Precision, resolve_precision
 from pipeline.model.parallel import ParallelDims
 from pipeline.model.transformer import DLMTransformer
-from pipeline.tracking import Tracker, flatten, git_commit, redact_config
+from pipeline.tracking import (
+    Tracker,
+    TrackingUnavailable,
+    flatten,
+    git_commit,
+    probe_server,
+    redact_config,
+    tracking_uri,
+    uri_source,
+)
 from pipeline.train_config import TrainConfig
 
 
@@ -147,19 +157,20 @@ def export_tracking_credentials(cfg: TrainConfig) -> None:
         os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", parts.password)
 
 
-def build_tracker(
-    cfg: TrainConfig,
-    record: dict[str, Any],
-    dims: ParallelDims,
-    resumed_run_id: str | None,
-    parent_run_id: str | None,
-) -> Tracker | None:
-    """The MLflow run (created, or reopened after a resume) on rank 0; None elsewhere or when off."""
-    if torch.distributed.get_rank() != 0 or not cfg.tracking.enabled:
-        return None
-    export_tracking_credentials(cfg)
-    tracking = replace(cfg.tracking, uri=record["tracking"]["uri"])  # without credentials
-    tracker = Tracker(tracking, Path(cfg.run_dir).name)
+def check_tracking(cfg: TrainConfig) -> None:
+    """Probe an http(s) tracking server before anything slow is built (rank 0, with
+    ``tracking.on_unreachable: error``): an unreachable one then stops the run after
+    ``tracking.connect_timeout_s`` with :class:`TrackingUnavailable`, not after the engine build.
+    (``build_tracker`` checks again; with ``offline`` it alone decides.)"""
+    tracking = cfg.tracking
+    if not tracking.enabled or tracking.on_unreachable != "error" or torch.distributed.get_rank() != 0:
+        return
+    uri = tracking_uri(tracking, Path(tracking.root))
+    if uri.startswith(("http://", "https://")):
+        probe_server(uri, tracking.connect_timeout_s, uri_source(tracking))
+
+
+def _run_tags(cfg: TrainConfig, dims: ParallelDims) -> dict[str, str]:
     tags = {
         "git_commit": git_commit(Path(__file__).resolve().parent),
         "method": cfg.method,
@@ -173,5 +184,38 @@ def build_tracker(
         from pipeline.model.lora import lora_param_count
 
         tags["lora_trainable_params"] = str(lora_param_count(cfg.model, cfg.lora))
-    tracker.start(flatten(record), tags, run_id=resumed_run_id, parent_run_id=parent_run_id)
+    return tags
+
+
+def build_tracker(
+    cfg: TrainConfig,
+    record: dict[str, Any],
+    dims: ParallelDims,
+    resumed_run_id: str | None,
+    parent_run_id: str | None,
+) -> Tracker | None:
+    """The MLflow run (created, or reopened after a resume) on rank 0; None elsewhere or when off.
+
+    A store that cannot be reached raises :class:`TrackingUnavailable` (a ConfigError: one
+    ``error:`` line), or with ``tracking.on_unreachable: offline`` warns once and returns None
+    (the run trains without MLflow; metrics.jsonl has every step)."""
+    if torch.distributed.get_rank() != 0 or not cfg.tracking.enabled:
+        return None
+    export_tracking_credentials(cfg)
+    tracking = replace(cfg.tracking, uri=record["tracking"]["uri"])  # without credentials
+    try:
+        tracker = Tracker(tracking, Path(cfg.run_dir).name)
+        tracker.start(
+            flatten(record), _run_tags(cfg, dims), run_id=resumed_run_id, parent_run_id=parent_run_id
+        )
+    except TrackingUnavailable as exc:
+        if cfg.tracking.on_unreachable == "error":
+            raise
+        print(
+            f"warning: {exc.problem}; tracking.on_unreachable=offline: training without MLflow, metrics in "
+            f"{Path(cfg.run_dir) / 'metrics.jsonl'} only",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
     return tracker

@@ -52,7 +52,10 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
             raise ConfigError(
                 f"{_where(source, key)}: expected a mapping for section {tp.__name__}, got {value!r}"
             )
-        return _build(tp, value, source, key)
+        # A section whose schema depends on one of its keys (``model.family``) names its class.
+        dispatch = getattr(tp, "config_class_for", None)
+        cls = dispatch(value, source, key) if dispatch is not None else tp
+        return _build(cls, value, source, key)
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{_where(source, key)}: got {value!r}, expected {_type_name(tp)}")
@@ -188,8 +191,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>") -> T:
-    """Build dataclass ``cls`` from a nested mapping, validating keys, types and ``validate()``."""
-    return _build(cls, data, source, "")
+    """Build dataclass ``cls`` from a nested mapping, validating keys, types and ``validate()``.
+
+    A class with a ``config_class_for(data, source, key)`` classmethod (a family-dependent section such
+    as ``ModelConfig``) builds the subclass it names."""
+    dispatch = getattr(cls, "config_class_for", None)
+    return _build(dispatch(data, source, "") if dispatch is not None else cls, data, source, "")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

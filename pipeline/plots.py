@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 GAIN = "memory/gain"  # outer loss with phi0 minus with phi2, same anchor (> 0: the memory helped)
-COLORS = {"mdlm": "tab:blue", "memdlm": "tab:orange"}
+# Each method's fixed colour (matplotlib's tab:blue / tab:orange), as CSS hex: launch/compare.py
+# sets the same one as the MLflow run's colour, so the dashboard and loss_curves.png agree.
+COLORS = {"mdlm": "#1f77b4", "memdlm": "#ff7f0e"}
 
 
 def ema(values: list[float], beta: float = 0.9) -> list[float]:
@@ -48,7 +50,7 @@ def _series(records: list[Mapping[str, Any]], key: str) -> tuple[list[int], list
     return [s for s, _ in pts], [v for _, v in pts]
 
 
-def _gain_panel(ax, steps: list[int], gain: list[float], color: str = "tab:orange") -> None:
+def _gain_panel(ax, steps: list[int], gain: list[float], color: str = COLORS["memdlm"]) -> None:
     ax.axhline(0.0, color="grey", lw=0.8)
     if steps:
         ax.plot(steps, gain, color=color, alpha=0.3, marker="." if len(steps) < 40 else None)

@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
+from pipeline.cli import run_main
 from pipeline.config import ConfigError
 from pipeline.hardware.precision import resolve_precision
 from pipeline.sampler import SamplerConfig, cut_at_eos, load_sampler
@@ -46,15 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+# A bad export, tokenizer or sampling option (ConfigError, TokenizerError, ... are ValueErrors).
+USER_ERRORS = (ConfigError, ValueError)
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if not (Path(args.checkpoint) / "model.safetensors").is_file():
-        print(
-            f"error: {args.checkpoint}: not an export directory (no model.safetensors); "
-            "`make pretrain CLUSTER=local` writes runs/local/export",
-            file=sys.stderr,
+        raise FileNotFoundError(
+            errno.ENOENT,
+            "not an export directory (no model.safetensors); `make pretrain CLUSTER=local` writes runs/local/export",
+            args.checkpoint,
         )
-        return 2
     sampler, tok, info = load_sampler(args.checkpoint, device=args.device)
     adapt = args.adapt or ("both" if info.get("method") == "memdlm" else "off")
     modes = {"off": [False], "on": [True], "both": [False, True]}[adapt]
@@ -74,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             bf16=bf16,
         )
-        try:
-            out = sampler.generate(prompts, cfg)
-        except (ConfigError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        out = sampler.generate(prompts, cfg)
         bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
         for text, ids in zip(args.prompt, out.tokens.tolist(), strict=True):
             resp = tok.decode(cut_at_eos(ids, tok.eos_id))
@@ -88,5 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error is one ``error:`` line and 2 (pipeline/cli.py), also when called."""
+    return run_main(_main, argv, user_errors=USER_ERRORS)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, user_errors=USER_ERRORS))

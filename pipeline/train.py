@@ -18,10 +18,13 @@ rank voids the whole step on every rank (data consumed, LR schedule advanced, no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
 import shutil
 import sys
 import time
+import weakref
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.build import build_dataset, build_runtime, build_tracker, model_factory, run_record
+from pipeline.build import (
+    build_dataset,
+    build_runtime,
+    build_tracker,
+    check_tracking,
+    model_factory,
+    run_record,
+)
+from pipeline.cli import print_error, run_main
 from pipeline.config import ConfigError
 from pipeline.data.stream import TokenBatchLoader
 from pipeline.dataset.manifest import DatasetError
@@ -45,6 +56,7 @@ from pipeline.engine.checkpoint import (
     save_checkpoint,
 )
 from pipeline.engine.elastic import ResumePlan, plan_resume, prepare_universal
+from pipeline.engine.export import EXPORT_HINT
 from pipeline.eval.heldout import evaluate_heldout
 from pipeline.memory.inner_loop import memdlm_loss
 from pipeline.metrics import MetricsFile, peak_memory_mib, throughput
@@ -57,9 +69,20 @@ from pipeline.model.parallel import (
     init_distributed,
 )
 from pipeline.objectives.mdlm import draw_noise, maskable_positions, mdlm_loss
+from pipeline.outputs import OutputDirError, check_output_dir
+from pipeline.parallel.collective import on_rank0_all
 from pipeline.perf.flops import estimate_flops
 from pipeline.plots import plot_loss_curves
-from pipeline.stop import STOPPED_EXIT, StoppedForRequeue, StopSignal
+from pipeline.run_lock import RunLocked
+from pipeline.run_lock import acquire as acquire_run_lock
+from pipeline.stop import (
+    STOPPED_EXIT,
+    StoppedForRequeue,
+    StopSignal,
+    stop_on_signals,
+    under_torchrun,
+    watch_parent,
+)
 from pipeline.train_config import TrainConfig, load_resolved_config, load_train_config
 
 __all__ = ["STOPPED_EXIT", "StoppedForRequeue", "Trainer", "TrainingDiverged", "main"]
@@ -87,16 +110,29 @@ class Trainer:
         parent_run_id: str | None = None,
         native_bf16: bool | None = None,
         stop: StopSignal | None = None,
+        export_to: Path | None = None,
     ):
         self.cfg, self.stop = cfg, stop or StopSignal()
         self.dims: ParallelDims = init_distributed(cfg.parallel.tp)
         self.rank = dist.get_rank()
+        self.run_dir = Path(cfg.run_dir)
+        self._unlock: weakref.finalize | None = None  # rank 0: releases this Trainer's hold of run.lock
+        self._locked = False
+        self._take_run_lock()  # before anything is built or read: a second trainer stops here
+        try:
+            self._preflight(export_to)
+            self._build(parent_run_id, native_bf16)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, parent_run_id: str | None, native_bf16: bool | None) -> None:
+        cfg = self.cfg
         runtime = build_runtime(cfg, native_bf16)
         self.device, self.precision, self.peak_flops = runtime.device, runtime.precision, runtime.peak_flops
         self.resolved = run_record(cfg, runtime)
         _say(f"precision: {self.precision.dtype} ({self.precision.reason})")
         _say(f"MFU peak: {self.peak_flops / 1e12:.3g} TFLOP/s ({runtime.peak_source})")
-        self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         data = build_dataset(cfg)
         self.manifest, self.manifest_sha = data.manifest, data.manifest_sha256
@@ -126,9 +162,53 @@ class Trainer:
         self._log_layout(resume)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
 
+    # ------------------------------------------------------------ the run directory's lock
+    def _take_run_lock(self) -> None:
+        """Collective: rank 0 takes ``run_dir/run.lock`` (pipeline/run_lock.py) unless this Trainer
+        holds it; every rank gets rank 0's answer, so all stop together when another run has it."""
+        if self._locked:
+            return
+
+        def take() -> None:
+            lock = acquire_run_lock(self.run_dir)
+            self._unlock = weakref.finalize(self, lock.release)  # a dropped Trainer lets go too
+
+        on_rank0_all(take, f"rank 0 could not take the lock of {self.run_dir}")
+        self._locked = True
+
+    def _preflight(self, export_to: Path | None) -> None:
+        """Collective, before anything slow is built: an unreachable tracking server and an export
+        directory that is not ours stop the run now, not after the engine build or the training."""
+
+        def check() -> None:
+            check_tracking(self.cfg)
+            if export_to is not None:
+                check_output_dir(export_to, label="export ", hint=EXPORT_HINT)
+
+        on_rank0_all(check, "rank 0's start-up checks failed")
+
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent; ``run`` does it when it ends). The engine
+        and the tracker stay usable; a later ``run`` takes the lock again."""
+        if self._unlock is not None:
+            self._unlock()
+            self._unlock = None
+        self._locked = False
+
     # ------------------------------------------------------------ the loop
-    def run(self, stop_after: int | None = None) -> list[dict[str, Any]]:
-        """Train to ``cfg.steps`` (or ``stop_after`` more steps); returns the logged records."""
+    def run(self, stop_after: int | None = None, release_lock: bool = True) -> list[dict[str, Any]]:
+        """Train to ``cfg.steps`` (or ``stop_after`` more steps); returns the logged records.
+
+        Holds the run directory's lock throughout (taken again if released) and releases it when
+        it returns or raises, unless ``release_lock`` is false (then :meth:`close` does)."""
+        self._take_run_lock()
+        try:
+            return self._run(stop_after)
+        finally:
+            if release_lock:
+                self.close()
+
+    def _run(self, stop_after: int | None) -> list[dict[str, Any]]:
         cfg = self.cfg
         target = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         self._write_run_dir()
@@ -136,8 +216,10 @@ class Trainer:
         try:
             while self.step < target:
                 if self.stop.agreed(self.device):  # every rank stops at the same step
-                    self.save()
-                    raise StoppedForRequeue(f"stop requested: checkpoint saved at step {self.step}")
+                    path = self.save()
+                    raise StoppedForRequeue(
+                        f"stop requested: checkpoint saved at step {self.step} in {path}{self.stop.why()}"
+                    )
                 rec = self.train_step()
                 bar.update(1)
                 if "loss" in rec:
@@ -425,30 +507,80 @@ class Trainer:
         return out
 
 
-def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
-    """Train (and export with ``--export``); returns 0, 2 on a user error, STOPPED_EXIT on a stop."""
+# What a user can fix: one ``error:`` line and exit 2 (pipeline/cli.py adds OSError and the rest).
+USER_ERRORS = (
+    ConfigError,
+    DatasetError,
+    CheckpointError,
+    TokenizerError,
+    TrainingDiverged,
+    RunLocked,
+    OutputDirError,
+)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pipeline.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--resolved", help="a resolved config.json (what the launcher writes): loaded as is")
     source.add_argument("--config", default="configs/train/local.yaml", help="a training YAML (+ overrides)")
     parser.add_argument("--export", action="store_true", help="write a consolidated export at the end")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of --config, e.g. optim.lr=1e-3")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
+    """Train (and export with ``--export``); returns 0, 2 on a user error, STOPPED_EXIT on a stop.
+
+    Without ``stop`` (a direct start; a submitit task passes its own) SIGUSR2 and SIGTERM request
+    a stop: a checkpoint at the next step boundary, then STOPPED_EXIT. Under torchrun a worker
+    whose agent dies stops the same way (``MEMDLM_ORPHAN_GRACE_S`` later it exits regardless)."""
+    args = _parse_args(argv)
     if args.resolved and args.overrides:  # before the try: nothing to tear down yet
-        print(
-            f"error: --resolved {args.resolved} is loaded as is: derive a new config instead", file=sys.stderr
-        )
+        print_error(f"--resolved {args.resolved} is loaded as is: derive a new config instead")
         return 2
+    own_stop = stop is None
+    stop = stop or StopSignal()
+    with (
+        stop_on_signals(stop) if own_stop else contextlib.nullcontext(),
+        watch_parent(stop) if under_torchrun() else contextlib.nullcontext(),
+    ):
+        try:
+            return _train(args, stop)
+        except StoppedForRequeue as exc:
+            if own_stop:  # nothing requeues a direct start: say how to go on
+                print(f"{exc}. {_resume_hint(argv)}", flush=True)
+            else:
+                print(str(exc), flush=True)
+            return STOPPED_EXIT
+        except USER_ERRORS as exc:
+            print_error(exc)
+            return 2
+        finally:
+            destroy_distributed()
+
+
+def _resume_hint(argv: list[str] | None) -> str:
+    if under_torchrun():
+        return "To resume, run the same torchrun command again: it continues from the newest checkpoint"
+    args = shlex.join(sys.argv[1:] if argv is None else argv)
+    return f"To resume, run the same command again (python -m pipeline.train {args}): it continues from there"
+
+
+def _train(args: argparse.Namespace, stop: StopSignal) -> int:
+    cfg = (
+        load_resolved_config(args.resolved)
+        if args.resolved
+        else load_train_config(args.config, args.overrides)
+    )
+    export_to = Path(cfg.run_dir) / "export" if args.export else None
+    trainer = Trainer(cfg, stop=stop, export_to=export_to)
     try:
-        cfg = (
-            load_resolved_config(args.resolved)
-            if args.resolved
-            else load_train_config(args.config, args.overrides)
-        )
-        trainer = Trainer(cfg, stop=stop)
-        trainer.run()
+        trainer.run(release_lock=False)  # the export below still writes into run_dir
         if args.export:
             from pipeline.engine.export import export_model
 
@@ -462,16 +594,10 @@ def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
                 trainer.manifest.special_ids,
                 trainer.step,
             )
-    except StoppedForRequeue as exc:
-        print(str(exc), flush=True)
-        return STOPPED_EXIT
-    except (ConfigError, DatasetError, CheckpointError, TokenizerError, TrainingDiverged) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
-        destroy_distributed()
+        trainer.close()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, user_errors=USER_ERRORS))

@@ -14,13 +14,18 @@ from typing import Any, Literal
 
 from pipeline.config import ConfigError, from_dict, merge, parse_overrides, read_yaml
 from pipeline.data.stream import DataConfig
+from pipeline.diffusion.config import ObjectiveConfig
 from pipeline.memory.config import MemoryConfig
 from pipeline.model.config import ModelConfig
 from pipeline.model.lora import LoraConfig
-from pipeline.objectives.mdlm import ObjectiveConfig
 from pipeline.tracking import TrackingConfig
 
 MODEL_DIR = Path("configs/model")
+
+
+def _at_least(key: str, value: int, least: int) -> None:
+    if value < least:
+        raise ConfigError(f"key '{key}': got {value}, expected >= {least}")
 
 
 @dataclass
@@ -63,6 +68,11 @@ class ParallelConfig:
     # (pipeline/hardware/precision.py: emulated bf16 on an AVX2-only CPU is ~17x slower than fp32)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 
+    def validate(self) -> None:
+        # zero_stage is a Literal: the loader already names it with its allowed values
+        _at_least("parallel.tp", self.tp, 1)
+        _at_least("parallel.param_persistence_threshold", self.param_persistence_threshold, 0)
+
 
 @dataclass
 class CheckpointConfig:
@@ -76,6 +86,10 @@ class CheckpointConfig:
     # on the fly (auto, logged), or refuse and say to run `make reshard` first (never)
     reshard: Literal["auto", "never"] = "auto"
 
+    def validate(self) -> None:
+        _at_least("checkpoint.every", self.every, 0)
+        _at_least("checkpoint.keep", self.keep, 1)  # 0 would delete the checkpoint just written
+
 
 @dataclass
 class EvalConfig:
@@ -85,6 +99,15 @@ class EvalConfig:
     context_fraction: float = 0.5  # the first part of each sequence is the context it adapts on
     anchor_ratio: float = 0.2  # spec section 5
     pre_anchor_ratio: float = 0.3
+
+    def validate(self) -> None:
+        _at_least("eval.every", self.every, 0)
+        _at_least("eval.batches", self.batches, 1)
+        if not 0 < self.context_fraction < 1:
+            raise ConfigError(f"key 'eval.context_fraction': got {self.context_fraction}, expected 0 < x < 1")
+        for key in ("anchor_ratio", "pre_anchor_ratio"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"key 'eval.{key}': got {getattr(self, key)}, expected 0 <= x <= 1")
 
 
 @dataclass
@@ -116,8 +139,11 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        if self.steps < 1 or self.grad_accum < 1 or self.log_every < 1:
-            raise ConfigError("steps, grad_accum and log_every must be >= 1")
+        for key in ("steps", "grad_accum", "log_every", "max_nonfinite_steps"):
+            _at_least(key, getattr(self, key), 1)
+        if not self.peak_tflops >= 0:
+            raise ConfigError(f"key 'peak_tflops': got {self.peak_tflops}, expected >= 0 (0: look it up)")
+        self.lora.check_fits(self.model)  # needs the model's sizes: checked here, not in lora
 
     @property
     def method(self) -> str:

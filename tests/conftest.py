@@ -168,9 +168,9 @@ def export_random_model(
     from safetensors.torch import save_file
 
     from pipeline.dataset.tokenizer import load_tokenizer
+    from pipeline.diffusion.config import ObjectiveConfig
     from pipeline.memory.config import MemoryConfig
     from pipeline.model.transformer import DLMTransformer
-    from pipeline.objectives.mdlm import ObjectiveConfig
 
     tok = load_tokenizer(tokenizer)
     cfg = tiny_model_config(**{"vocab_size": tok.vocab_size, "seq_len": 512, **model_kw})

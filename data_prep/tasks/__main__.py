@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from data_prep.tasks import TASKS, generate, load_filler, write_jsonl
 from data_prep.tasks.common import CountTokens
+from pipeline.cli import run_main
 
 _KNOBS = ("hops", "distractors", "facts", "values", "n_wrong")
 
@@ -30,8 +31,7 @@ def _counter(tokenizer: str | None) -> CountTokens:
     return lambda s: len(sp.encode(s))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments, generate, write; returns the exit status (2 on bad input)."""
+def _main(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_prep.tasks", description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", required=True, choices=sorted(TASKS))
     ap.add_argument("--n", type=int, required=True, help="number of examples")
@@ -45,21 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.add_argument(f"--{knob.replace('_', '-')}", type=int, default=None, help="difficulty knob")
     args = ap.parse_args(argv)
     difficulty = {k: getattr(args, k) for k in _KNOBS if getattr(args, k) is not None}
-    try:
-        filler = load_filler(args.filler, args.max_sentences)
-        count_tokens = _counter(args.tokenizer)
-        examples = generate(
-            args.task,
-            args.n,
-            seed=args.seed,
-            context_tokens=args.context_tokens,
-            count_tokens=count_tokens,
-            filler=filler,
-            **difficulty,
-        )
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    filler = load_filler(args.filler, args.max_sentences)
+    count_tokens = _counter(args.tokenizer)
+    examples = generate(
+        args.task,
+        args.n,
+        seed=args.seed,
+        context_tokens=args.context_tokens,
+        count_tokens=count_tokens,
+        filler=filler,
+        **difficulty,
+    )
     write_jsonl(examples, args.out)
     tokens = [ex.meta["prompt_tokens"] for ex in examples] or [0]
     print(
@@ -69,5 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, generate, write; returns the exit status (a bad input: one ``error:`` line
+    and 2, pipeline/cli.py)."""
+    return run_main(_main, argv, user_errors=(ValueError,))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, user_errors=(ValueError,)))

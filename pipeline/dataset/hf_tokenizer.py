@@ -25,12 +25,20 @@ padding settings are switched off). ``encode_batch`` runs on the library's threa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
+import threading
+import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pipeline.dataset.tokenizer import (
     SPECIAL_TOKEN_NAMES,
@@ -272,10 +280,73 @@ def load_tokenizer_json(path: Path, overrides: Mapping[str, str | None]) -> Toke
 
 # ---------------------------------------------------------------- chat templates
 
+# A chat template renders one conversation in well under a millisecond; these only stop a hostile
+# or broken one (nested loops over range() write gigabytes or never end).
+RENDER_TIME_LIMIT_S = 5.0
+RENDER_MAX_CHARS = 16 * 2**20  # ~4M tokens of output: far past any context window
+_MAX_POWER = 4096  # ``x ** n`` beyond this exponent: a number no template needs, built slowly
+_LIMITS = threading.local()  # this thread's rendering: ``deadline`` (monotonic), ``max_chars``
+
+
+class _RenderLimit(Exception):
+    """A rendering went past a limit: raised inside the template's code, reported by
+    :func:`render_chat_template` as a TokenizerError naming the template's file."""
+
+
+def _check_clock() -> None:
+    if time.monotonic() > _LIMITS.deadline:
+        raise _RenderLimit(f"it ran past {_LIMITS.seconds:g} s")
+
+
+def _check_sizes(values: Iterable[Any]) -> None:
+    """Refuse an integer argument that would build a string or list past the output limit
+    (``'x'.ljust(10**10)``, ``'x'|center(10**10)``) before it is built, and check the clock."""
+    _check_clock()
+    for value in values:
+        if isinstance(value, int) and value > _LIMITS.max_chars:
+            raise _RenderLimit(
+                f"an argument of {value:,} would build more than {_LIMITS.max_chars:,} characters"
+            )
+
+
+def _sized(value: Any) -> int:
+    return len(value) if isinstance(value, str | list | tuple) else 0
+
+
+class _LimitedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox transformers renders with, plus the limits of :func:`render_chat_template`:
+    every call, filter and ``* + **`` checks the clock and never builds a string or list past
+    ``max_chars`` (the operators are intercepted, so never folded at compile time either)."""
+
+    intercepted_binops = frozenset(["*", "+", "**"])
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_sizes([*args, *kwargs.values()])
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_clock()
+        if operator == "*" and isinstance(right, int) and _sized(left) * right > _LIMITS.max_chars:
+            raise _RenderLimit(f"'*' would build more than {_LIMITS.max_chars:,} characters")
+        if operator == "*" and isinstance(left, int) and _sized(right) * left > _LIMITS.max_chars:
+            raise _RenderLimit(f"'*' would build more than {_LIMITS.max_chars:,} characters")
+        if operator == "+" and _sized(left) + _sized(right) > _LIMITS.max_chars:
+            raise _RenderLimit(f"'+' would build more than {_LIMITS.max_chars:,} characters")
+        if operator == "**" and isinstance(right, int) and abs(right) > _MAX_POWER:
+            raise _RenderLimit(f"'**' with an exponent over {_MAX_POWER}")
+        return super().call_binop(context, operator, left, right)
+
+
+def _limited_filter(f: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(f)  # keeps jinja's pass_context/pass_environment marks
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        _check_sizes([*args, *kwargs.values()])
+        return f(*args, **kwargs)
+
+    return limited
+
 
 def _raise_exception(message: str) -> None:
-    from jinja2.exceptions import TemplateError
-
     raise TemplateError(message)
 
 
@@ -287,31 +358,87 @@ def _tojson(value: Any, indent: int | None = None, separators: Any = None, sort_
 def _compiled(template: str) -> Any:
     """The template compiled as transformers does: a sandbox (no file or attribute access beyond
     the data), trim_blocks/lstrip_blocks, loop controls, ``raise_exception`` and ``tojson``. No
-    ``strftime_now``: a rendering never depends on the date (templates fall back to a fixed one)."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    ``strftime_now``: a rendering never depends on the date (templates fall back to a fixed one).
+    Compiled under the caller's limits (constant folding runs filters)."""
+    env = _LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _limited_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     return env.from_string(template)
 
 
+@contextlib.contextmanager
+def _limits(seconds: float, max_chars: int) -> Iterator[None]:
+    """Limits for the rendering inside. On the main thread a SIGALRM also stops a loop that makes
+    neither output nor calls (``{% for a in s %}{% for b in s %}...``); elsewhere (no signals) the
+    checks at every call, operator and output chunk do. An ITIMER_REAL someone else armed is left
+    alone (and then so is the alarm)."""
+    _LIMITS.seconds, _LIMITS.max_chars = seconds, max_chars
+    _LIMITS.deadline = time.monotonic() + seconds
+    alarm = (
+        threading.current_thread() is threading.main_thread() and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    )
+    if not alarm:
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise _RenderLimit(f"it ran past {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _template_source(tok: Tokenizer) -> str:
+    """Where ``tok``'s chat template was read from: tokenizer_config.json's key, or the .jinja file."""
+    cfg, jinja = tok.path.parent / TOKENIZER_CONFIG_FILE, tok.path.parent / CHAT_TEMPLATE_FILE
+    try:
+        inline = "chat_template" in json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        inline = False
+    return str(jinja) if not inline and jinja.is_file() else f"{cfg} key 'chat_template'"
+
+
 def render_chat_template(
-    tok: Tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool
+    tok: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    time_limit_s: float = RENDER_TIME_LIMIT_S,
+    max_chars: int = RENDER_MAX_CHARS,
 ) -> str:
     """``messages`` rendered with ``tok.chat_template``; the template sees ``messages``,
-    ``add_generation_prompt`` and ``bos_token``/``eos_token``/``pad_token``/``mask_token``."""
-    from jinja2.exceptions import TemplateError
+    ``add_generation_prompt`` and ``bos_token``/``eos_token``/``pad_token``/``mask_token``.
 
+    The rendering stops with a TokenizerError naming the template's file and the limit if it runs
+    past ``time_limit_s`` or its output past ``max_chars`` characters (the output is streamed
+    and counted, never built first)."""
     assert tok.chat_template is not None
+    parts: list[str] = []
+    size = 0
     try:
-        return _compiled(tok.chat_template).render(
-            messages=[dict(m) for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            **{f"{name}_token": token for name, token in tok.special_tokens.items()},
-        )
-    except TemplateError as exc:
+        with _limits(time_limit_s, max_chars):
+            for chunk in _compiled(tok.chat_template).generate(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                **{f"{name}_token": token for name, token in tok.special_tokens.items()},
+            ):
+                size += len(chunk)
+                if size > max_chars:
+                    raise _RenderLimit(f"its output passed {max_chars:,} characters")
+                _check_clock()
+                parts.append(chunk)
+    except _RenderLimit as exc:
         raise TokenizerError(
-            f"{tok.path.parent / TOKENIZER_CONFIG_FILE}: chat_template failed: {exc}"
+            f"{_template_source(tok)}: chat_template stopped: {exc} (limits per conversation: "
+            f"{time_limit_s:g} s, {max_chars:,} characters of output)"
         ) from None
+    except Exception as exc:  # whatever the template's own code raised: its failure, not ours
+        why = str(exc) if isinstance(exc, TemplateError) else f"{type(exc).__name__}: {exc}"
+        raise TokenizerError(f"{_template_source(tok)}: chat_template failed: {why}") from None
+    return "".join(parts)

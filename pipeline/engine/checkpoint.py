@@ -34,6 +34,7 @@ states are ``torch.load(weights_only=True)``; a file that still fails to load is
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -163,16 +164,19 @@ def _describe(path: Path, fsync: bool = False) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": file_sha256(path, fsync=fsync)}
 
 
-def _write_file_list_collective(root: Path) -> None:
-    """Every rank hashes a share of the files (rank 0 lists them); rank 0 writes ``files.json``."""
+def _write_file_list_collective(root: Path, phase: Callable[..., Any] | None = None) -> None:
+    """Every rank hashes a share of the files (rank 0 lists them); rank 0 writes ``files.json``.
+
+    ``phase`` (the save's, see :func:`_save_phase`) runs each part that writes, so a failure on
+    any rank (an fsync finding the disk full) ends the save on every rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    phase = phase or (lambda work, rank0=False: work() if rank == 0 or not rank0 else None)
     names: list[Any] = [_checkpoint_files(root) if rank == 0 else None]
     dist.broadcast_object_list(names, src=0)
-    mine = {rel: _describe(root / rel, fsync=True) for rel in names[0][rank::world]}
+    mine = phase(lambda: {rel: _describe(root / rel, fsync=True) for rel in names[0][rank::world]})
     shares: list[Any] = [None] * world
     dist.all_gather_object(shares, mine)
-    if rank == 0:
-        write_file_list(root, {k: v for share in shares for k, v in share.items()})
+    phase(lambda: write_file_list(root, {k: v for share in shares for k, v in share.items()}), rank0=True)
 
 
 def verify_checkpoint(path: Path, hashes: bool = True, required: str = "train_state.json") -> None:
@@ -381,35 +385,129 @@ def save_checkpoint(
 
     ``data_states`` holds this rank's loader state(s); rank 0 gathers those of every
     data-parallel rank into ``train_state.json``.
+
+    A write that fails on any rank (a full disk, a quota, an I/O error) ends the save on every
+    rank after the step that failed: the partial ``.tmp-step-*`` is removed, the checkpoints
+    already published are untouched, and every rank raises a ``CheckpointError`` naming the
+    checkpoint directory and the cause ("no space left on device"). Errors that are bugs of ours
+    are re-raised as they are. (A rank failing inside DeepSpeed's own save, before its closing
+    barrier, while the others succeed, leaves them in that barrier: the shared file system
+    failing for everyone is the case handled.)
     """
     rank = dist.get_rank()
     name = checkpoint_name(step)
     final, tmp = ckpt_dir / name, ckpt_dir / f"{TMP_PREFIX}{name}"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _sweep(ckpt_dir)
-    dist.barrier()
+
+    def phase(work: Callable[[], Any], rank0: bool = False) -> Any:
+        return _save_phase(work, ckpt_dir, tmp, rank0)
+
+    phase(lambda: _prepare(ckpt_dir), rank0=True)  # doubles as the barrier before writing
+    phase(lambda: _write_rank_files(engine, tmp, rank))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, data_states)
+    text = json.dumps(dict(train_state, step=step, data=gathered), indent=2, sort_keys=True)
+    phase(lambda: _fsync_write(tmp / "train_state.json", text), rank0=True)
+    _write_file_list_collective(tmp, phase)
+    phase(lambda: _publish_and_prune(ckpt_dir, tmp, final, keep), rank0=True)
+    return final
+
+
+def _prepare(ckpt_dir: Path) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _sweep(ckpt_dir)
+
+
+def _write_rank_files(engine, tmp: Path, rank: int) -> None:
+    """This rank's part of the checkpoint: DeepSpeed's files and its RNG states."""
     engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
     tensors, meta = _rng_state()
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(tensors, tmp / "rng" / f"rank-{rank:05d}.pt")
     (tmp / "rng" / f"rank-{rank:05d}.json").write_text(json.dumps(meta))
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, data_states)
-    dist.barrier()
-    if rank == 0:
-        state = dict(train_state, step=step, data=gathered)
-        _fsync_write(tmp / "train_state.json", json.dumps(state, indent=2, sort_keys=True))
-    _write_file_list_collective(tmp)  # its broadcast from rank 0 waits for train_state.json
-    if rank == 0:
-        _publish(ckpt_dir, tmp, final)
-        done = sorted(
-            (p for p in ckpt_dir.glob("step-*") if (p / "train_state.json").is_file()), key=_step_of
-        )
-        for old in done[: max(0, len(done) - keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+
+
+def _publish_and_prune(ckpt_dir: Path, tmp: Path, final: Path, keep: int) -> None:
+    _publish(ckpt_dir, tmp, final)
+    done = sorted((p for p in ckpt_dir.glob("step-*") if (p / "train_state.json").is_file()), key=_step_of)
+    for old in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# A write failing for lack of room leaves (next to) nothing free; torch's writer says only
+# "unexpected pos" or "file write failed", so the file system is asked.
+_FULL_BELOW_BYTES = 64 * 2**20
+_NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _failure(exc: BaseException, where: Path) -> dict[str, Any]:
+    """What a rank reports of its failed save step: its text, whether it is the file system's
+    (an OSError, or torch's writer failing on a full disk), and "no space left" when it is."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    room = next((_NO_ROOM[x.errno] for x in chain if isinstance(x, OSError) and x.errno in _NO_ROOM), None)
+    if room is None and any("no space left on device" in str(x).lower() for x in chain):
+        room = _NO_ROOM[errno.ENOSPC]
+    file_system = room is not None or isinstance(exc, OSError)
+    file = next((x.filename for x in chain if isinstance(x, OSError) and x.filename), None)
+    detail = f"writing {file}" if file else f"{type(exc).__name__}: {exc}"
+    if room is None and isinstance(exc, OSError | RuntimeError):
+        free = _free_bytes(where)
+        if free < _FULL_BELOW_BYTES:
+            room, file_system = _NO_ROOM[errno.ENOSPC], True
+            detail = f"{free} bytes free after a failed write"
+    return {
+        "rank": dist.get_rank(),
+        "text": f"{type(exc).__name__}: {exc}",
+        "room": room,
+        "fs": file_system,
+        "detail": detail,
+    }
+
+
+def _free_bytes(where: Path) -> int:
+    path = next((p for p in (where, *where.parents) if p.exists()), Path("/"))
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 2**62
+    blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail  # root may use the reserved blocks
+    return blocks * st.f_frsize
+
+
+def _save_phase(work: Callable[[], Any], ckpt_dir: Path, tmp: Path, rank0: bool = False) -> Any:
+    """Collective: ``work()`` on every rank (on rank 0 only with ``rank0``), then all agree whether
+    it failed anywhere. If it did, rank 0 removes ``tmp`` and every rank raises (see
+    :func:`save_checkpoint`)."""
+    mine, error, result = None, None, None
+    try:
+        if dist.get_rank() == 0 or not rank0:
+            result = work()
+    except Exception as exc:
+        error, mine = exc, _failure(exc, tmp)  # judged before the partial files are removed
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)
+    failed = [r for r in reports if r is not None]
+    if not failed:
+        return result
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not all(r["fs"] for r in failed):
+        if error is not None and not mine["fs"]:
+            raise error
+        first = next(r for r in failed if not r["fs"])
+        raise RuntimeError(f"saving {tmp.name} failed on rank {first['rank']}: {first['text']}")
+    first = next((r for r in failed if r["room"]), failed[0])
+    cause = f"{first['room']} (rank {first['rank']}: {first['detail']})" if first["room"] else first["text"]
+    previous = latest_checkpoint(ckpt_dir)
+    kept = (
+        f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    )
+    raise CheckpointError(
+        f"{ckpt_dir}: {cause} while saving {tmp.name.removeprefix(TMP_PREFIX)}; {kept}, any partial "
+        f"{tmp.name} was removed. Free space (or lower checkpoint.keep) and resume"
+    )
 
 
 # ------------------------------------------------------------ load
@@ -423,10 +521,11 @@ def load_checkpoint(engine, plan: ResumePlan, manifest_sha256: str) -> dict[str,
     """Collective. Restores engine and RNG from ``plan.path``; returns its train state (the caller
     restores the data stream). At the saved layout the DeepSpeed checkpoint and every rank's RNG
     state load as written; at another one (``plan.resized``) its universal copy loads (the engine
-    must be built with ``load_universal``) and the global RNG is reseeded from (seed, step, rank).
+    must be built with ``load_universal``), the frozen parameters included (the checkpoint's, bit
+    for bit), and the global RNG is reseeded from (seed, step, rank).
 
     Errors from DeepSpeed's loader or ``torch.load`` become ``CheckpointError`` naming the file."""
-    from pipeline.engine.universal import universal_dir
+    from pipeline.engine.universal import restore_frozen, universal_dir  # universal imports this module
 
     path, state = plan.path, plan.state
     if state.get("manifest_sha256") != manifest_sha256:
@@ -450,6 +549,9 @@ def load_checkpoint(engine, plan: ResumePlan, manifest_sha256: str) -> dict[str,
         raise CheckpointError(f"{source}: DeepSpeed found no checkpoint under tag 'ds'")
     rank = dist.get_rank()
     if plan.resized:
+        # DeepSpeed's universal load restores the optimizer's parameters only: the frozen ones
+        # (the base under outer LoRA) come from the checkpoint's universal copy too, not from init_from
+        restore_frozen(engine.module, path)
         _reseed(int((state.get("config") or {}).get("seed", 0)), int(state["step"]), rank)
         return state
     rng_file = path / "rng" / f"rank-{rank:05d}.pt"

@@ -140,6 +140,29 @@ def quiet_deepspeed() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _build_model(
+    cfg: TrainConfig, model_fn: Callable[[], torch.nn.Module], mpu: MegatronMPU, precision: Precision
+) -> torch.nn.Module:
+    """``model_fn()``, inside ``zero.Init`` (partitioned over the DP group at creation) when configured."""
+    import deepspeed  # after quiet_deepspeed (build_engine): it picks the accelerator at import
+
+    if not (cfg.parallel.zero_init and cfg.parallel.zero_stage == 3):
+        return model_fn()
+    # zero.Init checks the batch sizes against the DP size it reads through deepspeed.comm,
+    # which deepspeed.initialize would set up only later: unset, it takes DP=1 and refuses
+    # every config with DP > 1 (train_batch_size != micro x accumulation x 1). Set up here
+    # the way deepspeed.initialize does it (over the torch process group already there).
+    deepspeed.comm.init_distributed(
+        dist_backend=deepspeed.get_accelerator().communication_backend_name(), dist_init_required=False
+    )
+    with deepspeed.zero.Init(
+        data_parallel_group=mpu.get_data_parallel_group(),
+        mpu=mpu,
+        config_dict_or_path=ds_config(cfg, mpu.get_data_parallel_world_size(), precision),
+    ):
+        return model_fn()
+
+
 def build_engine(
     cfg: TrainConfig,
     model_fn: Callable[[], torch.nn.Module],
@@ -162,15 +185,7 @@ def build_engine(
         precision = resolve_precision(cfg.parallel.precision, training_device())
 
     mpu = MegatronMPU()
-    if cfg.parallel.zero_init and cfg.parallel.zero_stage == 3:
-        with deepspeed.zero.Init(
-            data_parallel_group=mpu.get_data_parallel_group(),
-            mpu=mpu,
-            config_dict_or_path=ds_config(cfg, mpu.get_data_parallel_world_size(), precision),
-        ):
-            model = model_fn()
-    else:
-        model = model_fn()
+    model = _build_model(cfg, model_fn, mpu, precision)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:  # frozen (the base under outer LoRA): not the optimizer's

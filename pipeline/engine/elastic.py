@@ -1,9 +1,11 @@
 """What a resume at another TP x DP layout keeps, what it changes, and when it must refuse.
 
-Kept exactly: the weights and Adam moments (DeepSpeed's universal checkpoint, gathered to full
-tensors and cut again: pipeline/engine/universal.py), the step, the LR schedule, the global batch
-(``dp * grad_accum * batch_size`` sequences: ``grad_accum`` absorbs the change of ``dp``), and the
-data position (the rest of the epoch in the same global batches, pipeline/data/stream.py). The
+Kept exactly: the weights, Adam moments and Adam's step counters (DeepSpeed's universal
+checkpoint, gathered to full tensors and cut again: pipeline/engine/universal.py), the frozen
+parameters (the base under outer LoRA: from the checkpoint, not from ``init_from`` again), the
+step, the LR schedule, the global batch (``dp * grad_accum * batch_size`` sequences:
+``grad_accum`` absorbs the change of ``dp``), and the data position (the rest of the epoch in the
+same global batches, then the next epoch split for the new layout: pipeline/data/stream.py). The
 anchor noise is keyed by the global micro-batch slot, not by the rank, so MDLM's losses after a
 resize equal the uninterrupted run's up to summation order.
 
@@ -100,6 +102,7 @@ def prepare_universal(plan: ResumePlan, reshard: Literal["auto", "never"]) -> No
                 "or set checkpoint.reshard=auto"
             )
         print(f"elastic resume: converting {plan.path} to a universal checkpoint", flush=True)
-        convert_to_universal(plan.path)
+        # find_resume_checkpoint verified its sha256 on this rank a moment ago
+        convert_to_universal(plan.path, verified=True)
 
     on_rank0(convert)

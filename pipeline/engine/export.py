@@ -6,14 +6,16 @@
 ``out_dir/model.safetensors`` holds full (unsharded) fp32 weights under the module's parameter
 names (outer LoRA adapters merged into their weights); ``config.json`` the model config, the
 method and memory config, and the special ids;
-``tokenizer.model`` the tokenizer. Written into a temporary folder and renamed.
+``tokenizer.model`` the tokenizer. Written into a temporary folder and renamed
+(:func:`pipeline.outputs.write_output_dir`): an earlier export there is replaced (put aside, deleted
+once the new one is in place); any other non-empty directory is refused, not deleted.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,10 @@ from pipeline.config import ConfigError
 from pipeline.dataset.tokenizer import load_tokenizer
 from pipeline.model.config import ModelConfig
 from pipeline.model.parallel import tp_group, tp_size
+from pipeline.outputs import OutputDirError, write_output_dir
+
+# The trainer has no --force: a directory of the user's at run_dir/export stays, and the run says so.
+EXPORT_HINT = "the trainer's export never replaces it: move it away (or choose another run_dir)"
 
 
 def _gather_tp(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -60,29 +66,45 @@ def export_model(
 
         state = merge_lora(state, lora)
     out_dir = Path(out_dir)
-    if dist.get_rank() == 0:
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    info = {
+        "model": asdict(cfg.model),
+        "method": cfg.method,
+        "memory": asdict(cfg.memory),
+        "objective": asdict(cfg.objective),
+        "special_ids": special_ids,
+        "step": step,
+    }
+    if lora is not None and lora.enabled:
+        info["lora"] = {**asdict(lora), "merged": True}
+
+    def fill(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"))
-        info = {
-            "model": asdict(cfg.model),
-            "method": cfg.method,
-            "memory": asdict(cfg.memory),
-            "objective": asdict(cfg.objective),
-            "special_ids": special_ids,
-            "step": step,
-        }
-        if lora is not None and lora.enabled:
-            info["lora"] = {**asdict(lora), "merged": True}
         (tmp / "config.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         # sentencepiece .model or tokenizer.json (+ its config), under the names load_tokenizer finds
         load_tokenizer(tokenizer_path).save(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    dist.barrier()
+
+    _write_on_rank0(out_dir, fill)
     return out_dir
+
+
+def _write_on_rank0(out_dir: Path, fill: Callable[[Path], None]) -> None:
+    """Collective: rank 0 writes ``out_dir``; when it fails every rank raises (none waits forever).
+    A refused directory is a ConfigError (a user error) on every rank."""
+    error: BaseException | None = None
+    failure: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            write_output_dir(out_dir, fill, written_by="train --export", hint=EXPORT_HINT, label="export ")
+        except OutputDirError as exc:
+            error = ConfigError(str(exc))
+        except Exception as exc:
+            error = exc
+        failure[0] = None if error is None else f"{type(error).__name__}: {error}"
+    dist.broadcast_object_list(failure, src=0)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise ConfigError(f"export to {out_dir} failed on rank 0 ({failure[0]})")
 
 
 # Keys that shape no weight: a fine-tuning run may train on another length (RoPE is computed)

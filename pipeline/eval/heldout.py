@@ -14,9 +14,10 @@ import torch.distributed as dist
 
 from pipeline.data.stream import TokenBatchLoader
 from pipeline.dataset.seeding import seed_of
+from pipeline.diffusion.loss import mdlm_loss
+from pipeline.diffusion.noise import draw_noise, maskable_positions
 from pipeline.memory.adapt import adapt_to_context
 from pipeline.model.parallel import dp_rank, dp_size
-from pipeline.objectives.mdlm import draw_noise, maskable_positions, mdlm_loss
 from pipeline.train_config import TrainConfig
 
 EVAL_SEED_TAG = 10**9  # the generators' "step": the same draws at every evaluation

@@ -30,6 +30,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from pipeline.cli import run_main
 from pipeline.eval.likelihood import mc_loglikelihood
 from pipeline.sampler import SamplerConfig, cut_at_eos, load_sampler
 
@@ -184,7 +185,7 @@ class MemDLMEvalModel(LM):
         return outputs
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description="Run lm-eval tasks on an exported checkpoint.")
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--tasks", required=True, help="comma-separated task names")
@@ -216,5 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# A bad export or model argument (ConfigError, TokenizerError, unknown keys: ValueErrors).
+USER_ERRORS = (ValueError,)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command; a user error is one ``error:`` line and 2 (pipeline/cli.py), also when called."""
+    return run_main(_main, argv, user_errors=USER_ERRORS)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, user_errors=USER_ERRORS))

@@ -18,6 +18,8 @@ import json
 import os
 import platform
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -113,27 +115,123 @@ def _cache_file(device: torch.device, dtype: torch.dtype) -> Path:
     return root / f"peak-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def peak_flops(
+@dataclass
+class Peak:
+    """The MFU denominator of one device and dtype, and where it came from.
+
+    ``measured_at`` (epoch seconds) is set for a measured peak; ``cache`` is its file. A measured
+    peak is only as good as the machine's state when it was taken: measured while the machine was
+    busy it stays low for good. So :meth:`mfu` never reports more than 1: a throughput above the
+    peak re-measures it (``trials`` time boxes, keeping the maximum with the old value, cached
+    again), and if the model still runs faster than the matmul probe, the peak is raised to what
+    was achieved (said in ``source``). A configured or table peak below an achieved throughput is
+    raised the same way, with a warning: the configured number was wrong."""
+
+    flops: float
+    source: str
+    measured_at: float | None = None
+    cache: Path | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    budget_s: float = 1.5
+    trials: int = 3
+    raised: bool = False
+
+    def describe(self, now: float | None = None) -> str:
+        """``0.131 TFLOP/s (measured float32 matmul ..., 2 h old)``: value, source and age."""
+        age = ""
+        if self.measured_at is not None:
+            age = f", {_age((now or time.time()) - self.measured_at)} old"
+        return f"{self.flops / 1e12:.3g} TFLOP/s ({self.source}{age})"
+
+    def as_record(self) -> dict[str, object]:
+        """The fields a result file or config.json records about the peak."""
+        return {
+            "peak_flops": self.flops,
+            "peak_flops_source": self.source,
+            "peak_flops_measured_at": self.measured_at,
+        }
+
+    def mfu(self, achieved: float) -> float:
+        """``achieved / peak``, never above 1 (the peak is re-measured or raised first)."""
+        if achieved > self.flops:
+            self._raise_to(achieved)
+        return achieved / self.flops
+
+    def _raise_to(self, achieved: float) -> None:
+        if self.measured_at is not None:
+            trials = [measure_matmul_peak(self.device, self.dtype, self.budget_s) for _ in range(self.trials)]
+            best = max([self.flops, *trials])
+            self.flops, self.measured_at = best, time.time()
+            self.source = f"re-measured: {self.trials} x {self.budget_s:g} s time boxes, max kept"
+            if self.cache is not None:
+                _write_cache(self.cache, best, self.dtype, self.device, self.measured_at)
+        if achieved > self.flops:
+            if not self.raised:
+                warnings.warn(
+                    f"throughput {achieved / 1e12:.3g} TFLOP/s exceeds the MFU peak {self.describe()}; the peak "
+                    "is raised to it (set peak_tflops to the device's real peak)",
+                    stacklevel=3,
+                )
+            self.flops, self.raised = achieved, True
+            if "raised to an achieved throughput" not in self.source:
+                self.source += "; raised to an achieved throughput"
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{max(0.0, seconds):.0f} s"
+
+
+def _write_cache(path: Path, flops: float, dtype: torch.dtype, device: torch.device, at: float) -> None:
+    record = {"flops": flops, "dtype": str(dtype), "device": device.type, "measured_at": at}
+    with contextlib.suppress(OSError):  # a read-only home only costs the next start another measurement
+        atomic_write_text(path, json.dumps(record))
+
+
+def peak(
     device: torch.device, dtype: torch.dtype, configured_tflops: float = 0.0, budget_s: float = 1.5
-) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from) for MFU on ``device`` computing in ``dtype``."""
+) -> Peak:
+    """The MFU peak for ``device`` computing in ``dtype`` (module docstring: config, table, cache,
+    measurement)."""
     if configured_tflops > 0:
-        return configured_tflops * 1e12, f"config peak_tflops={configured_tflops:g}"
+        return Peak(
+            configured_tflops * 1e12, f"config peak_tflops={configured_tflops:g}", device=device, dtype=dtype
+        )
     if device.type == "cuda" and dtype == torch.bfloat16:
         name = torch.cuda.get_device_name(device)
         known = known_peak_tflops(name)
         if known is not None:
-            return known * 1e12, f"table: {name} bf16 dense {known:g} TFLOP/s"
+            return Peak(
+                known * 1e12, f"table: {name} bf16 dense {known:g} TFLOP/s", device=device, dtype=dtype
+            )
     path = _cache_file(device, dtype)
+    kind = str(dtype).removeprefix("torch.")
     try:
         cached = json.loads(path.read_text())
-        return float(cached["flops"]), f"measured earlier ({path})"
+        at = float(cached.get("measured_at") or path.stat().st_mtime)
+        return Peak(
+            float(cached["flops"]),
+            f"measured {kind} matmul, cached at {path}",
+            at,
+            path,
+            device,
+            dtype,
+            budget_s,
+        )
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    flops = measure_matmul_peak(device, dtype, budget_s)
-    with contextlib.suppress(OSError):  # a read-only home only costs the next start another measurement
-        atomic_write_text(path, json.dumps({"flops": flops, "dtype": str(dtype), "device": device.type}))
-    return (
-        flops,
-        f"measured {str(dtype).removeprefix('torch.')} matmul ({budget_s:g} s time box, cached at {path})",
-    )
+    flops, at = measure_matmul_peak(device, dtype, budget_s), time.time()
+    _write_cache(path, flops, dtype, device, at)
+    source = f"measured {kind} matmul ({budget_s:g} s time box), cached at {path}"
+    return Peak(flops, source, at, path, device, dtype, budget_s)
+
+
+def peak_flops(
+    device: torch.device, dtype: torch.dtype, configured_tflops: float = 0.0, budget_s: float = 1.5
+) -> tuple[float, str]:
+    """(peak FLOP/s, its description with source and age): :func:`peak` as a pair."""
+    p = peak(device, dtype, configured_tflops, budget_s)
+    return p.flops, p.describe()

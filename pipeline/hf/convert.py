@@ -17,20 +17,25 @@ has Q/K/V biases) with ``is_causal: false`` (transformers then builds a bidirect
 
 The whole model passes through one process once (an import holds the fp32 model in memory);
 fine-tuning then loads it at any TP x DP, each rank reading only its slices.
+
+OUT is written by :func:`pipeline.outputs.write_output_dir`: a non-empty OUT that is not an earlier
+output of ours is refused unless ``force``; OUT equal to, inside or around the source is always
+refused; a replaced OUT is put aside and deleted only once the new one is in place. A damaged
+source (a truncated or garbled safetensors file, a config.json that is not a JSON object) is an
+HFFormatError naming the file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from pipeline.hf.layouts import (
     IGNORED_SUFFIXES,
@@ -42,6 +47,7 @@ from pipeline.hf.layouts import (
     read_source_config,
 )
 from pipeline.model.config import ModelConfig
+from pipeline.outputs import check_output_dir, write_output_dir
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -60,12 +66,60 @@ SENTENCEPIECE_ONLY = (
 )
 
 
+_JSON_KINDS = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """``path`` parsed as a JSON object (``what`` it should hold names it in the error otherwise)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise HFFormatError(f"{path}: not valid JSON ({exc}); expected a JSON object: {what}") from None
+    if not isinstance(value, dict):
+        got = _JSON_KINDS.get(type(value), "null")
+        raise HFFormatError(f"{path}: expected a JSON object, got {got} ({what})")
+    return value
+
+
+def _damaged(file: Path, exc: Exception) -> HFFormatError:
+    return HFFormatError(
+        f"{file}: not a complete safetensors file ({exc}); expected an 8-byte header length, a JSON header "
+        "and every tensor's bytes (a truncated download or copy? fetch or write it again)"
+    )
+
+
+def open_safetensors(file: Path):
+    """``safe_open(file)``; a truncated file or a garbled / oversized header is an HFFormatError naming it."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as exc:
+        raise _damaged(file, exc) from None
+
+
+def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``file`` (like ``safetensors.torch.load_file``, with :func:`open_safetensors` errors)."""
+    with open_safetensors(file) as f:
+        try:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open: no __iter__)
+        except SafetensorError as exc:
+            raise _damaged(file, exc) from None
+
+
 def _shard_index(src: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (``model.safetensors.index.json`` or a glob)."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: src / file for name, file in weight_map.items()}
+        weight_map = read_json_object(index, "the safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise HFFormatError(
+                f"{index}: expected a JSON object with a 'weight_map' (tensor name -> shard file name)"
+            )
+        where = {name: src / file for name, file in weight_map.items()}
+        missing = sorted({str(f) for f in where.values() if not f.is_file()})
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise HFFormatError(f"{index}: its weight_map names {missing[0]}: no such file{more}")
+        return where
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise HFFormatError(
@@ -73,7 +127,7 @@ def _shard_index(src: Path) -> dict[str, Path]:
         )
     out: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with open_safetensors(file) as f:
             out.update(dict.fromkeys(f.keys(), file))
     return out
 
@@ -89,9 +143,12 @@ class _Reader:
     def get(self, name: str) -> torch.Tensor:
         file = self.where[name]
         if file != self._file:
-            self._handle = safe_open(str(file), framework="pt")
+            self._handle = open_safetensors(file)
             self._file = file
-        return self._handle.get_tensor(name)
+        try:
+            return self._handle.get_tensor(name)
+        except SafetensorError as exc:
+            raise _damaged(file, exc) from None
 
 
 def _tokenizer_mask_check(src: Path, mask_id: int, vocab_size: int) -> dict[str, Any]:
@@ -129,7 +186,7 @@ def _declared_mask_token(src: Path) -> str | None:
     cfg_file = src / "tokenizer_config.json"
     if not cfg_file.is_file():
         return None
-    mask = json.loads(cfg_file.read_text()).get("mask_token")
+    mask = read_json_object(cfg_file, "the tokenizer config").get("mask_token")
     return mask.get("content") if isinstance(mask, dict) else mask
 
 
@@ -231,7 +288,7 @@ def _check_tensors(where: dict[str, Path], src: Source, reader: _Reader) -> None
     shapes = _shapes(cfg, layout, cfg.vocab_size)
     wrong = []
     for name in sorted(expected):
-        with safe_open(str(where[name]), framework="pt") as f:
+        with open_safetensors(where[name]) as f:
             shape = tuple(f.get_slice(name).get_shape())
         if shape != shapes[name]:
             wrong.append(f"{name} {shape} (config says {shapes[name]})")
@@ -239,15 +296,15 @@ def _check_tensors(where: dict[str, Path], src: Source, reader: _Reader) -> None
         raise HFFormatError(f"tensor shapes disagree with config.json: {', '.join(wrong[:20])}")
 
 
-def _write_atomic(out: Path, fill) -> Path:
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+def _check_options(seq_len: int | None, mask_id: int | None) -> None:
+    """The command-line options, before any file is read (``0`` is not "the default")."""
+    if seq_len is not None and seq_len < 1:
+        raise HFFormatError(
+            f"SEQ_LEN / --seq-len: got {seq_len}, expected >= 1 (the context length in tokens; leave it out "
+            "for the source's maximum)"
+        )
+    if mask_id is not None and mask_id < 0:
+        raise HFFormatError(f"MASK_ID / --mask-id: got {mask_id}, expected a token id >= 0")
 
 
 def import_hf(
@@ -257,21 +314,23 @@ def import_hf(
     mask_id: int | None = None,
     seq_len: int | None = None,
     vocab_multiple: int = 128,
+    force: bool = False,
 ) -> Path:
     """Convert a Hugging Face checkpoint directory into our export format at ``out`` (atomic).
 
     ``mask_id`` overrides the source config's ``mask_token_id``; ``seq_len`` defaults to the
-    source's maximum length. Raises HFFormatError naming what does not fit.
+    source's maximum. ``out`` may be new, empty or an earlier output of ours; ``force`` replaces
+    any other directory (never ``src`` or one inside or around it). Raises HFFormatError naming
+    what does not fit, OutputDirError for an ``out`` it must not write.
     """
-    from pipeline.memory.config import MemoryConfig
-    from pipeline.objectives.mdlm import ObjectiveConfig
-
     src, out = Path(src), Path(out)
+    _check_options(seq_len, mask_id)
+    check_output_dir(out, src=src, force=force)
     if not (src / "config.json").is_file():
         raise HFFormatError(f"{src}: no config.json (expected a Hugging Face model directory)")
-    config = json.loads((src / "config.json").read_text())
+    config = read_json_object(src / "config.json", "a Hugging Face model config")
     where = _shard_index(src)
-    source = read_source_config(config, set(where), seq_len, vocab_multiple)
+    source = read_source_config(config, set(where), seq_len, vocab_multiple, where=str(src / "config.json"))
     mask = _mask_id(src, source.mask_id, mask_id)
     tokenizer = _tokenizer_mask_check(src, mask, source.model.vocab_size)
     reader = _Reader(where)
@@ -279,7 +338,22 @@ def import_hf(
     state = convert_state(reader.get, source)
     sp_ok = _sentencepiece_usable(src / "tokenizer.model")
     hf_tok, data_tokenizer = _data_tokenizer(src, tokenizer, sp_ok)
-    info = {
+    info = _import_info(src, source, mask, {**tokenizer, "sentencepiece_usable": sp_ok, **data_tokenizer})
+
+    def fill(tmp: Path) -> None:
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _copy_tokenizer(src, tmp, hf_tok, sp_ok)
+
+    return write_output_dir(out, fill, written_by="import-hf", src=src, force=force)
+
+
+def _import_info(src: Path, source: Source, mask: int, tokenizer: dict[str, Any]) -> dict[str, Any]:
+    """The export's ``config.json``: model, default method/memory/objective, special ids, provenance."""
+    from pipeline.memory.config import MemoryConfig
+    from pipeline.objectives.mdlm import ObjectiveConfig
+
+    return {
         "model": asdict(source.model),
         "method": "mdlm",
         "memory": asdict(MemoryConfig()),
@@ -291,16 +365,9 @@ def import_hf(
             "layout": source.layout,
             "model_type": source.model_type,
             "path": str(src.resolve()),
-            "tokenizer": {**tokenizer, "sentencepiece_usable": sp_ok, **data_tokenizer},
+            "tokenizer": tokenizer,
         },
     }
-
-    def fill(tmp: Path) -> None:
-        save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        _copy_tokenizer(src, tmp, hf_tok, sp_ok)
-
-    return _write_atomic(out, fill)
 
 
 def _copy_tokenizer(src: Path, tmp: Path, hf_tok: Any, sp_ok: bool) -> None:
@@ -432,20 +499,46 @@ def hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtyp
     return {k: t.to(dtype).contiguous() for k, t in out.items()}
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
-    """Write our export ``checkpoint`` as a transformers Llama/Qwen2 model directory ``out`` (atomic)."""
+def _read_export(checkpoint: Path) -> tuple[dict[str, Any], ModelConfig, dict[str, torch.Tensor]]:
+    """An export directory's ``(config.json, model config, weights)``; HFFormatError naming the file."""
     from pipeline.engine.export import export_model_config
 
-    checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / "model.safetensors").is_file():
         raise HFFormatError(f"{checkpoint}: not an export directory (no model.safetensors)")
-    info = json.loads((checkpoint / "config.json").read_text())
-    cfg = ModelConfig(**export_model_config(checkpoint))
+    info = read_json_object(checkpoint / "config.json", "an export's config with 'model' and 'special_ids'")
+    for key in ("model", "special_ids"):
+        if not isinstance(info.get(key), dict):
+            raise HFFormatError(
+                f"{checkpoint / 'config.json'}: no '{key}' object (expected an export's config)"
+            )
+    try:
+        cfg = ModelConfig(**export_model_config(checkpoint))
+    except TypeError as exc:  # a key this ModelConfig does not know
+        raise HFFormatError(
+            f"{checkpoint / 'config.json'}: 'model' does not fit our ModelConfig ({exc})"
+        ) from None
+    return info, cfg, load_safetensors(checkpoint / "model.safetensors")
+
+
+def export_hf(
+    checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", force: bool = False
+) -> Path:
+    """Write our export ``checkpoint`` as a transformers Llama/Qwen2 model directory ``out`` (atomic;
+    ``out`` and ``force`` as for :func:`import_hf`, ``checkpoint`` being the source)."""
+    checkpoint, out = Path(checkpoint), Path(out)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise HFFormatError(f"dtype '{dtype}': expected float32, bfloat16 or float16")
-    state = hf_state(load_file(str(checkpoint / "model.safetensors")), cfg, torch_dtype)
-    config = {**hf_config(cfg, info.get("special_ids", {})), "dtype": dtype}
+    check_output_dir(out, src=checkpoint, force=force)
+    info, cfg, weights = _read_export(checkpoint)
+    try:
+        state = hf_state(weights, cfg, torch_dtype)
+    except KeyError as exc:
+        raise HFFormatError(
+            f"{checkpoint / 'model.safetensors'}: no tensor {exc.args[0]!r} (expected the weights of the model "
+            "its config.json describes)"
+        ) from None
+    config = {**hf_config(cfg, info.get("special_ids") or {}), "dtype": dtype}
 
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -459,4 +552,4 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "float32"
                 if (checkpoint / name).is_file():
                     shutil.copyfile(checkpoint / name, tmp / name)
 
-    return _write_atomic(out, fill)
+    return write_output_dir(out, fill, written_by="export-hf", src=checkpoint, force=force)

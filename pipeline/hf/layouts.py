@@ -50,6 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.config import ConfigError
 from pipeline.model.config import ModelConfig
 
 LAYOUTS = ("llama", "qwen2", "llada")
@@ -61,6 +62,29 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 class HFFormatError(ValueError):
     """A source checkpoint or config this importer cannot convert exactly; says what and why."""
+
+
+class _KeyProblem(HFFormatError):
+    """A config.json key that is missing or of the wrong type (the file's path is added by the caller)."""
+
+
+_REQUIRED = object()
+
+
+def _number(config: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """``config[key]`` as an ``int`` or ``float`` (``default`` when absent or null); names the key when
+    a required one is missing or the value is not a number of that kind."""
+    value = config.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise _KeyProblem(f"no '{key}' (expected {'an integer' if kind is int else 'a number'})")
+        return default
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and kind is int and isinstance(value, float):
+        ok = value.is_integer()
+    if not ok:
+        raise _KeyProblem(f"'{key}' is {value!r}, expected {'an integer' if kind is int else 'a number'}")
+    return kind(value)
 
 
 @dataclass(frozen=True)
@@ -173,33 +197,36 @@ def detect_layout(config: dict[str, Any], tensor_names: set[str]) -> str:
     )
 
 
-def _first(value: Any) -> int | None:
+def _first(config: dict[str, Any], key: str) -> int | None:
     """An id, or the first of a list of ids (eos_token_id may be a list)."""
+    value = config.get(key)
     if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+        return _number({key: value[0]}, key, int) if value else None
+    return _number(config, key, int, None)
 
 
 def _rope_options(config: dict[str, Any]) -> dict[str, Any]:
     """RoPE theta and scaling from transformers v5 ``rope_parameters`` or v4 ``rope_theta``/``rope_scaling``."""
-    params = dict(config.get("rope_parameters") or {})
-    scaling = dict(config.get("rope_scaling") or {})
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    params, scaling = config.get("rope_parameters") or {}, config.get("rope_scaling") or {}
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise _KeyProblem(f"'{key}' is {value!r}, expected an object")
+    theta = _number(params, "rope_theta", float, _number(config, "rope_theta", float, 10000.0))
     merged = {**scaling, **params}
     kind = merged.get("rope_type", merged.get("type", "default"))
-    out: dict[str, Any] = {"rope_theta": float(theta)}
+    out: dict[str, Any] = {"rope_theta": theta}
     if kind == "default":
         return out
     if kind == "linear":
-        return {**out, "rope_scaling": "linear", "rope_factor": float(merged["factor"])}
+        return {**out, "rope_scaling": "linear", "rope_factor": _number(merged, "factor", float)}
     if kind == "llama3":
         return {
             **out,
             "rope_scaling": "llama3",
-            "rope_factor": float(merged["factor"]),
-            "rope_low_freq_factor": float(merged["low_freq_factor"]),
-            "rope_high_freq_factor": float(merged["high_freq_factor"]),
-            "rope_original_max_len": int(merged["original_max_position_embeddings"]),
+            "rope_factor": _number(merged, "factor", float),
+            "rope_low_freq_factor": _number(merged, "low_freq_factor", float),
+            "rope_high_freq_factor": _number(merged, "high_freq_factor", float),
+            "rope_original_max_len": _number(merged, "original_max_position_embeddings", int),
         }
     raise HFFormatError(f"RoPE scaling '{kind}' is not supported (supported: default, linear, llama3)")
 
@@ -231,21 +258,23 @@ def _llada_fields(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
             "multi_query_attention": None,
         },
     )
-    d, heads = int(config["d_model"]), int(config["n_heads"])
-    ffn = config.get("mlp_hidden_size") or int(config["mlp_ratio"]) * d
+    d, heads = _number(config, "d_model", int), _number(config, "n_heads", int)
+    if heads < 1:
+        raise _KeyProblem(f"'n_heads' is {heads}, expected >= 1")
+    ffn = _number(config, "mlp_hidden_size", int, None) or _number(config, "mlp_ratio", int) * d
     fields = dict(
-        vocab_size=int(config.get("embedding_size") or config["vocab_size"]),
+        vocab_size=_number(config, "embedding_size", int, None) or _number(config, "vocab_size", int),
         d_model=d,
-        n_layers=int(config["n_layers"]),
+        n_layers=_number(config, "n_layers", int),
         n_heads=heads,
-        n_kv_heads=config.get("n_kv_heads") or heads,
-        ffn_hidden=int(ffn),
-        norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
+        n_kv_heads=_number(config, "n_kv_heads", int, None) or heads,
+        ffn_hidden=ffn,
+        norm_eps=_number(config, "rms_norm_eps", float, 1e-5),
+        rope_theta=_number(config, "rope_theta", float, 10000.0),
         qkv_bias=bool(config.get("include_qkv_bias", False)),
         tie_embeddings=bool(config.get("weight_tying", False)),
     )
-    max_len = int(config.get("max_sequence_length", 4096))
+    max_len = _number(config, "max_sequence_length", int, 4096)
     return fields, max_len
 
 
@@ -256,41 +285,55 @@ def _llama_qwen2_fields(config: dict[str, Any], layout: str) -> tuple[dict[str, 
         raise HFFormatError(
             "attention_bias=true (LLaMA puts a bias on q, k, v and o_proj): only Q/K/V biases are supported"
         )
-    d, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    d, heads = _number(config, "hidden_size", int), _number(config, "num_attention_heads", int)
+    if heads < 1:
+        raise _KeyProblem(f"'num_attention_heads' is {heads}, expected >= 1")
     if config.get("head_dim") not in (None, d // heads):
         raise HFFormatError(f"head_dim={config['head_dim']} differs from hidden_size / num_attention_heads")
     fields = dict(
-        vocab_size=int(config["vocab_size"]),
+        vocab_size=_number(config, "vocab_size", int),
         d_model=d,
-        n_layers=int(config["num_hidden_layers"]),
+        n_layers=_number(config, "num_hidden_layers", int),
         n_heads=heads,
-        n_kv_heads=config.get("num_key_value_heads") or heads,
-        ffn_hidden=int(config["intermediate_size"]),
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        n_kv_heads=_number(config, "num_key_value_heads", int, None) or heads,
+        ffn_hidden=_number(config, "intermediate_size", int),
+        norm_eps=_number(config, "rms_norm_eps", float, 1e-6),
         qkv_bias=layout == "qwen2",
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         **_rope_options(config),
     )
-    max_len = int(config.get("max_position_embeddings", 4096))
+    max_len = _number(config, "max_position_embeddings", int, 4096)
     return fields, max_len
 
 
 def read_source_config(
-    config: dict[str, Any], tensor_names: set[str], seq_len: int | None, vocab_multiple: int
+    config: dict[str, Any],
+    tensor_names: set[str],
+    seq_len: int | None,
+    vocab_multiple: int,
+    where: str = "config.json",
 ) -> Source:
-    """Map a source ``config.json`` to our ``ModelConfig`` (validated); refuses what we cannot hold exactly."""
+    """Map a source ``config.json`` (``where``, named in errors) to our ``ModelConfig`` (validated);
+    refuses what we cannot hold exactly, names a missing key or one of the wrong type."""
     layout = detect_layout(config, tensor_names)
-    fields, max_len = _llada_fields(config) if layout == "llada" else _llama_qwen2_fields(config, layout)
-    if fields["n_kv_heads"] == fields["n_heads"]:
-        fields["n_kv_heads"] = None  # plain multi-head: the default, so configs compare equal
-    model = ModelConfig(seq_len=seq_len or max_len, vocab_multiple=vocab_multiple, **fields)
-    model.validate()
-    special = {
-        "pad": _first(config.get("pad_token_id")),
-        "mask": _first(config.get("mask_token_id")),
-        "bos": _first(config.get("bos_token_id")),
-        "eos": _first(config.get("eos_token_id")),
-        "unk": None,
-        "newline": None,
-    }
+    try:
+        fields, max_len = _llada_fields(config) if layout == "llada" else _llama_qwen2_fields(config, layout)
+        if fields["n_kv_heads"] == fields["n_heads"]:
+            fields["n_kv_heads"] = None  # plain multi-head: the default, so configs compare equal
+        model = ModelConfig(
+            seq_len=seq_len if seq_len is not None else max_len, vocab_multiple=vocab_multiple, **fields
+        )
+        model.validate()
+        special = {
+            "pad": _first(config, "pad_token_id"),
+            "mask": _first(config, "mask_token_id"),
+            "bos": _first(config, "bos_token_id"),
+            "eos": _first(config, "eos_token_id"),
+            "unk": None,
+            "newline": None,
+        }
+    except _KeyProblem as exc:
+        raise HFFormatError(f"{where}: {exc}") from None
+    except ConfigError as exc:  # sizes that build no model (zero heads, a head count not dividing d_model)
+        raise HFFormatError(f"{where} describes a model we cannot build: {exc}") from None
     return Source(layout, model, special["mask"], special, str(config.get("model_type", "")))

@@ -22,10 +22,11 @@ from dataclasses import replace
 
 import torch
 
+from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.diffusion.noise import Noise
 from pipeline.memory.config import MemoryConfig
 from pipeline.memory.fast_weights import FastWeights
 from pipeline.memory.inner_loop import inner_loop
-from pipeline.objectives.mdlm import Noise, ObjectiveConfig
 
 
 def adaptation_memory_config(mem: MemoryConfig, anchor_ratio: float, pre_anchor_ratio: float) -> MemoryConfig:

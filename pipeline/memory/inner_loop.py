@@ -28,20 +28,18 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
-from pipeline.memory.config import MemoryConfig
-from pipeline.memory.fast_weights import FastWeights, FastWeightSpec
-from pipeline.model.parallel import tp_group, tp_size
-from pipeline.objectives.mdlm import (
-    Noise,
-    ObjectiveConfig,
+from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.diffusion.loss import (
     global_count,
-    loss_weight,
     position_ce,
     sum_by_sequence,
-    time_of_mask_ratio,
     weight_by_sequence,
     weighted_loss,
 )
+from pipeline.diffusion.noise import Noise, loss_weight, time_of_mask_ratio
+from pipeline.memory.config import MemoryConfig
+from pipeline.memory.fast_weights import FastWeights, FastWeightSpec
+from pipeline.model.parallel import tp_group, tp_size
 
 # ---------------------------------------------------------------- masks
 
@@ -173,6 +171,9 @@ class InnerStats:
     # was clipped, among the updates not skipped.
     update_norm: torch.Tensor | None = None
     clipped: torch.Tensor | None = None
+    positions: torch.Tensor | None = (
+        None  # loss positions of this stage on this rank (the cost model's count)
+    )
 
 
 def inner_step(
@@ -231,6 +232,7 @@ def inner_step(
         # |phi_k - phi_{k-1}| per tensor is inner_lr * coef * |g| (0 where skipped): no pass over the weights
         update_norm=torch.where(finite, (cfg.inner_lr * coef * norms).pow(2).sum(0).sqrt(), 0.0).mean(),
         clipped=((norms + 1e-6 > cfg.clip_norm) & finite).float().mean().detach(),
+        positions=positions.sum(),
     )
     return fast.with_values(new), stats
 

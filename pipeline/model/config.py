@@ -8,7 +8,9 @@ pipeline/hf/) without approximation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import ConfigError
 
@@ -17,6 +19,9 @@ ROPE_SCALINGS = ("none", "linear", "llama3")
 
 @dataclass
 class ModelConfig:
+    # The model family (pipeline/families): its builder, Hugging Face layouts, cost model and
+    # parallel plan. A family may extend this section with keys of its own (its config class).
+    family: str = "dense"
     vocab_size: int = 8000  # the tokenizer's; the embedding/head are padded to vocab_multiple
     seq_len: int = 256
     d_model: int = 384
@@ -42,7 +47,22 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_len: int = 8192  # llama3 only: the pre-training context length
 
+    @classmethod
+    def config_class_for(cls, data: Mapping[str, Any], source: str, key: str) -> type[ModelConfig]:
+        """The config class of the family ``data`` names (``family``, default ``dense``); ``key`` is
+        the section's dotted name (``model``) for the error."""
+        name = data.get("family", "dense")
+        if name not in _CONFIG_CLASSES:
+            known = ", ".join(sorted(_CONFIG_CLASSES))
+            dotted = f"{key}.family" if key else "family"
+            raise ConfigError(
+                f"{source}: key '{dotted}': '{name}' is not a registered model family (known: {known})"
+            )
+        return _CONFIG_CLASSES[name]
+
     def validate(self) -> None:
+        if self.family not in _CONFIG_CLASSES or not isinstance(self, _CONFIG_CLASSES[self.family]):
+            raise ConfigError(f"key 'model.family': '{self.family}' does not name this config's family")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"key 'model.d_model': {self.d_model} is not divisible by n_heads={self.n_heads}"
@@ -115,3 +135,14 @@ class ModelConfig:
         qkv = self.qkv_size * d + (self.qkv_size if self.qkv_bias else 0)
         per_layer = qkv + d * d + 3 * d * f + 2 * d  # qkv, out, gate/up/down, two RMSNorms
         return self.n_layers * per_layer + (1 if self.tie_embeddings else 2) * v * d + d
+
+
+# family name -> its config class (pipeline/families/registry.py registers each family's)
+_CONFIG_CLASSES: dict[str, type[ModelConfig]] = {"dense": ModelConfig}
+
+
+def register_model_config(family: str, cls: type[ModelConfig]) -> None:
+    """Make ``model.family: <family>`` load as ``cls`` (a ModelConfig subclass, or itself)."""
+    if not (isinstance(cls, type) and issubclass(cls, ModelConfig)):
+        raise TypeError(f"family {family!r}: its config class must subclass ModelConfig, got {cls!r}")
+    _CONFIG_CLASSES[family] = cls

@@ -78,6 +78,21 @@ class LoraConfig:
         if self.enabled and not self.targets:
             raise ConfigError("key 'lora.targets': empty, but lora.enabled is true")
 
+    def check_fits(self, model_cfg) -> None:
+        """With ``enabled``: ``rank`` must not exceed the smaller side of any weight it adapts (a
+        product ``B A`` of rank r is no low-rank update of a matrix with fewer rows or columns)."""
+        if not self.enabled:
+            return
+        sides = {t: target_shape(model_cfg, t) for t in self.targets}
+        target = min(sides, key=lambda t: min(sides[t]))
+        limit = min(sides[target])
+        if self.rank > limit:
+            out, inp = sides[target]
+            raise ConfigError(
+                f"key 'lora.rank': got {self.rank}, expected <= {limit} (the smallest side of the adapted "
+                f"weights: {target} is {out} x {inp})"
+            )
+
     @property
     def scale(self) -> float:
         return self.alpha / self.rank

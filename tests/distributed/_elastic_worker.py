@@ -1,15 +1,18 @@
 """Worker for test_elastic_resume: the real Trainer (ZeRO-3, MDLM) at one layout, resumed at another.
 
-    _elastic_worker.py <dataset> <out> <run> <tp> <grad_accum> <steps> [<snap_at>]
+    _elastic_worker.py <dataset> <out> <run> <tp> <grad_accum> <steps> <snap_at> [<key=value> ...]
 
 Trains run ``<out>/<run>`` (resuming whatever checkpoint it holds) to ``steps``, checkpoints every
-4 steps. Rank 0 writes, under ``<out>``:
+4 steps; ``key=value`` arguments are config overrides (``lora.enabled=true``, ...). Rank 0 writes,
+under ``<out>``:
   <run>.json          the logged records of this launch
   <run>-loaded.pt     a resumed launch's state right after loading its checkpoint
   <run>-snap.pt       a fresh launch's state after step ``snap_at`` (it then trains on, uninterrupted)
   <run>-end.pt        the state at the end
-A state: full fp32 master weights and Adam exp_avg / exp_avg_sq (ZeRO partitions and TP shards
-gathered), the LR, the step, grad_accum, and the full logits of a fixed batch.
+A state: full weights (fp32 masters of the trained parameters, the frozen ones as they are) and
+Adam exp_avg / exp_avg_sq (ZeRO partitions and TP shards gathered), Adam's step counter of every
+trained parameter on every rank, the names of the frozen parameters, the LR, the step, grad_accum,
+and the full logits of a fixed batch.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -27,7 +31,7 @@ from tests.conftest import tiny_trainer_config
 from tests.distributed._gather import gather
 
 
-def config(dataset: str, run_dir: Path, tp: int, grad_accum: int, steps: int):
+def config(dataset: str, run_dir: Path, tp: int, grad_accum: int, steps: int, *overrides: str):
     return tiny_trainer_config(
         dataset,
         run_dir,
@@ -43,6 +47,7 @@ def config(dataset: str, run_dir: Path, tp: int, grad_accum: int, steps: int):
         "optim.warmup_steps=2",
         # eps above float noise: the sign of a ~1e-9 gradient depends on summation order
         "optim.eps=1e-6",
+        *overrides,
     )
 
 
@@ -53,13 +58,41 @@ def _full(t: torch.Tensor, param) -> torch.Tensor:
     return t.detach().float().cpu().clone()
 
 
+def _frozen(param) -> torch.Tensor:
+    """A frozen parameter (no fp32 master, no Adam state) as the model holds it, gathered."""
+    with deepspeed.zero.GatheredParameters([param]):
+        t = param.data.detach().clone()
+    if getattr(param, "tensor_model_parallel", False):
+        t = gather(t, param.partition_dim)
+    return t.cpu()
+
+
+def adam_steps(trainer: Trainer) -> dict[str, list[float]]:
+    """Adam's step counter of every trained parameter (its ZeRO sub-group's), one value per rank."""
+    zero = trainer.engine.optimizer
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    mine = {}
+    for flat, group in zip(zero.fp32_partitioned_groups_flat, zero.fp16_groups, strict=True):
+        step = zero.optimizer.state[flat].get("step")
+        for p in group:
+            mine[names[id(p)]] = None if step is None else float(step)
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    return {name: [r[name] for r in ranks] for name in mine}
+
+
 def snapshot(trainer: Trainer) -> dict:
-    """Full tensors of the trainer's weights, Adam moments, LR, and logits of a fixed batch."""
-    out: dict = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    """Full tensors of the trainer's weights, Adam moments and steps, LR, and logits of a fixed batch."""
+    out: dict = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}, "frozen": []}
     for name, p in trainer.model.named_parameters():
+        if not p.requires_grad:
+            out["weights"][name] = _frozen(p)
+            out["frozen"].append(name)
+            continue
         out["weights"][name] = _full(safe_get_full_fp32_param(p), p)
         for key in ("exp_avg", "exp_avg_sq"):
             out[key][name] = _full(safe_get_full_optimizer_state(p, key), p)
+    out["adam_step"] = adam_steps(trainer)
     out["lr"] = float(trainer.scheduler.get_last_lr()[0])
     tokens = torch.randint(6, 300, (2, trainer.cfg.model.seq_len), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -71,10 +104,10 @@ def snapshot(trainer: Trainer) -> dict:
 
 
 def main(
-    dataset: str, out_dir: str, run: str, tp: int, grad_accum: int, steps: int, snap_at: int = 0
+    dataset: str, out_dir: str, run: str, tp: int, grad_accum: int, steps: int, snap_at: int, *overrides: str
 ) -> None:
     out = Path(out_dir)
-    trainer = Trainer(config(dataset, out / run, tp, grad_accum, steps))
+    trainer = Trainer(config(dataset, out / run, tp, grad_accum, steps, *overrides))
 
     def save(name: str) -> None:
         state = snapshot(trainer)  # collective
@@ -95,4 +128,4 @@ def main(
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], a[2], *map(int, a[3:]))
+    main(a[0], a[1], a[2], *map(int, a[3:7]), *a[7:])

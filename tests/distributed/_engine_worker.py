@@ -16,12 +16,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from pipeline.diffusion.loss import mdlm_loss
+from pipeline.diffusion.noise import Noise, draw_noise, maskable_positions
 from pipeline.engine.deepspeed import build_engine, lr_lambda
 from pipeline.engine.export import consolidated_state_dict
 from pipeline.memory.inner_loop import memdlm_loss, pre_anchor_masks
 from pipeline.model.parallel import dp_group, dp_rank, dp_size, init_distributed
 from pipeline.model.transformer import DLMTransformer
-from pipeline.objectives.mdlm import Noise, draw_noise, maskable_positions, mdlm_loss
 from pipeline.train_config import load_train_config
 
 STEPS, GLOBAL_BATCH, MASK = 4, 4, 4

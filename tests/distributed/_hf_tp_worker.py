@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from pipeline.diffusion.loss import position_ce
 from pipeline.engine.export import export_model_config, load_initial_weights
 from pipeline.model.config import ModelConfig
 from pipeline.model.parallel import init_distributed, tp_size
 from pipeline.model.transformer import DLMTransformer
-from pipeline.objectives.mdlm import position_ce
 from tests.distributed._gather import gather
 
 

@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.diffusion.loss import mdlm_loss
+from pipeline.diffusion.noise import draw_noise, maskable_positions
 from pipeline.model.lora import LoraConfig, add_lora, freeze_base, is_lora_name
 from pipeline.model.parallel import init_distributed, tp_group, tp_rank, tp_size
 from pipeline.model.transformer import DLMTransformer
-from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
 from tests.conftest import tiny_model_config, tiny_run_overrides
 from tests.distributed._gather import gather
 

@@ -16,11 +16,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.diffusion.loss import mdlm_loss
+from pipeline.diffusion.noise import Noise, draw_noise, maskable_positions
 from pipeline.memory.config import MemoryConfig
 from pipeline.memory.inner_loop import memdlm_loss, pre_anchor_masks
 from pipeline.model.parallel import dp_group, init_distributed, tp_size
 from pipeline.model.transformer import DLMTransformer
-from pipeline.objectives.mdlm import Noise, ObjectiveConfig, draw_noise, maskable_positions, mdlm_loss
 from tests.conftest import tiny_model_config
 from tests.distributed._gather import gather
 

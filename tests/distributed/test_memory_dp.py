@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 import pipeline.train as train_mod
+from pipeline.diffusion.noise import Noise
 from pipeline.memory.inner_loop import memdlm_loss
-from pipeline.objectives.mdlm import Noise
 from pipeline.train import Trainer
 from pipeline.train_config import load_train_config
 from tests.distributed._launch import torchrun

@@ -6,10 +6,21 @@ from __future__ import annotations
 import json
 from urllib.parse import parse_qs, urlsplit
 
+import matplotlib.colors
 import matplotlib.image
+import numpy as np
 from mlflow.tracking import MlflowClient
 
-from launch.compare import SHARED_VIEW_TAG, _with_cadence, auto_log_every, compare, latest_url, main
+from launch.compare import (
+    RUN_COLOR_TAG,
+    SHARED_VIEW_TAG,
+    _with_cadence,
+    auto_log_every,
+    compare,
+    latest_url,
+    main,
+)
+from pipeline.plots import COLORS
 from pipeline.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND
 from tests.conftest import tiny_run_overrides
 
@@ -58,6 +69,9 @@ def test_compare_reads_both_runs_back_and_writes_json_png_and_parent_run(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
     )
     assert sorted(r.data.tags["method"] for r in children) == ["mdlm", "memdlm"]
+    # each method has its own fixed colour in the dashboard, the one it has in loss_curves.png
+    colours = {r.data.tags["method"]: r.data.tags.get(RUN_COLOR_TAG) for r in children}
+    assert colours == COLORS and colours["mdlm"] != colours["memdlm"]
     parent_metrics = client.get_run(parent_id).data.metrics
     assert parent_metrics and all(k.startswith("summary/") for k in parent_metrics)
     # the saved view: exactly the two children, the loss / eval/loss / gain charts first
@@ -77,6 +91,9 @@ def test_compare_reads_both_runs_back_and_writes_json_png_and_parent_run(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(png)
     assert image.shape[0] > 500 and image.shape[1] > 800  # 2 x 2 panels
+    for colour in COLORS.values():  # both methods' curves are drawn, each in its colour
+        rgb = np.array(matplotlib.colors.to_rgb(colour))
+        assert (np.abs(image[..., :3] - rgb).max(axis=-1) < 0.02).sum() > 200, colour
     assert (root / "compare" / "latest").resolve() == out.resolve()
     assert latest_url(root, 5123) == url.replace(":5000/", ":5123/")
     assert main(["--url", "--root", str(root)]) == 0 and url in capsys.readouterr().out

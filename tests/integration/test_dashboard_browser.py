@@ -17,7 +17,8 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launch.compare import compare
+from launch.compare import RUN_COLOR_TAG, compare
+from pipeline.plots import COLORS
 from tests import _chromium, _proc
 from tests.conftest import free_port, require_service, tiny_run_overrides
 
@@ -27,6 +28,17 @@ EXPECTED = ("mdlm (loss)", "memdlm (loss)", "mdlm (eval/loss)", "memdlm (eval/lo
 # once a trace's points are loaded; the same number per run in every chart).
 CHARTS_JS = """[...document.querySelectorAll('.js-plotly-plot')].map(p =>
   [...p.querySelectorAll('.scatterlayer path.js-line')].filter(e => (e.getAttribute('d') || '').length > 10).length)"""
+
+
+# The stroke colours of the plotted lines of the first chart (train loss: one line per run).
+STROKES_JS = """[...document.querySelectorAll('.js-plotly-plot')[0].querySelectorAll('.scatterlayer path.js-line')]
+  .filter(e => (e.getAttribute('d') || '').length > 10).map(e => e.style.stroke)"""
+
+
+def _rgb(colour: str) -> str:
+    """``#1f77b4`` -> ``rgb(31, 119, 180)``, as the browser reports a computed stroke."""
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({r}, {g}, {b})"
 
 
 def _drawn(lines) -> bool:
@@ -91,6 +103,7 @@ def test_the_printed_url_shows_both_runs_loss_curves_and_the_memory_gain(
         t_server = time.monotonic()
         with _chromium.browser(url, tmp_path / "chromium-profile", chromium) as page:
             lines = page.wait_until(CHARTS_JS, _drawn, timeout=90)
+            strokes = page.evaluate(STROKES_JS)
             t_page = time.monotonic()
             text = page.text()
             shot = page.screenshot(out / "dashboard.png")
@@ -104,6 +117,11 @@ def test_the_printed_url_shows_both_runs_loss_curves_and_the_memory_gain(
     assert text.index("MDLM vs MemDLM") < text.index("Model metrics")
     assert f"compare-{out.name}" not in text.split("MDLM vs MemDLM")[0]  # the parent is not listed
     assert _drawn(lines), f"plotted lines per chart: {lines}; screenshot: {shot}"
+    # each method in its own fixed colour (the runs' mlflow.runColor tags), as in loss_curves.png
+    client = MlflowClient(tracking_uri=store)
+    tags = {m: client.get_run(summary["run_ids"][m]).data.tags.get(RUN_COLOR_TAG) for m in COLORS}
+    assert tags == COLORS and tags["mdlm"] != tags["memdlm"]
+    assert sorted(set(strokes)) == sorted(_rgb(c) for c in COLORS.values()), f"{strokes}; screenshot: {shot}"
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the screenshot travels with the comparison: its directory and the parent run's artifacts
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import _proc
+from tests.conftest import free_port
 from tests.golden.trajectory import cpu_kind
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,7 +20,12 @@ GOLDEN = ROOT / "tests" / "golden" / "memdlm_tiny_5steps.json"
 @pytest.mark.slow
 def test_the_tiny_memdlm_run_reproduces_the_golden_trajectory(tmp_path):
     out = tmp_path / "now.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEMDLM_CPU_NATIVE_BF16": "0", "PYTHONPATH": str(ROOT)}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+    }
+    env.update(
+        OMP_NUM_THREADS="1", MEMDLM_CPU_NATIVE_BF16="0", PYTHONPATH=str(ROOT), MASTER_PORT=str(free_port())
+    )
     cmd = [sys.executable, "-m", "tests.golden.trajectory", "--out", str(out)]
     done = _proc.run(cmd, env=env, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""Resuming at another layout: when it is refused, with what message, and `make reshard`'s converter."""
+"""Resuming at another layout: when it is refused, with what message, `make reshard`'s converter, and
+how the layout is described to it (frozen parameters, models built under zero.Init)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import run_main
 from pipeline.engine.checkpoint import CheckpointError, Layout, write_file_list
 from pipeline.engine.elastic import plan_resume
-from pipeline.engine.universal import has_universal
+from pipeline.engine.universal import USER_ERRORS, has_universal
 from pipeline.engine.universal import main as reshard_main
 from pipeline.train import Trainer
 from tests.conftest import tiny_trainer_config
@@ -89,8 +91,43 @@ def test_make_reshard_converts_the_newest_checkpoint_once(world1, tiny_dataset, 
         "resuming at TP=2 x DP=1: TP=1 x DP=1 (grad_accum 1) -> TP=2 x DP=1 (grad_accum 1)"
         in capsys.readouterr().out
     )
-    assert reshard_main([str(ckpt), "--dp", "2"]) == 2  # one micro-batch per step: two ranks cannot share it
+    # one micro-batch per step: two ranks cannot share it
+    assert run_main(reshard_main, [str(ckpt), "--dp", "2"], USER_ERRORS) == 2
     assert "DP=2 cannot split evenly" in capsys.readouterr().err
     (ckpt / "universal" / "source.json").write_text("{}")  # damaged: converted again
     assert not has_universal(ckpt)
     assert reshard_main([str(ckpt)]) == 0 and has_universal(ckpt)
+
+
+def test_the_layout_description_gives_frozen_parameters_only_a_map_and_every_map_the_full_shape(
+    world1, tiny_dataset, tmp_path
+):
+    """ds_to_universal's strict check fails on a category pattern that names no optimizer
+    parameter (the frozen LoRA base), and under zero.Init ``param.shape`` is an empty partition:
+    a replicated map sized from it describes 0 elements."""
+    cfg = tiny_trainer_config(
+        tiny_dataset,
+        tmp_path / "run",
+        "memory.enabled=false",
+        "lora.enabled=true",
+        "lora.rank=4",
+        "parallel.zero_init=true",
+    )
+    trainer = Trainer(cfg)
+    trainer.close()
+    info = trainer.model.universal_checkpoint_info
+    params = dict(trainer.model.named_parameters())
+    pattern = {name: rf"^{re.escape(name)}$" for name in params}
+    frozen = {pattern[n] for n, p in params.items() if not p.requires_grad}
+    categories = {
+        *info["tp_replicated_parameter_patterns"],
+        *info["parameter_with_row_parallelism_patterns"],
+        *info["vocabulary_parameter_patterns"],
+    }
+    trained = {pattern[n] for n, p in params.items() if p.requires_grad}
+    assert frozen and categories and categories <= trained  # column splits need no category
+    maps = info["affine_map"]["params"]
+    assert set(maps) == set(pattern.values())  # the frozen ones keep their geometry
+    for name, p in params.items():
+        assert p.numel() == 0 < p.ds_numel  # really partitioned at creation
+        assert maps[pattern[name]]["logical_shape"] == list(p.ds_shape), name

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.hardware.peak import known_peak_tflops, peak_flops
+from pipeline.hardware.peak import known_peak_tflops, peak, peak_flops
 from pipeline.hardware.precision import NATIVE_BF16_ENV, resolve_precision
 from pipeline.train import Trainer
 from pipeline.train_config import load_train_config
@@ -58,13 +58,41 @@ def test_known_accelerators_have_their_dense_bf16_peak():
 
 def test_peak_comes_from_config_else_a_cached_time_boxed_measurement(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMDLM_CACHE_DIR", str(tmp_path))
-    assert peak_flops(CPU, torch.float32, configured_tflops=0.3) == (0.3e12, "config peak_tflops=0.3")
-    flops, source = peak_flops(CPU, torch.float32, budget_s=0.2)
-    assert flops > 0 and source.startswith("measured float32 matmul (0.2 s time box")
+    assert peak_flops(CPU, torch.float32, configured_tflops=0.3) == (
+        0.3e12,
+        "0.3 TFLOP/s (config peak_tflops=0.3)",
+    )
+    first = peak(CPU, torch.float32, budget_s=0.2)
+    assert first.flops > 0 and first.source.startswith("measured float32 matmul (0.2 s time box)")
     (cache,) = tmp_path.glob("peak-*.json")
-    assert json.loads(cache.read_text())["flops"] == flops
-    again, source = peak_flops(CPU, torch.float32, budget_s=0.2)
-    assert again == flops and source.startswith("measured earlier")
+    assert json.loads(cache.read_text())["flops"] == first.flops
+    again = peak(CPU, torch.float32, budget_s=0.2)
+    assert again.flops == first.flops and again.source.startswith("measured float32 matmul, cached at")
+    assert again.describe(now=again.measured_at + 7200).endswith(", 2 h old)")
+
+
+def test_a_throughput_above_a_stale_cached_peak_remeasures_it_and_mfu_stays_at_most_one(
+    tmp_path, monkeypatch
+):
+    """A peak cached while the machine was busy (here: 1 MFLOP/s) is re-measured, not trusted."""
+    monkeypatch.setenv("MEMDLM_CACHE_DIR", str(tmp_path))
+    stale = peak(CPU, torch.float32, budget_s=0.1)
+    (cache,) = tmp_path.glob("peak-*.json")
+    cache.write_text(json.dumps({"flops": 1e6, "measured_at": 0.0}))
+    stale = peak(CPU, torch.float32, budget_s=0.1)
+    assert stale.flops == 1e6
+    mfu = stale.mfu(5e6)
+    assert stale.flops > 1e6 and mfu <= 1.0 and mfu == pytest.approx(5e6 / stale.flops)
+    assert stale.source.startswith("re-measured: 3 x 0.1 s time boxes, max kept")
+    assert json.loads(cache.read_text())["flops"] == stale.flops  # the cache holds the better number now
+
+
+def test_a_configured_peak_below_the_achieved_throughput_is_raised_with_a_warning():
+    wrong = peak(CPU, torch.float32, configured_tflops=1e-6)  # 1 MFLOP/s: a typo in the config
+    with pytest.warns(UserWarning, match="exceeds the MFU peak"):
+        assert wrong.mfu(3e6) == 1.0
+    assert wrong.flops == 3e6 and wrong.source.endswith("raised to an achieved throughput")
+    assert wrong.mfu(1.5e6) == 0.5
 
 
 @pytest.mark.parametrize("native", [False, True])

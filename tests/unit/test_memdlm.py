@@ -7,18 +7,18 @@ import math
 import pytest
 import torch
 
-from pipeline.memory.config import MemoryConfig
-from pipeline.memory.inner_loop import expand_mask, memdlm_loss, pre_anchor_masks
-from pipeline.model.transformer import DLMTransformer
-from pipeline.objectives.mdlm import (
-    ObjectiveConfig,
+from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.diffusion.loss import mdlm_loss
+from pipeline.diffusion.noise import (
     draw_noise,
     loss_weight,
     mask_probability,
     maskable_positions,
-    mdlm_loss,
     time_of_mask_ratio,
 )
+from pipeline.memory.config import MemoryConfig
+from pipeline.memory.inner_loop import expand_mask, memdlm_loss, pre_anchor_masks
+from pipeline.model.transformer import DLMTransformer
 from tests import reference as ref
 from tests.conftest import tiny_model_config
 
@@ -275,7 +275,7 @@ def test_sample_scope_batch_two_equals_two_batch_one_runs(setup):
 
 
 def _sub(noise, sl):
-    from pipeline.objectives.mdlm import Noise
+    from pipeline.diffusion.noise import Noise
 
     return Noise(t=noise.t[sl], mask=noise.mask[sl], noisy=noise.noisy[sl], maskable=noise.maskable[sl])
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.diffusion.noise import draw_noise, maskable_positions
 from pipeline.memory.config import MemoryConfig
 from pipeline.memory.inner_loop import memdlm_loss
 from pipeline.model.transformer import DLMTransformer
-from pipeline.objectives.mdlm import ObjectiveConfig, draw_noise, maskable_positions
 from tests.conftest import tiny_model_config
 
 MASK = 4

@@ -75,6 +75,44 @@ def test_after_a_resize_the_rest_of_the_epoch_is_read_once_in_the_old_global_bat
         assert next(stream)["index"].tolist() == next(iter(fresh))["index"].tolist()
 
 
+def _steps(streams, grad_accum: int, steps: int) -> list[list[int]]:
+    """The next ``steps`` global batches of ``streams`` (one per DP rank), in slot order."""
+    return [
+        [i for stream in streams for _ in range(grad_accum) for i in next(stream)["index"].tolist()]
+        for _ in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("before_end", [0, 1], ids=["at_the_boundary", "one_step_before"])
+def test_a_resize_at_an_epoch_boundary_reads_each_epoch_like_the_uninterrupted_runs(tiny_dataset, before_end):
+    """DP=4 x grad_accum 2 -> DP=2 x grad_accum 4 when epoch 0 is done (or has one step left): the
+    rest of epoch 0 is the DP=4 run's, and epochs 1 and 2 are those of a run that always had DP=2
+    (the next epoch is split for the new layout), with no sample read twice or skipped."""
+    old_world, old_ga, new_world, new_ga = 4, 2, 2, 4
+    epoch_steps = _loader(tiny_dataset, 0, old_world).batches_per_epoch // old_ga
+    assert epoch_steps == _loader(tiny_dataset, 0, new_world).batches_per_epoch // new_ga
+    done = epoch_steps - before_end
+    old_run = _global_batches(tiny_dataset, old_world, old_ga, epoch_steps)
+    always_new = _steps(
+        [iter(_loader(tiny_dataset, r, new_world)) for r in range(new_world)], new_ga, 3 * epoch_steps
+    )
+    loaders = _resized(tiny_dataset, old_world, old_ga, new_world, new_ga, done)
+    assert [loader.carrying for loader in loaders] == [before_end > 0] * new_world
+    streams = [iter(loader) for loader in loaders]
+    assert _steps(streams, new_ga, before_end) == old_run[done:]  # the rest of epoch 0, as DP=4 had it
+    assert not any(loader.carrying for loader in loaders)
+    for loader in loaders:  # a checkpoint here resumes at the start of epoch 1, nothing carried
+        state = loader.state_dict()
+        assert (state["epoch"], state["batch_in_epoch"], state["carry"]) == (1, 0, None)
+    resumed = _steps(streams, new_ga, 2 * epoch_steps)
+    assert resumed == always_new[epoch_steps:]  # epochs 1 and 2: exactly the DP=2 run's
+    epoch0 = [i for step in old_run for i in step]
+    assert len(epoch0) == len(set(epoch0))
+    for e in range(2):  # each later epoch reads the same samples as epoch 0, once each
+        epoch = [i for step in resumed[e * epoch_steps : (e + 1) * epoch_steps] for i in step]
+        assert sorted(epoch) == sorted(epoch0)
+
+
 def test_a_checkpoint_taken_during_the_carried_over_epoch_resumes_it_exactly(tiny_dataset):
     (loader,) = _resized(tiny_dataset, 2, 1, 1, 2, 2)
     stream = iter(loader)

@@ -94,9 +94,10 @@ def test_repeated_non_finite_losses_stop_with_the_last_good_checkpoint(
 
 
 def test_gradient_accumulation_of_two_halves_equals_one_full_batch(world1):
+    from pipeline.diffusion.loss import mdlm_loss
+    from pipeline.diffusion.noise import Noise, draw_noise, maskable_positions
     from pipeline.engine.deepspeed import build_engine
     from pipeline.model.transformer import DLMTransformer
-    from pipeline.objectives.mdlm import Noise, draw_noise, maskable_positions, mdlm_loss
 
     def run(grad_accum: int) -> dict[str, torch.Tensor]:
         cfg = load_train_config(

@@ -1,0 +1,68 @@
+"""The dense family's registry entry: config, builder, shapes for the cost model, parallel plan."""
+
+from __future__ import annotations
+
+from pipeline.families.registry import Family, LayerShape, ParallelPlan, Projection, register_family
+from pipeline.model.config import ModelConfig
+
+# memory.targets / lora.targets choices -> the projections they name
+FAST_WEIGHT_TARGETS = {"ffn": ("gate", "up", "down"), "ffn+attn": ("qkv", "out", "gate", "up", "down")}
+
+
+def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
+    """Every block: fused QKV (GQA rows), output, SwiGLU gate/up/down; two RMSNorms (+ QKV bias)."""
+    d, f, attn = cfg.d_model, cfg.ffn_hidden, cfg.n_heads * cfg.head_dim
+    shape = LayerShape(
+        projections=(
+            Projection("qkv", d, cfg.qkv_size, "column"),
+            Projection("out", attn, d, "row"),
+            Projection("gate", d, f, "column"),
+            Projection("up", d, f, "column"),
+            Projection("down", f, d, "row"),
+        ),
+        query_heads=cfg.n_heads,
+        head_dim=cfg.head_dim,
+        other_params=2 * d + (cfg.qkv_size if cfg.qkv_bias else 0),
+    )
+    return [shape] * cfg.n_layers
+
+
+def activation_bytes(cfg: ModelConfig, tp: int) -> float:
+    """Bytes one token keeps for backward in one block under bf16 autocast, measured with
+    ``saved_tensors_hooks`` (tests/unit/test_memory_model.py re-measures): ``20 d`` replicated (the
+    RMSNorms' fp32 inputs and outputs, the residual stream) + ``(18 d + 10.25 f) / tp`` sharded with
+    the heads and the FFN (q, k, v, rotated q/k, attention output and log-sum-exp; gate, up, silu,
+    product)."""
+    d, f = cfg.d_model, cfg.ffn_hidden
+    return 20 * d + (18 * d + 10.25 * f) / tp
+
+
+def check_parallel(cfg: ModelConfig, dims) -> None:
+    """Heads, KV heads, FFN width and the padded vocabulary must divide by the TP size."""
+    cfg.check_tp(dims.tp)
+
+
+def _build(cfg: ModelConfig, dims):
+    from pipeline.model.transformer import DLMTransformer
+
+    return DLMTransformer(cfg)
+
+
+def _describe(model, dims) -> None:
+    from pipeline.engine.universal import describe_tensor_parallel_layout
+
+    describe_tensor_parallel_layout(model, dims.tp)
+
+
+DENSE = register_family(
+    Family(
+        name="dense",
+        config_class=ModelConfig,
+        build=_build,
+        layer_shapes=layer_shapes,
+        plan=ParallelPlan(check=check_parallel, describe=_describe),
+        activation_bytes=activation_bytes,
+        fast_weight_targets=FAST_WEIGHT_TARGETS,
+        description="bidirectional transformer, GQA attention, SwiGLU FFN (LLaMA / Qwen2 / LLaDA layouts)",
+    )
+)

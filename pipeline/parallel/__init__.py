@@ -1,0 +1,1 @@
+"""Parallel dimensions and the collectives built on them (process groups, rank-0 decisions)."""
