@@ -41,8 +41,8 @@ $(STAMP): requirements.txt pyproject.toml
 test: venv ## run the whole test suite (~19 min on 2 CPU cores, Slurm tests included)
 	$(PY) -m pytest -q $(ARGS)
 
-test-fast: venv ## unit tests only (~4 min)
-	$(PY) -m pytest -q tests/unit $(ARGS)
+test-fast: venv ## unit tests without the slow ones (under 2 min on 2 cores)
+	$(PY) -m pytest -q -m "not slow" tests/unit $(ARGS)
 
 lint: venv ## ruff check + format check
 	$(VENV)/bin/ruff check .
@@ -81,7 +81,7 @@ export-hf: venv ## our export -> HF Llama/Qwen2 layout: make export-hf CHECKPOIN
 
 reshard: venv ## a checkpoint any TP x DP can resume (DeepSpeed universal): make reshard CHECKPOINT=runs/<run>/checkpoints[/step-N] [TP=.. DP=..]
 	@test "$(origin CHECKPOINT)" != "file" || { echo "error: set CHECKPOINT=runs/<run>/checkpoints (its newest) or one step-NNNNNN folder"; exit 2; }
-	$(PY) -m pipeline.engine.universal '$(CHECKPOINT)' $(if $(TP),--tp $(TP)) $(if $(DP),--dp $(DP))
+	$(PY) -m pipeline.engine.reshard '$(CHECKPOINT)' $(if $(TP),--tp $(TP)) $(if $(DP),--dp $(DP))
 
 sample: venv ## generate: make sample CHECKPOINT=runs/local/export PROMPT="..." [ARGS='--block-length 16 --temperature 0.7']
 	$(PY) -m pipeline.sample --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" $(ARGS)

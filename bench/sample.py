@@ -19,10 +19,10 @@ import torch
 
 from bench.common import machine, sync, training_precision, write
 from pipeline.config import load_config
-from pipeline.memory.inner_loop import MemoryConfig
+from pipeline.families import family_of
+from pipeline.memory.config import MemoryConfig
 from pipeline.model.config import ModelConfig
-from pipeline.model.parallel import init_distributed
-from pipeline.model.transformer import DLMTransformer
+from pipeline.parallel.dims import init_distributed
 from pipeline.sampler import DiffusionSampler, SamplerConfig
 
 
@@ -50,7 +50,7 @@ def run(
     resolved = training_precision(precision, device)
     cfg = load_config(ModelConfig, f"configs/model/{preset}.yaml")
     torch.manual_seed(0)
-    model = DLMTransformer(cfg).to(device).eval()
+    model = family_of(cfg).build(cfg, init_distributed(tp=1)).to(device).eval()
     sampler = DiffusionSampler(
         model, vocab_size=cfg.vocab_size, mask_id=4, pad_id=0, memory=MemoryConfig(enabled=True)
     )

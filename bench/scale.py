@@ -3,9 +3,10 @@ memory model's predictions for the 1B and 7B presets on 8-256 GPUs.
 
     python -m bench.scale [--steps 4]
 
-Each configuration runs MemDLM (ZeRO-3, global batch 8 x 256, in the precision training resolves
-for the device: bf16 where native, fp32 on an AVX2-only CPU) in its own torchrun launch
-(gloo, OMP_NUM_THREADS = cores / world). The memory model (pipeline/perf/memory_model.py) is
+Each configuration runs MemDLM through the trainer's own ``train_step`` (ZeRO-3, global batch
+8 x 256 of the sample dataset, in the precision training resolves for the device: bf16 where
+native, fp32 on an AVX2-only CPU) in its own torchrun launch (gloo, OMP_NUM_THREADS = cores /
+world). The memory model (pipeline/perf/memory_model.py) is
 checked against what is measured: measured peak RSS minus the process's RSS before the model
 existed (interpreter + libraries) vs the predicted training-state + activation bytes.
 Writes bench/results/scale.json.
@@ -22,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import machine, write
+from bench.step import bench_dataset
 from pipeline.perf.memory_model import estimate_memory
 from pipeline.train_config import load_train_config
 
@@ -29,7 +31,9 @@ LAYOUTS = [(1, 1, 1), (2, 1, 2), (2, 2, 1)]  # (world, tp, dp)
 GPU_COUNTS = [8, 16, 32, 64, 128, 256]
 
 
-def measure(world: int, tp: int, steps: int, preset: str = "small", global_batch: int = 8) -> list[dict]:
+def measure(
+    world: int, tp: int, steps: int, data: str, preset: str = "small", global_batch: int = 8
+) -> list[dict]:
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "scale.json"
@@ -47,6 +51,7 @@ def measure(world: int, tp: int, steps: int, preset: str = "small", global_batch
             str(out),
             preset,
             str(global_batch),
+            data,
         ]
         proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
         if proc.returncode:
@@ -63,10 +68,11 @@ def main() -> None:
     p.add_argument("--out", default="scale")
     args = p.parse_args()
     small = load_train_config("configs/train/local.yaml", [f"model_preset={args.preset}"])
+    data = bench_dataset(args.preset, None, "configs/data/sample.yaml")
     worlds = {int(w) for w in args.worlds.split(",")}
     configs = []
     for world, tp, dp in (lay for lay in LAYOUTS if lay[0] in worlds):
-        recs = measure(world, tp, args.steps, args.preset, args.global_batch)
+        recs = measure(world, tp, args.steps, data, args.preset, args.global_batch)
         pred = estimate_memory(small.model, small.memory, micro_batch=args.global_batch // dp, tp=tp, dp=dp)
         peak = max(r["peak_rss_mib"] for r in recs)
         above_baseline = max(r["peak_rss_mib"] - r["baseline_rss_mib"] for r in recs)

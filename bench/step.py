@@ -1,17 +1,16 @@
-"""MemDLM vs MDLM step time on the small config, same batch, one process, alternating.
+"""MemDLM vs MDLM step time through the trainer's own step: same preset, batch and data, alternating.
 
     python -m bench.step [--preset small] [--batch 8] [--steps 16] [--precision auto|bf16|fp32]
+                         [--data data/bench-step-256] [--config-data configs/data/sample.yaml]
 
-The precision is picked the way training picks it (``parallel.precision`` of the default training
-config, ``auto`` unless ``--precision`` says otherwise, resolved by
-``pipeline.hardware.precision.resolve_precision``): bf16 where the device multiplies it natively
-(GPUs, AMX CPUs), fp32 on an AVX2-only CPU. Each step is forward + backward + AdamW; in bf16 under
-autocast with bf16 weights in the model and fp32 masters in the optimizer (DeepSpeed's bf16 mode),
-in fp32 with fp32 weights throughout. MFU is against ``pipeline.hardware.peak.peak_flops`` in that
-dtype (``--peak-tflops``, else the table of known GPUs' dense bf16 peaks, else a cached matmul
-measurement time-boxed to ``--peak-budget`` s), as the trainer computes it. Also the FLOP ratio from
-``estimate_flops`` (the lower bound the measured time ratio is compared to).
-Writes bench/results/<--out>.json (default step.json).
+Two :class:`pipeline.train.Trainer` objects (memory off and on) are built on the real DeepSpeed
+engine and stepped in turn with :meth:`Trainer.train_step`: the forward, the inner loop, the
+backward, the ZeRO-3 reduction and AdamW, exactly what a run times. Model FLOPs and MFU are the
+trainer's own (the one cost model, pipeline/perf/cost.py, against the run's MFU peak,
+pipeline/hardware/peak.py, which re-measures itself rather than report an MFU above 1); the
+FLOP ratio is the lower bound the measured time ratio is compared to. The dataset is the sample
+corpus built at the preset's sequence length (once, under ``--data``). Writes
+bench/results/<--out>.json (default step.json).
 """
 
 from __future__ import annotations
@@ -19,131 +18,92 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
-import torch
-
-from bench.common import machine, precision_record, sync, training_precision, write
-from pipeline.config import load_config
-from pipeline.diffusion.config import ObjectiveConfig
-from pipeline.diffusion.loss import mdlm_loss
-from pipeline.diffusion.noise import draw_noise, maskable_positions
-from pipeline.hardware.precision import Precision
-from pipeline.memory.inner_loop import MemoryConfig, memdlm_loss, pre_anchor_masks
-from pipeline.model.config import ModelConfig
-from pipeline.model.parallel import init_distributed
-from pipeline.model.transformer import DLMTransformer
-from pipeline.perf.flops import estimate_flops, estimate_mfu
-
-MASK_ID = 4
+from bench.common import machine, write
+from data_prep.prepare import USER_ERRORS, load_dataset_config, prepare_any
+from pipeline.cli import run_main
+from pipeline.families.registry import param_count
+from pipeline.train import Trainer
+from pipeline.train_config import load_train_config
 
 
-class StepBench:
-    """One model + optimizer; ``step(method)`` runs a full training step on a fresh noise draw."""
-
-    def __init__(
-        self,
-        preset: str,
-        batch: int,
-        device: str,
-        seed: int = 0,
-        memory: MemoryConfig | None = None,
-        precision: Precision | None = None,
-    ):
-        self.cfg = load_config(ModelConfig, f"configs/model/{preset}.yaml")
-        self.precision = precision or training_precision(None, device)
-        torch.manual_seed(seed)
-        # As DeepSpeed does: in bf16, bf16 weights in the model and fp32 masters in the optimizer;
-        # in fp32, the optimizer steps the model's own fp32 weights.
-        self.model = DLMTransformer(self.cfg).to(device=device, dtype=self.precision.torch_dtype)
-        self.params = [p for p in self.model.parameters()]
-        if self.precision.bf16:
-            self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
-        else:
-            self.master = self.params
-        self.opt = torch.optim.AdamW(self.master, lr=1e-4)
-        self.device = device
-        g = torch.Generator(device).manual_seed(seed)
-        self.tokens = torch.randint(
-            6, self.cfg.vocab_size, (batch, self.cfg.seq_len), generator=g, device=device
-        )
-        self.obj = ObjectiveConfig()
-        self.mem = memory or MemoryConfig(enabled=True)
-        self.est = estimate_flops(self.cfg, self.mem)
-        self.step_no = 0
-
-    def step(self, method: str) -> tuple[float, float]:
-        """Run one step; returns (seconds, model FLOPs of the step from estimate_flops)."""
-        g = torch.Generator(self.device).manual_seed(1000 + self.step_no)
-        self.step_no += 1
-        noise = draw_noise(self.tokens, maskable_positions(self.tokens, 0), self.obj, MASK_ID, g)
-        n_tok = self.tokens.numel()
-        sync(self.device)
-        t0 = time.perf_counter()
-        with torch.autocast(
-            torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.precision.bf16
-        ):
-            if method == "mdlm":
-                loss = mdlm_loss(self.model, self.tokens, noise, self.obj)
-            else:
-                pre = pre_anchor_masks(
-                    noise.mask, noise.maskable, self.mem.pre_anchor_scale, self.mem.pre_anchor_steps, g
-                )
-                loss = memdlm_loss(
-                    self.model, self.model, self.tokens, noise, self.obj, self.mem, MASK_ID, g, pre_masks=pre
-                ).loss
-        loss.backward()
-        if self.precision.bf16:
-            for p, m in zip(self.params, self.master, strict=True):
-                m.grad = p.grad.float()
-                p.grad = None
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.precision.bf16:
-            with torch.no_grad():
-                for p, m in zip(self.params, self.master, strict=True):
-                    p.copy_(m)
-        sync(self.device)
-        seconds = time.perf_counter() - t0
-        masked = float(noise.mask.sum())
-        flops = self.est.mdlm_step(n_tok, masked)
-        if method == "memdlm":
-            flops += self.est.memdlm_extra(n_tok, [float(p.sum()) for p in pre], masked)
-        return seconds, flops
+def bench_dataset(preset: str, data: str | None, config: str) -> str:
+    """The dataset the benchmark trains on, built if missing: ``config``'s corpus with a tokenizer of
+    the preset's vocabulary at its sequence length (the config's own dataset when they agree:
+    ``make pretrain``'s data/sample for the small preset)."""
+    model = load_train_config(None, [f"model_preset={preset}"]).model
+    prep = load_dataset_config(config)
+    if (prep.seq_len, prep.tokenizer.vocab_size) != (model.seq_len, model.vocab_size) or data:
+        out = data or f"{prep.out_dir}-{model.seq_len}-{model.vocab_size}"
+        overrides = [f"out_dir={out}", f"seq_len={model.seq_len}", f"tokenizer.vocab_size={model.vocab_size}"]
+        prep = load_dataset_config(config, [*overrides, "train_shards=8", "val_shards=2"])
+    prepare_any(prep, progress=False)
+    return prep.out_dir
 
 
-def run(
-    preset: str,
-    batch: int,
-    steps: int,
-    device: str,
-    precision: str | None = None,
-    peak_tflops: float = 0.0,
-    peak_budget_s: float = 6.0,
-) -> dict:
-    resolved = training_precision(precision, device)
-    bench = StepBench(preset, batch, device, precision=resolved)
-    for method in ("mdlm", "memdlm"):  # warm-up (allocator, autocast caches)
-        bench.step(method)
-        bench.step(method)
-    times: dict[str, list[float]] = {"mdlm": [], "memdlm": []}
-    flops: dict[str, list[float]] = {"mdlm": [], "memdlm": []}
-    for _ in range(steps):
-        for method in ("mdlm", "memdlm"):  # alternate so drift hits both equally
-            s, f = bench.step(method)
-            times[method].append(s)
-            flops[method].append(f)
-    med = {m: statistics.median(v) for m, v in times.items()}
-    tokens = batch * bench.cfg.seq_len
-    peak, peak_fields = precision_record(resolved, device, peak_tflops, peak_budget_s)
-    mdlm_flops_per_s = statistics.mean(flops["mdlm"]) / med["mdlm"]
+def _trainer(preset: str, batch: int, data: str, memory: bool, run_dir: Path, extra: list[str]) -> Trainer:
+    cfg = load_train_config(
+        None,
+        [
+            f"model_preset={preset}",
+            f"data.path={data}",
+            f"data.batch_size={batch}",
+            "data.num_workers=0",
+            f"memory.enabled={str(memory).lower()}",
+            f"run_dir={run_dir}",
+            "tracking.enabled=false",
+            "eval.every=0",
+            "checkpoint.resume=false",
+            "log_every=1000000",  # no memory-gain measurement: the step a run times
+            "steps=1000000",
+            *extra,
+        ],
+    )
+    return Trainer(cfg)
+
+
+def run(preset: str, batch: int, steps: int, data: str, extra: list[str]) -> dict[str, Any]:
+    """Both trainers, two warm-up steps each, then ``steps`` alternating timed steps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {
+            m: _trainer(preset, batch, data, m == "memdlm", Path(tmp) / m, extra) for m in ("mdlm", "memdlm")
+        }
+        try:
+            for _ in range(2):  # warm-up (allocator, autocast caches, ZeRO buffers)
+                for t in trainers.values():
+                    t.train_step()
+            recs: dict[str, list[dict[str, float]]] = {"mdlm": [], "memdlm": []}
+            for _ in range(steps):
+                for m, t in trainers.items():  # alternate so drift hits both equally
+                    recs[m].append(t.train_step())
+        finally:
+            for t in trainers.values():
+                t.close()
+    return summarize(preset, batch, steps, trainers, recs)
+
+
+def summarize(
+    preset: str, batch: int, steps: int, trainers: dict[str, Trainer], recs: dict[str, list[dict[str, float]]]
+) -> dict[str, Any]:
+    t = trainers["mdlm"]
+    world = t.dims.world
+    med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in recs.items()}
+    flops = {m: [r["model_tflops_per_s"] * 1e12 * r["seconds"] * world for r in rs] for m, rs in recs.items()}
+    tokens = t.global_batch * t.cfg.model.seq_len
     result = {
         "preset": preset,
-        "device": device,
+        "device": str(t.device),
         "batch": batch,
-        "seq_len": bench.cfg.seq_len,
-        "params": bench.cfg.num_params(),
+        "seq_len": t.cfg.model.seq_len,
+        "params": param_count(t.cfg.model),
         "steps": steps,
+        "precision": t.precision.dtype,
+        "precision_reason": t.precision.reason,
+        **trainers["memdlm"].peak.as_record(),  # the later of the two: a re-measured peak if any
         "mdlm_step_s": med["mdlm"],
         "memdlm_step_s": med["memdlm"],
         "mdlm_tokens_per_s": tokens / med["mdlm"],
@@ -151,13 +111,12 @@ def run(
         # median of per-pair ratios: each MemDLM step against the MDLM step right before it,
         # robust to the machine's drift over the run (2 shared cores vary by ~5 %)
         "memdlm_over_mdlm_step_ratio": statistics.median(
-            m / d for m, d in zip(times["memdlm"], times["mdlm"], strict=True)
+            m["seconds"] / d["seconds"] for m, d in zip(recs["memdlm"], recs["mdlm"], strict=True)
         ),
         "memdlm_over_mdlm_flops_ratio": statistics.mean(flops["memdlm"]) / statistics.mean(flops["mdlm"]),
-        **peak_fields,
-        "mdlm_model_flops_per_s": mdlm_flops_per_s,
-        "mdlm_mfu": estimate_mfu(mdlm_flops_per_s, peak),
-        "memdlm_mfu": estimate_mfu(statistics.mean(flops["memdlm"]) / med["memdlm"], peak),
+        "mdlm_model_flops_per_s": statistics.mean(flops["mdlm"]) / med["mdlm"],
+        "mdlm_mfu": statistics.median(r["mfu"] for r in recs["mdlm"]),
+        "memdlm_mfu": statistics.median(r["mfu"] for r in recs["memdlm"]),
         "machine": machine(),
     }
     result["step_ratio_over_flops_ratio"] = (
@@ -166,33 +125,25 @@ def run(
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--precision",
-        choices=["auto", "bf16", "fp32"],
-        default=None,
-        help="default: the training config's parallel.precision (auto: bf16 where native, else fp32)",
-    )
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="MFU denominator; 0 = table/measure")
-    p.add_argument("--peak-budget", type=float, default=6.0, help="seconds for a peak measurement")
-    p.add_argument("--out", default="step")
-    args = p.parse_args()
-    os.environ.setdefault("MASTER_PORT", "29731")
-    init_distributed(tp=1)
-    result = run(
-        args.preset,
-        args.batch,
-        args.steps,
-        args.device,
-        args.precision,
-        args.peak_tflops,
-        args.peak_budget,
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset directory (built if missing; default: data/sample or data/bench-step-<seq>-<vocab>)",
     )
+    p.add_argument("--config-data", default="configs/data/sample.yaml", help="how to build it when missing")
+    p.add_argument("--out", default="step")
+    args = p.parse_args(argv)
+    os.environ.setdefault("MASTER_PORT", "29731")
+    data = bench_dataset(args.preset, args.data, args.config_data)
+    extra = [f"parallel.precision={args.precision}", f"peak_tflops={args.peak_tflops}"]
+    result = run(args.preset, args.batch, args.steps, data, extra)
     print(f"precision: {result['precision']} ({result['precision_reason']})")
     print(f"MFU peak: {result['peak_flops'] / 1e12:.3g} TFLOP/s ({result['peak_flops_source']})")
     for k in (
@@ -200,12 +151,12 @@ def main() -> None:
         "memdlm_tokens_per_s",
         "memdlm_over_mdlm_step_ratio",
         "memdlm_over_mdlm_flops_ratio",
-        "peak_flops",
-        "mdlm_mfu",
     ):
         print(f"{k:32s} {result[k]:.4g}")
+    print(f"{'mdlm_mfu':32s} {result['mdlm_mfu']:.4g}")
     write(args.out, result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, user_errors=USER_ERRORS))

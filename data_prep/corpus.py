@@ -193,7 +193,7 @@ def _iter_jsonl(
 
 
 def _iter_parquet(path: Path, text_field: str) -> Iterator[Document]:
-    try:
+    try:  # optional: only .parquet corpora need pyarrow
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow ships with mlflow
         raise CorpusError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None

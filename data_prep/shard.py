@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.corpus import CorpusStats, Document, iter_documents, resolve_inputs
+from data_prep.sample_corpus import sample_documents
 from data_prep.tokenizer import sample_lines, train_tokenizer
 from pipeline.dataset import to_dict
 from pipeline.dataset.manifest import (
@@ -249,8 +250,6 @@ class _Build:
         inputs: list[tuple[Path, str]] = []
         user = [c for c in self.cfg.corpus if c != SAMPLE_CORPUS]
         if SAMPLE_CORPUS in self.cfg.corpus:
-            from data_prep.sample_corpus import sample_documents
-
             inputs.append((sample_documents(self.sample_cache, progress=self.progress), "text"))
         if user:
             inputs.extend((p, self.cfg.text_field) for p in resolve_inputs(user))

@@ -21,9 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from data_prep.sft import write_sft_dataset
+from data_prep.tasks import generate, load_filler, resolve_filler_path
 from pipeline.cli import run_main
 from pipeline.dataset import ConfigError, load_config
 from pipeline.dataset.manifest import DatasetError, Manifest, load_manifest
+from pipeline.dataset.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -72,9 +75,6 @@ def _fingerprint(cfg: TaskDataConfig, tokenizer_sha: str) -> str:
 
 def prepare_task_data(cfg: TaskDataConfig) -> Manifest:
     """Write (or confirm) the SFT dataset of ``cfg``; returns its manifest."""
-    from data_prep.sft import write_sft_dataset
-    from data_prep.tasks import generate, load_filler, resolve_filler_path
-    from pipeline.dataset.tokenizer import load_tokenizer
 
     if not Path(cfg.tokenizer).exists():
         raise DatasetError(

@@ -14,25 +14,25 @@ CLUSTER_DIR = Path("configs/cluster")
 
 @dataclass
 class ClusterConfig:
-    executor: Literal["local", "slurm"]
+    executor: Literal["local", "slurm"]  # submitit's LocalExecutor on this machine, or Slurm
     data: str = "configs/data/sample.yaml"  # dataset build config (data_prep), prepared before launch
     train: str = "configs/train/local.yaml"  # training config (CONFIG= overrides it)
-    nodes: int = 1
+    nodes: int = 1  # nodes of the allocation (Slurm)
     # Slurm may start the job, or bring it back after a requeue (a lost node, a preemption), on as
     # few as min_nodes nodes (`--nodes=min_nodes-nodes`); the trainer then resumes at that world
     # size through the elastic path (grad_accum keeps the global batch). None: exactly `nodes`.
     min_nodes: int | None = None
     tasks_per_node: int = 1  # one task per GPU (or per CPU process locally)
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
+    gpus_per_node: int = 0  # GPUs asked of Slurm per node (0 on CPU clusters)
+    cpus_per_task: int = 1  # CPU cores per task (and the threads each task uses)
     time_min: int = 60  # wall-clock limit of one allocation; the job requeues past it
     max_requeues: int = 3  # timeouts/preemptions after which the job gives up
-    job_name: str = "memdlm"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    mem_gb: int | None = None
+    job_name: str = "memdlm"  # Slurm job name
+    partition: str | None = None  # Slurm partition (required for executor: slurm)
+    account: str | None = None  # Slurm account to charge
+    qos: str | None = None  # Slurm quality of service
+    constraint: str | None = None  # Slurm node feature constraint
+    mem_gb: int | None = None  # memory per node in GB (0: the whole node; null: Slurm's default)
     setup: list[str] = field(default_factory=list)  # shell lines run before the tasks (modules, venv)
     sbatch_extra: dict[str, str] = field(default_factory=dict)  # any other #SBATCH key: value
     # Local jobs: when the launcher is stopped (Ctrl-C, SIGTERM, SIGHUP), how long its tasks get to

@@ -40,6 +40,8 @@ from pipeline.build import export_tracking_credentials
 from pipeline.cli import run_main
 from pipeline.plots import COLORS, GAIN, plot_compare
 from pipeline.tracking import LOCAL_UI, Tracker, ema, flatten, redact_config, redact_uri, ui_url
+from pipeline.train import Trainer
+from pipeline.train_config import load_train_config
 
 METHODS = ("mdlm", "memdlm")
 SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a saved runs view (MLflow 3 UI)
@@ -274,8 +276,6 @@ def compare(
 ) -> Path:
     """Train both methods and write the comparison; returns its directory. With ``data_config``
     the dataset is prepared (or checked) first, as ``make pretrain CLUSTER=local`` does."""
-    from pipeline.train import Trainer
-    from pipeline.train_config import load_train_config
 
     # Resolved once; the two runs are derived from it with dataclasses.replace, never re-parsed.
     base = load_train_config(config, [*overrides, *([f"steps={steps}"] if steps else [])])

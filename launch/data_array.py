@@ -42,7 +42,7 @@ from data_prep.shard import (
     prepare_dataset,
 )
 from launch.clusters import ClusterConfig
-from launch.submit import gone_from_slurm, stop_local
+from launch.submit import gone_from_slurm, slurm_parameters, stop_local
 from pipeline.dataset.manifest import Manifest
 from pipeline.dataset.prep_config import PrepConfig
 from pipeline.dataset.tokenizer import Tokenizer
@@ -59,7 +59,6 @@ def make_array_executor(cluster: ClusterConfig, folder: Path, parallelism: int) 
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=cluster.time_min)
         return ex
-    from launch.submit import slurm_parameters
 
     params = slurm_parameters(cluster)
     params.pop("gpus_per_node", None)

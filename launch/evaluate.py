@@ -33,9 +33,11 @@ from data_prep.tasks import generate, load_filler, read_jsonl, resolve_filler_pa
 from pipeline.build import export_tracking_credentials
 from pipeline.cli import run_main
 from pipeline.config import ConfigError, load_config
+from pipeline.data.stream import DataConfig, TokenBatchLoader
 from pipeline.eval.exposure_bias import ExposureBiasCurve, exposure_bias, plot_exposure_bias
 from pipeline.eval.tasks import TaskScoringConfig, evaluate_examples
-from pipeline.tracking import TrackingConfig, redact_config, redact_uri
+from pipeline.sampler import load_sampler
+from pipeline.tracking import Tracker, TrackingConfig, flatten, git_commit, redact_config, redact_uri
 
 
 @dataclass
@@ -111,7 +113,6 @@ def exposure_pairs(
 ) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt, response) token pairs cut from the dataset's first val sequences; the dataset must
     be tokenised with the checkpoint's ``tokenizer`` (checked)."""
-    from pipeline.data.stream import DataConfig, TokenBatchLoader
 
     need = cfg.prompt_tokens + cfg.response_tokens
     if need > seq_len:
@@ -139,7 +140,6 @@ def exposure_pairs(
 
 def evaluate_checkpoint(path: str, cfg: EvalRunConfig, out: Path) -> dict[str, Any]:
     """All numbers for one export directory (see the module docstring)."""
-    from pipeline.sampler import load_sampler
 
     sampler, tok, info = load_sampler(path, device=cfg.device)
     name = f"{info.get('method')}@{Path(path).resolve().parent.name}"
@@ -232,7 +232,6 @@ def metric_name(key: str) -> str:
 
 
 def log_to_mlflow(cfg: EvalRunConfig, results: list[dict[str, Any]], out: Path) -> str | None:
-    from pipeline.tracking import Tracker, flatten, git_commit
 
     if not cfg.tracking.enabled:
         return None

@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.cli import run_main
 from pipeline.config import ConfigError
 from pipeline.hf.convert import export_hf, import_hf
-from pipeline.hf.layouts import HFFormatError
+from pipeline.model.hf_format import HFFormatError
 from pipeline.outputs import OutputDirError
 
 USER_ERRORS = (HFFormatError, OutputDirError, ConfigError)

@@ -5,7 +5,7 @@
 Every argument after launch.local's own (``--nproc``, ``--grace-s``, ``--module``) goes to
 ``python -m pipeline.train``. Each process gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR=127.0.0.1 and a free MASTER_PORT, so rank 0's rendezvous store and gloo's sockets
-(pipeline/model/parallel.py ``init_distributed``) listen on 127.0.0.1 only; torchrun's own store
+(pipeline/parallel/dims.py ``init_distributed``) listen on 127.0.0.1 only; torchrun's own store
 listens on every interface.
 
 Stopping: SIGINT (Ctrl-C), SIGTERM or SIGHUP here sends SIGTERM to every process (pipeline.train
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from launch.submit import LauncherSignals, say
 from pipeline.cli import print_error, run_main
 from pipeline.config import ConfigError
-from pipeline.model.parallel import drop_chosen_interface
+from pipeline.parallel.rendezvous import drop_chosen_interface
 
 LOOPBACK = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

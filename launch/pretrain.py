@@ -29,11 +29,13 @@ from pathlib import Path
 from data_prep.prepare import USER_ERRORS, load_dataset_config, prepare_any
 from launch.clusters import ClusterConfig, load_cluster
 from launch.submit import Interrupted, JobFailed, LaunchError, require_slurm, sbatch_preview, submit
+from pipeline.adapters.lora import lora_summary
 from pipeline.build import export_tracking_credentials
 from pipeline.cli import print_error, run_main
 from pipeline.config import ConfigError
 from pipeline.data.stream import TokenBatchLoader
 from pipeline.dataset.manifest import verify_manifest
+from pipeline.families.registry import param_count
 from pipeline.run_lock import RunLocked, check_free
 from pipeline.stop import STOPPED_EXIT
 from pipeline.tracking import redact_config
@@ -75,12 +77,10 @@ def _dry_run(cluster: ClusterConfig, cfg: TrainConfig, run_dir: Path) -> None:
     dp = cluster.world_size // cfg.parallel.tp
     print(
         f"# plan: {cluster.world_size} task(s) = TP={cfg.parallel.tp} x DP={dp}, ZeRO-{cfg.parallel.zero_stage}, "
-        f"{cfg.method}, {cfg.model.num_params() / 1e9:.2f}B parameters, {cfg.steps} steps "
+        f"{cfg.method}, {param_count(cfg.model) / 1e9:.2f}B parameters, {cfg.steps} steps "
         f"(warm-up {cfg.optim.warmup_for(cfg.steps)}, lr {cfg.optim.lr:g})"
     )
     if cfg.lora.enabled:
-        from pipeline.model.lora import lora_summary
-
         print(f"# {lora_summary(cfg.model, cfg.lora)}")
     if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():
         print(

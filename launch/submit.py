@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+import torch
 
+import pipeline.train as train
+from launch import proctree
 from launch.clusters import ClusterConfig
-from pipeline.model.parallel import drop_chosen_interface
+from pipeline.parallel.rendezvous import drop_chosen_interface
 from pipeline.stop import STOPPED_EXIT, StopSignal
 
 # Signals that mean "stop the run" rather than "requeue it": kill/timeout/scancel (SIGTERM), Ctrl-C
@@ -60,10 +63,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
-        import torch
 
         torch.set_num_threads(threads)
-        import pipeline.train as train
 
         print(f"task {env.global_rank}/{env.num_tasks} on {env.hostname} (job {env.job_id})", flush=True)
         rc = train.main(train_args, stop=stop)
@@ -194,7 +195,6 @@ def preempt_signal() -> signal.Signals:
 
 
 def _has_cuda() -> bool:
-    import torch
 
     return torch.cuda.is_available()
 
@@ -389,36 +389,10 @@ def follow(
     tail.pump()
 
 
-def _live_parents() -> dict[int, int]:
-    """pid -> parent pid of every live process, from /proc (empty where there is no /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_bytes().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):  # gone meanwhile
-            continue
-        if fields[0] not in (b"Z", b"X"):  # zombies are dead, only not yet reaped
-            parents[int(entry.parent.name)] = int(fields[1])
-    return parents
-
-
-def _proc_tree(root: int, parents: dict[int, int]) -> set[int]:
-    """``root`` and its descendants among ``parents``."""
-    tree = {root} & parents.keys()
-    while found := {pid for pid, ppid in parents.items() if ppid in tree} - tree:
-        tree |= found
-    return tree
-
-
-def _end_processes(pids: set[int]) -> None:
-    """SIGTERM ``pids`` (those alive), up to 5 s to exit, then SIGKILL until none is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        deadline = time.monotonic() + 5
-        while (alive := pids & _live_parents().keys()) and time.monotonic() < deadline:
-            for pid in alive:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(0.1)
+# The job's process tree, from /proc (launch/proctree.py): pid -> parent pid of every live process,
+# and a root with its live descendants.
+_live_parents = proctree.live_parents
+_proc_tree = proctree.tree
 
 
 def stop_local(job: submitit.Job, grace_s: float = 10.0, known: set[int] | None = None) -> None:
@@ -436,7 +410,7 @@ def stop_local(job: submitit.Job, grace_s: float = 10.0, known: set[int] | None 
     while not job.done() and time.monotonic() < deadline:  # done() polls: reaps the controller
         tree |= _proc_tree(root, _live_parents())  # tasks started since the first look
         time.sleep(0.1)
-    _end_processes(tree)
+    proctree.end(tree)  # SIGTERM, up to 5 s to exit, then SIGKILL until none is left
     job.done()
 
 

@@ -20,14 +20,17 @@ from urllib.parse import urlsplit
 
 import torch
 
+from pipeline.adapters.lora import add_lora, freeze_base, lora_param_count, lora_summary
 from pipeline.config import ConfigError
 from pipeline.dataset.manifest import DatasetError, Manifest, load_manifest, verify_manifest
 from pipeline.dataset.tokenizer import find_tokenizer, load_tokenizer
+from pipeline.engine.export import load_initial_weights
+from pipeline.families import family_of
+from pipeline.families.registry import param_count
 from pipeline.hardware.device import training_device
-from pipeline.hardware.peak import peak_flops
+from pipeline.hardware.peak import Peak, peak
 from pipeline.hardware.precision import Precision, resolve_precision
-from pipeline.model.parallel import ParallelDims
-from pipeline.model.transformer import DLMTransformer
+from pipeline.parallel.dims import ParallelDims
 from pipeline.tracking import (
     Tracker,
     TrackingUnavailable,
@@ -47,15 +50,13 @@ class Runtime:
 
     device: torch.device
     precision: Precision
-    peak_flops: float
-    peak_source: str
+    peak: Peak  # the MFU denominator (re-measured or raised if a step ever beats it)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "precision": self.precision.dtype,
             "precision_reason": self.precision.reason,
-            "peak_flops": self.peak_flops,
-            "peak_flops_source": self.peak_source,
+            **self.peak.as_record(),
             "device": str(self.device),
         }
 
@@ -64,8 +65,7 @@ def build_runtime(cfg: TrainConfig, native_bf16: bool | None = None) -> Runtime:
     """Device, precision (``native_bf16`` overrides the hardware check, for tests) and MFU peak."""
     device = training_device()
     precision = resolve_precision(cfg.parallel.precision, device, native_bf16)
-    peak, source = peak_flops(device, precision.torch_dtype, cfg.peak_tflops)
-    return Runtime(device, precision, peak, source)
+    return Runtime(device, precision, peak(device, precision.torch_dtype, cfg.peak_tflops))
 
 
 def run_record(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
@@ -118,27 +118,25 @@ def build_dataset(cfg: TrainConfig) -> DatasetInfo:
     return DatasetInfo(manifest, sha, int(ids["mask"]), int(ids["pad"]))
 
 
-def model_factory(cfg: TrainConfig) -> Callable[[], DLMTransformer]:
-    """Builds the model, with the ``init_from`` weights when fine-tuning. They are loaded inside the
-    factory, before DeepSpeed builds its fp32 master copy: weights set after that are overwritten
-    at step 1 (measured: 0.13 away, back at the random init). With ``lora.enabled`` the adapters
-    are added and every base weight frozen (pipeline/model/lora.py)."""
+def model_factory(cfg: TrainConfig, dims: ParallelDims) -> Callable[[], torch.nn.Module]:
+    """Builds the model of ``cfg.model``'s family at ``dims``, with the ``init_from`` weights when
+    fine-tuning. They are loaded inside the factory, before DeepSpeed builds its fp32 master copy:
+    weights set after that are overwritten at step 1 (measured: 0.13 away, back at the random
+    init). With ``lora.enabled`` the adapters are added and every base weight frozen
+    (pipeline/adapters/lora.py)."""
+    family = family_of(cfg.model)
 
-    def build() -> DLMTransformer:
-        model = DLMTransformer(cfg.model)
+    def build() -> torch.nn.Module:
+        model = family.build(cfg.model, dims)
         if cfg.init_from:
-            from pipeline.engine.export import load_initial_weights
-
             load_initial_weights(model, cfg.init_from, cfg.model)
         if cfg.lora.enabled:
             # After the base weights are final: the export holds no adapters (merged), a resumed
             # checkpoint restores them. Only the adapters require grad, so only they reach the
             # optimizer (build_engine), ZeRO's gradient partitions and the clip.
-            from pipeline.model.lora import add_lora, freeze_base, lora_summary
-
             add_lora(model, cfg.lora, cfg.seed)
             freeze_base(model)
-            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            if dims.rank == 0:
                 print(lora_summary(cfg.model, cfg.lora), flush=True)
         return model
 
@@ -178,11 +176,9 @@ def _run_tags(cfg: TrainConfig, dims: ParallelDims) -> dict[str, str]:
         "tp": str(dims.tp),
         "dp": str(dims.dp),
         "run_dir": str(Path(cfg.run_dir).resolve()),
-        "model_params": str(cfg.model.num_params()),
+        "model_params": str(param_count(cfg.model)),
     }
     if cfg.lora.enabled:
-        from pipeline.model.lora import lora_param_count
-
         tags["lora_trainable_params"] = str(lora_param_count(cfg.model, cfg.lora))
     return tags
 

@@ -1,5 +1,6 @@
-"""What a training step reports: FLOP/s and MFU over the whole step, peak memory, and the
-``metrics.jsonl`` record file (one record per logged step, across any number of resumes)."""
+"""What a training step reports besides its loss: peak memory, and the ``metrics.jsonl`` record file
+(one record per logged step, across any number of resumes). FLOPs and MFU come from the one cost
+model (pipeline/perf/cost.py) and the MFU peak (pipeline/hardware/peak.py)."""
 
 from __future__ import annotations
 
@@ -11,31 +12,6 @@ from typing import Any
 import torch
 
 from pipeline.atomic_io import atomic_write_text
-from pipeline.memory.config import MemoryConfig
-from pipeline.perf.flops import FlopsEstimate, estimate_mfu
-
-
-def step_flops(est: FlopsEstimate, memory: MemoryConfig, tokens: float, masked: float) -> float:
-    """Model FLOPs of one optimizer step over ``tokens`` (all micro-batches and DP ranks) with
-    ``masked`` loss positions among them: MDLM forward + backward, plus MemDLM's inner loop."""
-    flops = est.mdlm_step(tokens, masked)
-    if memory.enabled:
-        flops += est.memdlm_extra(tokens, [min(tokens, 1.5 * masked)] * memory.pre_anchor_steps, masked)
-    return flops
-
-
-def throughput(
-    est: FlopsEstimate,
-    memory: MemoryConfig,
-    tokens: float,
-    masked: float,
-    seconds: float,
-    world: int,
-    peak: float,
-) -> dict[str, float]:
-    """Per-device model TFLOP/s and MFU of a step that took ``seconds``."""
-    per_device = step_flops(est, memory, tokens, masked) / seconds / world
-    return {"model_tflops_per_s": per_device / 1e12, "mfu": estimate_mfu(per_device, peak)}
 
 
 def peak_memory_mib() -> float:

@@ -26,9 +26,11 @@ def ema(values: list[float], beta: float = 0.9) -> list[float]:
 
 
 def _pyplot():
+    # heavy: only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # heavy: only when a figure is drawn
     import matplotlib.pyplot as plt
 
     return plt
@@ -36,6 +38,7 @@ def _pyplot():
 
 def _plain_axis(ax) -> None:
     """No offset or scientific notation on the y axis; enough digits to tell the ticks apart."""
+    # heavy: only when a figure is drawn
     from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     fmt = ScalarFormatter(useOffset=False)

@@ -34,6 +34,8 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.dataset.seeding import seed_of
+from pipeline.dataset.tokenizer import load_tokenizer
+from pipeline.engine.export import load_exported
 from pipeline.memory.adapt import adapt_to_context
 from pipeline.memory.config import MemoryConfig
 from pipeline.memory.fast_weights import FastWeights
@@ -264,8 +266,6 @@ def load_sampler(
 ) -> tuple[DiffusionSampler, Any, dict[str, Any]]:
     """``(sampler, tokenizer, info)`` for an export directory (see pipeline/engine/export.py)."""
     device = resolve_device(device)
-    from pipeline.dataset.tokenizer import load_tokenizer
-    from pipeline.engine.export import load_exported
 
     model, info = load_exported(checkpoint, device=device)
     tok = load_tokenizer(checkpoint)  # its tokenizer.model or tokenizer.json

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import requests  # MLflow's HTTP client, imported with mlflow
 from tqdm import tqdm
 
 from pipeline.config import ConfigError
@@ -89,8 +90,8 @@ class TrackingUnavailable(ConfigError):
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    experiment: str = "memdlm"
+    enabled: bool = True  # log to MLflow (metrics.jsonl is written either way)
+    experiment: str = "memdlm"  # the MLflow experiment runs are grouped under
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under ``root``
     root: str = "runs"  # the embedded store: <root>/mlflow.db and <root>/mlartifacts
     flush_every: int = 50  # logged steps per batched write
@@ -98,7 +99,7 @@ class TrackingConfig:
     # nvidia-ml-py) sampled by a background thread. null: MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
     # if set (the tests set it false), else on.
     system_metrics: bool | None = None
-    system_metrics_interval_s: float = 10.0
+    system_metrics_interval_s: float = 10.0  # seconds between system metric samples
     # A store that cannot be reached at the start: "error" stops the run (one error line, after
     # trying for connect_timeout_s); "offline" trains without MLflow (metrics.jsonl only, a warning).
     on_unreachable: Literal["error", "offline"] = "error"
@@ -240,7 +241,6 @@ def failure_reason(exc: BaseException) -> str:
 def _store_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is the tracking store failing (unreachable, timing out, answering with an
     error), which a later retry may cure, rather than a bug of ours (which is raised)."""
-    import requests  # MLflow's HTTP client, imported with mlflow
     from mlflow.exceptions import MlflowException  # heavy: only once a Tracker exists
 
     return isinstance(exc, MlflowException | requests.RequestException | OSError)
@@ -365,6 +365,7 @@ class Tracker:
         parent_run_id: str | None = None,
     ) -> str:
         """Create the run (or reopen ``run_id`` after a resume) and log params and tags once."""
+        # heavy: MLflow takes seconds to import; only once a Tracker exists
         from mlflow.entities import Param
 
         if run_id is not None:
@@ -396,7 +397,10 @@ class Tracker:
         sampled every ``system_metrics_interval_s`` by MLflow's own monitor thread."""
         if not self.cfg.system_metrics_on():
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        # heavy: MLflow takes seconds to import; only once a Tracker exists
+        from mlflow.system_metrics.system_metrics_monitor import (
+            SystemMetricsMonitor,
+        )
 
         self._system = SystemMetricsMonitor(
             self.run_id,
@@ -414,7 +418,10 @@ class Tracker:
     def log(self, step: int, metrics: Mapping[str, float], timestamp_ms: int | None = None) -> None:
         """Buffer finite metrics of ``step`` (stamped now unless ``timestamp_ms``); flushed every
         ``flush_every`` calls (and by ``flush``)."""
-        from mlflow.entities import Metric
+        # heavy: MLflow takes seconds to import; only once a Tracker exists
+        from mlflow.entities import (
+            Metric,
+        )
 
         if step <= self.resumed_through:
             return
@@ -452,7 +459,10 @@ class Tracker:
         """Something that happened to the run at ``step`` (its layout at the start, a resize on
         resume): tag ``event.<name>.step-<N>`` = ``text``, and ``metrics`` at ``step``, sent now
         (a resumed job's replayed steps do not apply: the event is new)."""
-        from mlflow.entities import Metric
+        # heavy: MLflow takes seconds to import; only once a Tracker exists
+        from mlflow.entities import (
+            Metric,
+        )
 
         ts = int(time.time() * 1000)
         self._buffer.append(_Entry(step, [Metric(k, float(v), ts, step) for k, v in metrics.items()], False))

@@ -1,18 +1,19 @@
-"""Training: MDLM or MemDLM on DeepSpeed ZeRO over megatron-core TP. Read :meth:`Trainer.run` first.
+"""Training: any objective (MDLM, MemDLM, SFT) on DeepSpeed ZeRO over megatron-core TP, for any
+registered model family. Read :meth:`Trainer.run` and :meth:`Trainer.train_step` first.
 
     make pretrain CLUSTER=local                       # through the launcher (writes run_dir/config.json)
     python -m pipeline.train --resolved runs/local/config.json --export
     python -m pipeline.train --config configs/train/local.yaml steps=50 memory.enabled=false
-    torchrun --nproc_per_node 2 -m pipeline.train --config configs/train/local.yaml parallel.tp=2
+    python -m launch.local --nproc 2 --config configs/train/local.yaml parallel.tp=2
 
-Per step: stream ``grad_accum`` micro-batches (their position is part of the checkpoint); draw
-the anchor noise from a generator seeded by (seed, step, global micro-batch slot) and the
-memory's reset from one seeded by (seed, step, micro-batch) alone (the same on every DP rank: one
-memory per global batch); compute the MDLM loss or MemDLM's outer loss (inner loop through
-``engine.module``, outer loss through ``engine``); backward; then one optimizer step (DeepSpeed's
-accumulation boundary is ours: ``managed_gradient_accumulation: false``). A non-finite loss on any
-rank voids the whole step on every rank (data consumed, LR schedule advanced, no update);
-``max_nonfinite_steps`` in a row stop the run with the last good checkpoint untouched.
+Per step: stream ``grad_accum`` micro-batches (their position is part of the train state); draw the
+anchor noise from a generator seeded by (seed, step, global micro-batch slot) and the memory's
+reset from one seeded by (seed, step, micro-batch) alone (the same on every DP rank: one memory per
+global batch); the objective computes its loss (MemDLM's inner passes through ``engine.module``,
+everything the outer gradient flows through via ``engine``); backward; then one optimizer step
+(DeepSpeed's accumulation boundary is ours: ``managed_gradient_accumulation: false``). A non-finite
+loss on any rank voids the whole step on every rank (data consumed, LR schedule advanced, no
+update); ``max_nonfinite_steps`` in a row stop the run with the last good checkpoint untouched.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import shutil
 import sys
 import time
 import weakref
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,31 +48,19 @@ from pipeline.data.stream import TokenBatchLoader
 from pipeline.dataset.manifest import DatasetError
 from pipeline.dataset.seeding import seed_of
 from pipeline.dataset.tokenizer import TokenizerError
-from pipeline.engine.checkpoint import (
-    CheckpointError,
-    Layout,
-    find_resume_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from pipeline.engine.elastic import ResumePlan, plan_resume, prepare_universal
-from pipeline.engine.export import EXPORT_HINT
+from pipeline.engine.checkpoint import CheckpointError, Layout, find_resume_checkpoint, latest_checkpoint
+from pipeline.engine.checkpoint import save_checkpoint as write_checkpoint
+from pipeline.engine.deepspeed import build_engine
+from pipeline.engine.elastic import ResumePlan, plan_resume, prepare_universal, resume_engine
+from pipeline.engine.export import EXPORT_HINT, export_model
 from pipeline.eval.heldout import evaluate_heldout
-from pipeline.memory.inner_loop import memdlm_loss
-from pipeline.metrics import MetricsFile, peak_memory_mib, throughput
-from pipeline.model.parallel import (
-    ParallelDims,
-    destroy_distributed,
-    dp_group,
-    dp_rank,
-    dp_size,
-    init_distributed,
-)
-from pipeline.objectives.mdlm import draw_noise, maskable_positions, mdlm_loss
+from pipeline.families.registry import param_count
+from pipeline.metrics import MetricsFile, peak_memory_mib
+from pipeline.objectives import Batch, Draws, ObjectiveOutput, build_objective
 from pipeline.outputs import OutputDirError, check_output_dir
 from pipeline.parallel.collective import on_rank0_all
-from pipeline.perf.flops import estimate_flops
+from pipeline.parallel.dims import destroy_distributed, init_distributed
+from pipeline.perf.cost import model_cost
 from pipeline.plots import plot_loss_curves
 from pipeline.run_lock import RunLocked
 from pipeline.run_lock import acquire as acquire_run_lock
@@ -84,6 +73,7 @@ from pipeline.stop import (
     watch_parent,
 )
 from pipeline.train_config import TrainConfig, load_resolved_config, load_train_config
+from pipeline.train_state import TrainState
 
 __all__ = ["STOPPED_EXIT", "StoppedForRequeue", "Trainer", "TrainingDiverged", "main"]
 
@@ -101,8 +91,24 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
+@dataclass
+class StepTotals:
+    """What the micro-batches of one step add up to before the step's single reduction."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # summed over micro-batches
+    work: dict[str, torch.Tensor] = field(default_factory=dict)  # loss-position counts, summed
+
+    def add(self, out: ObjectiveOutput) -> None:
+        self.losses.append(out.loss.detach())
+        for k, v in out.stats.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v.detach().float()
+        for k, v in out.work.items():
+            self.work[k] = self.work.get(k, 0.0) + v.detach().float()
+
+
 class Trainer:
-    """The run's parts (engine, data stream, tracker) and its explicit state (step and counters)."""
+    """The run's parts (engine, objective, data stream, tracker) and its explicit train state."""
 
     def __init__(
         self,
@@ -113,8 +119,8 @@ class Trainer:
         export_to: Path | None = None,
     ):
         self.cfg, self.stop = cfg, stop or StopSignal()
-        self.dims: ParallelDims = init_distributed(cfg.parallel.tp)
-        self.rank = dist.get_rank()
+        self.dims = init_distributed(cfg.parallel.tp)
+        self.rank = self.dims.rank
         self.run_dir = Path(cfg.run_dir)
         self._unlock: weakref.finalize | None = None  # rank 0: releases this Trainer's hold of run.lock
         self._locked = False
@@ -129,10 +135,10 @@ class Trainer:
     def _build(self, parent_run_id: str | None, native_bf16: bool | None) -> None:
         cfg = self.cfg
         runtime = build_runtime(cfg, native_bf16)
-        self.device, self.precision, self.peak_flops = runtime.device, runtime.precision, runtime.peak_flops
+        self.device, self.precision, self.peak = runtime.device, runtime.precision, runtime.peak
         self.resolved = run_record(cfg, runtime)
         _say(f"precision: {self.precision.dtype} ({self.precision.reason})")
-        _say(f"MFU peak: {self.peak_flops / 1e12:.3g} TFLOP/s ({runtime.peak_source})")
+        _say(f"MFU peak: {self.peak.describe()}")
         self.ckpt_dir = self.run_dir / "checkpoints"
         data = build_dataset(cfg)
         self.manifest, self.manifest_sha = data.manifest, data.manifest_sha256
@@ -143,22 +149,22 @@ class Trainer:
             prepare_universal(resume, cfg.checkpoint.reshard)
             self.cfg = cfg = replace(cfg, grad_accum=resume.current.grad_accum)
             self.resolved = run_record(cfg, runtime)
-        from pipeline.engine.deepspeed import build_engine
-
-        _say(f"building the engine ({cfg.model.num_params() / 1e6:.1f}M parameters, {self.dims})")
+        _say(f"building the engine ({param_count(cfg.model) / 1e6:.1f}M parameters, {self.dims.describe()})")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (and TP size)
+        load_universal = resume is not None and resume.resized
         self.engine, _, self.scheduler = build_engine(
-            cfg, model_factory(cfg), self.precision, load_universal=resume is not None and resume.resized
+            cfg, self.dims, model_factory(cfg, self.dims), self.precision, load_universal
         )
         self.model = self.engine.module
-        self.loader = TokenBatchLoader(cfg.data, rank=dp_rank(), world_size=dp_size())
-        self.flops = estimate_flops(cfg.model, cfg.memory)
-        self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
-        self.inner_skipped_total, self.skipped_shards_total = 0.0, 0
+        self.objective = build_objective(cfg.objective, cfg.memory, self.mask_id, self.pad_id)
+        self.cost = model_cost(cfg.model)
+        self.loader = TokenBatchLoader(cfg.data, rank=self.dims.dp_rank, world_size=self.dims.dp)
+        self.state = TrainState()
         self.history: list[dict[str, Any]] = []
-        resumed_run_id = self._resume(resume) if resume is not None else None
+        if resume is not None:
+            self._resume(resume)
         self.batches = iter(self.loader)
-        self.tracker = build_tracker(cfg, self.resolved, self.dims, resumed_run_id, parent_run_id)
+        self.tracker = build_tracker(cfg, self.resolved, self.dims, self.state.mlflow_run_id, parent_run_id)
         self._log_layout(resume)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
 
@@ -209,28 +215,28 @@ class Trainer:
                 self.close()
 
     def _run(self, stop_after: int | None) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        target = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        cfg, state = self.cfg, self.state
+        target = cfg.steps if stop_after is None else min(cfg.steps, state.step + stop_after)
         self._write_run_dir()
-        bar = tqdm(total=target, initial=self.step, desc=cfg.method, unit="step", disable=self.rank != 0)
+        bar = tqdm(total=target, initial=state.step, desc=cfg.method, unit="step", disable=self.rank != 0)
         try:
-            while self.step < target:
+            while state.step < target:
                 if self.stop.agreed(self.device):  # every rank stops at the same step
-                    path = self.save()
+                    saved = self.save()
                     raise StoppedForRequeue(
-                        f"stop requested: checkpoint saved at step {self.step} in {path}{self.stop.why()}"
+                        f"stop requested: checkpoint saved at step {state.step} in {saved}{self.stop.why()}"
                     )
                 rec = self.train_step()
                 bar.update(1)
                 if "loss" in rec:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps):
+                if cfg.eval.every and (state.step % cfg.eval.every == 0 or state.step == cfg.steps):
                     if self.rank == 0:
-                        bar.write(f"evaluating at step {self.step}")
+                        bar.write(f"evaluating at step {state.step}")
                     rec.update(self.evaluate())
-                if self.step % cfg.log_every == 0 or self.step == target or "eval/loss" in rec:
+                if state.step % cfg.log_every == 0 or state.step == target or "eval/loss" in rec:
                     self._log(rec)
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < target:
+                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < target:
                     self.save()
             bar.close()
             self.save()
@@ -240,7 +246,7 @@ class Trainer:
         except BaseException:
             self._end_tracking("FAILED")
             raise
-        if self.step >= cfg.steps:
+        if state.step >= cfg.steps:
             self._end_tracking("FINISHED")
         elif self.tracker:
             self.tracker.flush()
@@ -251,7 +257,7 @@ class Trainer:
         if self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics.drop_after(self.step)  # logged past the checkpoint we resumed from
+        self.metrics.drop_after(self.state.step)  # logged past the checkpoint we resumed from
         (self.run_dir / "config.json").write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
         shutil.copyfile(Path(self.cfg.data.path) / "manifest.json", self.run_dir / "dataset_manifest.json")
 
@@ -260,7 +266,7 @@ class Trainer:
         if self.rank == 0:
             self.metrics.append(rec)
             if self.tracker:
-                self.tracker.log(self.step, rec)
+                self.tracker.log(self.state.step, rec)
 
     def _end_tracking(self, status: str) -> None:
         """Artifacts (config, dataset manifest, loss-curve PNG) on a finished run; the run's status."""
@@ -288,6 +294,11 @@ class Trainer:
         d = self.dims
         return Layout(d.world, d.tp, d.dp, self.cfg.grad_accum, self.cfg.data.batch_size)
 
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all data-parallel ranks."""
+        return self.cfg.data.batch_size * self.cfg.grad_accum * self.dims.dp
+
     def _plan_resume(self) -> ResumePlan | None:
         """The newest verified checkpoint and how this layout resumes it (None: start afresh).
 
@@ -299,24 +310,20 @@ class Trainer:
         state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
         return plan_resume(path, state, self._layout())
 
-    def _resume(self, plan: ResumePlan) -> str | None:
-        """Restore engine, data position and counters from ``plan``; returns its MLflow run id."""
-        state = load_checkpoint(self.engine, plan, self.manifest_sha)
+    def _resume(self, plan: ResumePlan) -> None:
+        """Restore the engine, the train state and this rank's data position from ``plan``."""
+        saved = resume_engine(self.engine, plan, self.manifest_sha)
+        self.state = TrainState.restore(saved, self.global_batch)
         # one data state per data-parallel rank (the TP ranks of a DP rank share theirs)
-        by_rank = {entry[0]["rank"]: entry[0] for entry in state["data"]}
-        saved, now = plan.saved, plan.current
-        if (saved.dp, saved.grad_accum) == (now.dp, now.grad_accum):  # same data layout (TP may differ)
-            self.loader.load_state_dict(by_rank[dp_rank()])
+        by_rank = {entry[0]["rank"]: entry[0] for entry in saved["data"]}
+        old, now = plan.saved, plan.current
+        if (old.dp, old.grad_accum) == (now.dp, now.grad_accum):  # same data layout (TP may differ)
+            self.loader.load_state_dict(by_rank[self.dims.dp_rank])
         else:
-            old = [by_rank[r] for r in range(saved.dp)]
-            self.loader.load_resized_state(old, saved.grad_accum, now.grad_accum)
-        self.step = state["step"]
-        self.nonfinite_total = state["counters"]["nonfinite_total"]
-        self.inner_skipped_total = state["counters"]["inner_skipped_total"]
-        # corrupt shards all ranks had skipped (older checkpoints: none recorded)
-        self.skipped_shards_total = state["counters"].get("skipped_shards_total", 0)
-        _say(f"resumed from {plan.path} at step {self.step}")
-        return state.get("mlflow_run_id")
+            self.loader.load_resized_state(
+                [by_rank[r] for r in range(old.dp)], old.grad_accum, now.grad_accum
+            )
+        _say(f"resumed from {plan.path} at step {self.state.step}")
 
     def _log_layout(self, resume: ResumePlan | None) -> None:
         """The layout as metrics at the run's first step and at every resize (an event on the run)."""
@@ -330,68 +337,50 @@ class Trainer:
             if resume is not None
             else f"TP={d.tp} x DP={d.dp} (grad_accum {self.cfg.grad_accum})"
         )
-        self.tracker.log_event(self.step, "resize" if resume is not None else "layout", text, metrics)
+        self.tracker.log_event(self.state.step, "resize" if resume is not None else "layout", text, metrics)
 
     def save(self) -> Path:
-        state = {
+        """Collective: a checkpoint of this step (engine, train state, every rank's data position)."""
+        state = self.state
+        state.data = self.loader.state_dict()
+        state.mlflow_run_id = self.tracker.run_id if self.tracker else state.mlflow_run_id
+        record = {
+            **state.shared(),
             "config": self.resolved,
             "manifest_sha256": self.manifest_sha,
             "layout": asdict(self._layout()),
-            "counters": {
-                "nonfinite_total": self.nonfinite_total,
-                "inner_skipped_total": self.inner_skipped_total,
-                "skipped_shards_total": self.skipped_shards_total,
-            },
-            "mlflow_run_id": self.tracker.run_id if self.tracker else None,
         }
-        return save_checkpoint(
-            self.engine, self.ckpt_dir, self.step, state, [self.loader.state_dict()], self.cfg.checkpoint.keep
+        return write_checkpoint(
+            self.engine, self.ckpt_dir, state.step, record, [state.data], self.cfg.checkpoint.keep
         )
 
     # ------------------------------------------------------------ one step
-    def _micro_loss(
-        self, tokens: torch.Tensor, micro: int, prompt_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg = self.cfg
+    def _micro(self, raw: dict[str, torch.Tensor], micro: int) -> ObjectiveOutput:
+        cfg, step = self.cfg, self.state.step
         # Noise and pre-anchor masks are keyed by the global micro-batch slot (dp_rank * grad_accum +
         # micro), which holds the same rows at every layout (an elastic resume keeps it). The
         # memory's reset is the same on every DP rank: in batch scope the DP-synced inner gradients
         # are only the global batch's gradient if every rank starts from the same phi0.
-        g = _generator(self.device, cfg.seed, self.step, "slot", dp_rank() * cfg.grad_accum + micro)
-        g_reset = _generator(self.device, cfg.seed, self.step, micro, -1)
-        maskable = maskable_positions(tokens, self.pad_id, prompt_mask)  # SFT: never the prompt
-        noise = draw_noise(tokens, maskable, cfg.objective, self.mask_id, g)
-        stats: dict[str, torch.Tensor] = {"masked": noise.mask.sum()}
+        slot = self.dims.dp_rank * cfg.grad_accum + micro
+        draws = Draws(
+            noise=_generator(self.device, cfg.seed, step, "slot", slot),
+            reset=_generator(self.device, cfg.seed, step, micro, -1),
+        )
+        prompt = raw["prompt_mask"].to(self.device) if "prompt_mask" in raw else None
+        batch = Batch(raw["tokens"].to(self.device, non_blocking=True), prompt)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16):
-            if cfg.memory.enabled:
-                out = memdlm_loss(
-                    self.model,
-                    self.engine,
-                    tokens,
-                    noise,
-                    cfg.objective,
-                    cfg.memory,
-                    self.mask_id,
-                    g,
-                    dp_group(),
-                    reset_generator=g_reset,
-                    measure=self._logs_next_step(),  # the memory's gain: on logged steps only
-                )
-                for k, st in enumerate(out.stage_stats):
-                    stats[f"inner/stage{k + 1}_loss"] = st.loss
-                    stats[f"inner/stage{k + 1}_grad_norm"] = st.grad_norm
-                    stats[f"inner/stage{k + 1}_skipped"] = st.skipped
-                    stats[f"inner/stage{k + 1}_update_norm"] = st.update_norm
-                    stats[f"inner/stage{k + 1}_clipped_frac"] = st.clipped
-                if out.gain is not None:
-                    stats["memory/gain"] = out.gain
-                    stats["memory/loss_phi0"] = out.loss_phi0
-                return out.loss, stats
-            return mdlm_loss(self.engine, tokens, noise, cfg.objective, dp_group()), stats
+            return self.objective(
+                self.model,
+                self.engine,
+                batch,
+                draws,
+                dp_group=self.dims.dp_group,
+                measure=self._logs_next_step(),  # the memory's gain: on logged steps only
+            )
 
     def _logs_next_step(self) -> bool:
-        """Whether the step being computed (``self.step + 1``) is logged (see ``run``)."""
-        step, cfg = self.step + 1, self.cfg
+        """Whether the step being computed (``state.step + 1``) is logged (see ``run``)."""
+        step, cfg = self.state.step + 1, self.cfg
         return (
             step % cfg.log_every == 0
             or step == cfg.steps
@@ -412,51 +401,46 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's record."""
         t0 = time.perf_counter()
-        losses, extra, void = [], {}, False
-        masked = torch.zeros((), device=self.device)
+        totals, void = StepTotals(), False
         for micro in range(self.cfg.grad_accum):
-            batch = next(self.batches)  # consumed even in a void step: the data position moves on
+            raw = next(self.batches)  # consumed even in a void step: the data position moves on
             if void:
                 continue
-            tokens = batch["tokens"].to(self.device, non_blocking=True)
-            prompt = batch["prompt_mask"].to(self.device) if "prompt_mask" in batch else None
-            loss, stats = self._micro_loss(tokens, micro, prompt)
-            finite, skipped_shards = self._agree(bool(torch.isfinite(loss.detach())))
+            out = self._micro(raw, micro)
+            finite, skipped_shards = self._agree(bool(torch.isfinite(out.loss.detach())))
             self._note_skipped_shards(skipped_shards)
             if not finite:
                 void = True  # every rank agrees: drop this step's gradients, no update
                 continue
-            self.engine.backward(loss)
-            losses.append(loss.detach())
-            masked += stats.pop("masked")
-            for k, v in stats.items():
-                extra[k] = extra.get(k, 0.0) + v.detach().float()
+            self.engine.backward(out.loss)
+            totals.add(out)
         if void:
             self._void_step()
         else:
-            self.nonfinite_run = 0
+            self.state.nonfinite_run = 0
             self.engine.step()  # the accumulation boundary: reduce, clip, AdamW, LR schedule
-        self.step += 1
+        self.state.step += 1
+        self.state.consumed_samples += self.global_batch
         seconds = time.perf_counter() - t0
-        tokens_per_step = (
-            self.cfg.data.batch_size * self.cfg.model.seq_len * self.cfg.grad_accum * self.dims.dp
-        )
-        out = {"step": self.step, "seconds": seconds, "tokens_per_s": tokens_per_step / seconds}
+        tokens_per_step = self.global_batch * self.cfg.model.seq_len
+        rec = {"step": self.state.step, "seconds": seconds, "tokens_per_s": tokens_per_step / seconds}
         if not void:
-            out.update(self._step_metrics(losses, extra, masked, tokens_per_step, seconds))
-        out["nonfinite_total"] = self.nonfinite_total
-        out["inner_skipped_total"] = self.inner_skipped_total
-        out["data/skipped_shards"] = self.skipped_shards_total
-        out["peak_memory_mib"] = peak_memory_mib()
-        return out
+            rec.update(self._step_metrics(totals, tokens_per_step, seconds))
+        rec["nonfinite_total"] = self.state.nonfinite_total
+        rec["inner_skipped_total"] = self.state.inner_skipped_total
+        rec["data/skipped_shards"] = self.state.skipped_shards_total
+        rec["data/consumed_samples"] = self.state.consumed_samples
+        rec["peak_memory_mib"] = peak_memory_mib()
+        return rec
 
     def _void_step(self) -> None:
-        """A non-finite micro-batch on some rank: no update on any rank, LR follows ``self.step``."""
-        self.nonfinite_total += 1
-        self.nonfinite_run += 1
-        if self.nonfinite_run >= self.cfg.max_nonfinite_steps:
+        """A non-finite micro-batch on some rank: no update on any rank, LR follows the step."""
+        state = self.state
+        state.nonfinite_total += 1
+        state.nonfinite_run += 1
+        if state.nonfinite_run >= self.cfg.max_nonfinite_steps:
             raise TrainingDiverged(
-                f"{self.nonfinite_run} consecutive non-finite losses at step {self.step + 1}; stopping. The last "
+                f"{state.nonfinite_run} consecutive non-finite losses at step {state.step + 1}; stopping. The last "
                 f"good checkpoint is {latest_checkpoint(self.ckpt_dir) or '(none yet)'}"
             )
         # ZeRO's zero_grad restarts its accumulation: the next backward overwrites the partitions.
@@ -464,46 +448,38 @@ class Trainer:
         self.scheduler.step()
 
     def _note_skipped_shards(self, total: int) -> None:
-        if total > self.skipped_shards_total and self.rank == 0:
+        state = self.state
+        if total > state.skipped_shards_total and self.rank == 0:
             print(
-                f"warning: {total - self.skipped_shards_total} corrupt shard(s) skipped at step {self.step + 1} "
+                f"warning: {total - state.skipped_shards_total} corrupt shard(s) skipped at step {state.step + 1} "
                 f"({total} so far over all ranks): data-parallel ranks now read different amounts of data",
                 file=sys.stderr,
                 flush=True,
             )
-        self.skipped_shards_total = total
+        state.skipped_shards_total = total
 
-    def _step_metrics(
-        self,
-        losses: list[torch.Tensor],
-        extra: dict[str, torch.Tensor],
-        masked: torch.Tensor,
-        tokens_per_step: int,
-        seconds: float,
-    ) -> dict[str, float]:
+    def _step_metrics(self, totals: StepTotals, tokens_per_step: int, seconds: float) -> dict[str, float]:
         """Loss, LR, grad norm, inner stats (mean over micro-batches), FLOP/s and MFU of a step."""
-        n = len(losses)
-        # Loss mean over micro-batches and DP ranks; masked positions summed over both, so the
-        # FLOP count covers the same tokens (the whole step) as tokens_per_step.
-        red = torch.cat([torch.stack(losses).sum().reshape(1).float(), masked.reshape(1).float()])
-        dist.all_reduce(red, group=dp_group())
+        n, keys = len(totals.losses), sorted(totals.work)
+        # Loss mean over micro-batches and DP ranks; loss positions summed over both, so the FLOP
+        # count covers the same tokens (the whole step) as tokens_per_step. One collective.
+        parts = [torch.stack(totals.losses).sum().reshape(1).float()]
+        parts += [totals.work[k].reshape(1).float() for k in keys]
+        red = torch.cat(parts)
+        dist.all_reduce(red, group=self.dims.dp_group)
         out = {"loss": float(red[0]) / (n * self.dims.dp), "lr": float(self.scheduler.get_last_lr()[0])}
         gn = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(gn) if gn is not None else float("nan")
-        for k, v in extra.items():
+        for k, v in totals.stats.items():
             out[k] = float(v) / n
-        self.inner_skipped_total += sum(v for k, v in out.items() if k.endswith("_skipped")) * n
-        out.update(
-            throughput(
-                self.flops,
-                self.cfg.memory,
-                tokens_per_step,
-                float(red[1]),
-                seconds,
-                self.dims.world,
-                self.peak_flops,
-            )
+        self.state.inner_skipped_total += sum(v for k, v in out.items() if k.endswith("_skipped")) * n
+        work = self.objective.step_work(
+            tokens_per_step, {k: float(v) for k, v in zip(keys, red[1:], strict=True)}
         )
+        lora = self.cfg.lora if self.cfg.lora.enabled else None
+        per_device = self.objective.flops(self.cost, work, lora) / seconds / self.dims.world
+        out["model_tflops_per_s"] = per_device / 1e12
+        out["mfu"] = self.peak.mfu(per_device)
         return out
 
 
@@ -581,18 +557,11 @@ def _train(args: argparse.Namespace, stop: StopSignal) -> int:
     trainer = Trainer(cfg, stop=stop, export_to=export_to)
     try:
         trainer.run(release_lock=False)  # the export below still writes into run_dir
-        if args.export:
-            from pipeline.engine.export import export_model
-
-            _say(f"exporting to {Path(cfg.run_dir) / 'export'}")
+        if export_to is not None:
+            _say(f"exporting to {export_to}")
             tokenizer = Path(cfg.data.path) / trainer.manifest.tokenizer_file
             export_model(
-                trainer.engine,
-                cfg,
-                Path(cfg.run_dir) / "export",
-                tokenizer,
-                trainer.manifest.special_ids,
-                trainer.step,
+                trainer.engine, cfg, export_to, tokenizer, trainer.manifest.special_ids, trainer.state.step
             )
     finally:
         trainer.close()

@@ -8,17 +8,19 @@ in ``model`` override it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.adapters.lora import LoraConfig
+from pipeline.atomic_io import atomic_write_text
 from pipeline.config import ConfigError, from_dict, merge, parse_overrides, read_yaml
 from pipeline.data.stream import DataConfig
 from pipeline.diffusion.config import ObjectiveConfig
 from pipeline.memory.config import MemoryConfig
 from pipeline.model.config import ModelConfig
-from pipeline.model.lora import LoraConfig
-from pipeline.tracking import TrackingConfig
+from pipeline.tracking import TrackingConfig, redact_config
 
 MODEL_DIR = Path("configs/model")
 
@@ -30,16 +32,16 @@ def _at_least(key: str, value: int, least: int) -> None:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate (after warm-up)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warm-up from 0 to lr
     # Warm-up as a fraction of ``steps`` (the paper: 0.1); when set it replaces warmup_steps (a
     # config may name only one of the two).
     warmup_fraction: float | None = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW decay on matrices (never on norms or biases)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # set explicitly: DeepSpeed 0.19.8 otherwise defaults to 1.0 silently
 
     def validate(self) -> None:
@@ -60,7 +62,9 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size; data-parallel size = world / tp
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    zero_stage: Literal[0, 1, 2, 3] = (
+        3  # DeepSpeed ZeRO stage: 3 partitions weights, gradients and optimizer state over DP
+    )
     # Parameters smaller than this stay unpartitioned under ZeRO-3 (DeepSpeed default 1e5); tests use 0.
     param_persistence_threshold: int = 100_000
     zero_init: bool = False  # build the model inside zero.Init (partitioned at creation: large models)
@@ -98,7 +102,9 @@ class EvalConfig:
     adapt: bool = True  # also evaluate with inference-time adaptation on the context
     context_fraction: float = 0.5  # the first part of each sequence is the context it adapts on
     anchor_ratio: float = 0.2  # spec section 5
-    pre_anchor_ratio: float = 0.3
+    pre_anchor_ratio: float = (
+        0.3  # pre-anchor mask ratio of the inference-time adaptation (docs/method.md section 5)
+    )
 
     def validate(self) -> None:
         _at_least("eval.every", self.every, 0)
@@ -112,16 +118,16 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/local"
-    seed: int = 0
-    steps: int = 200
-    grad_accum: int = 1
-    log_every: int = 10
+    run_dir: str = "runs/local"  # where config.json, metrics.jsonl, checkpoints/ and export/ go
+    seed: int = 0  # weights, noise, memory resets and data order all derive from it
+    steps: int = 200  # optimizer steps of the whole run
+    grad_accum: int = 1  # micro-batches per optimizer step on each data-parallel rank
+    log_every: int = 10  # steps between records in metrics.jsonl and MLflow
     max_nonfinite_steps: int = 3  # consecutive non-finite losses before the run stops
     # Peak of one device in TFLOP/s for MFU (e.g. 989 for an H100 SXM); 0 = the table of known
     # accelerators, else a time-boxed (<= 1.5 s), cached matmul measurement (pipeline/hardware/peak.py)
     peak_tflops: float = 0.0
-    model_preset: str | None = None
+    model_preset: str | None = None  # configs/model/<name>.yaml as the model section's defaults
     # Fine-tuning: an export directory (``make pretrain`` writes runs/<run>/export) whose weights
     # start the run; its model config and tokenizer must match. A resumed checkpoint wins over it.
     init_from: str | None = None
@@ -130,7 +136,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     # Outer LoRA on the base weights (the paper's fine-tuning recipe): base frozen, only the
-    # adapters trained, merged into the weights on export (pipeline/model/lora.py).
+    # adapters trained, merged into the weights on export (pipeline/adapters/lora.py).
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -191,7 +197,6 @@ def load_resolved_config(path: str | Path) -> TrainConfig:
     No preset, no overrides: every value is in the file. Its ``runtime`` section records what an
     earlier start decided on its machine (precision, peak) and is not an input.
     """
-    import json
 
     path = Path(path)
     try:
@@ -206,11 +211,6 @@ def load_resolved_config(path: str | Path) -> TrainConfig:
 
 def write_resolved_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write ``cfg`` with every default as JSON (atomically): the file the job loads."""
-    import json
-    from dataclasses import asdict
-
-    from pipeline.atomic_io import atomic_write_text
-    from pipeline.tracking import redact_config
 
     return atomic_write_text(
         Path(path), json.dumps(redact_config(asdict(cfg)), indent=2, sort_keys=True) + "\n"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from launch import proctree
 
 PROC_TAG = "MEMDLM_TEST_PROC"
 SESSION_TAG = "MEMDLM_TEST_SESSION"
@@ -51,19 +52,9 @@ def _read(path: str) -> bytes | None:
 def processes() -> dict[int, Proc]:
     """Every live process (zombies excluded: they hold no CPU and their parent reaps them)."""
     out = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        stat = _read(f"/proc/{entry.name}/stat")
-        if stat is None:
-            continue
-        # The command name (field 2) may hold spaces and parentheses; the fields after it may not.
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if fields[0] in (b"Z", b"X"):
-            continue
-        cmdline = (_read(f"/proc/{entry.name}/cmdline") or b"").replace(b"\0", b" ").decode(errors="replace")
-        pid = int(entry.name)
-        out[pid] = Proc(pid, int(fields[1]), int(fields[2]), int(fields[3]), cmdline.strip())
+    for pid, stat in proctree.stats().items():
+        cmdline = (_read(f"/proc/{pid}/cmdline") or b"").replace(b"\0", b" ").decode(errors="replace")
+        out[pid] = Proc(pid, stat.ppid, stat.pgid, stat.sid, cmdline.strip())
     return out
 
 
@@ -82,42 +73,19 @@ def tagged(key: str, value: str) -> list[Proc]:
 def descendants(root: int, table: dict[int, Proc] | None = None) -> list[Proc]:
     """Live processes whose parent chain leads to ``root`` (not ``root`` itself)."""
     table = processes() if table is None else table
-    out = []
-    for proc in table.values():
-        ppid, seen = proc.ppid, 0
-        while ppid > 1 and ppid != root and seen < 64:
-            ppid, seen = (table[ppid].ppid if ppid in table else 0), seen + 1
-        if ppid == root and proc.pid != root:
-            out.append(proc)
-    return out
-
-
-def _signal(pid: int, sig: int, group: bool = False) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # gone, or not ours
-        (os.killpg if group else os.kill)(pid, sig)
+    tree = proctree.tree(root, {pid: p.ppid for pid, p in table.items()})
+    return [p for pid, p in table.items() if pid in tree and pid != root]
 
 
 def kill_tagged(value: str, group: int | None = None, grace_s: float = 5.0) -> None:
     """End every process tagged ``PROC_TAG=value`` and the process group ``group``: SIGTERM once
     (a process shutting its own workers down is not interrupted again), up to ``grace_s`` to exit,
-    then SIGKILL until none is left."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        deadline, sent = time.monotonic() + wait_s, set()
-        while left := tagged(PROC_TAG, value):
-            if sig == signal.SIGKILL or group not in sent:
-                if group is not None and group != os.getpgrp():
-                    _signal(group, sig, group=True)
-                sent.add(group)
-            for proc in left:  # one by one too: workers in their own sessions are outside `group`
-                if sig == signal.SIGKILL or proc.pid not in sent:
-                    _signal(proc.pid, sig)
-                    sent.add(proc.pid)
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        else:
-            return
-    raise RuntimeError(f"processes tagged {PROC_TAG}={value} survived SIGKILL: {tagged(PROC_TAG, value)}")
+    then SIGKILL until none is left (launch/proctree.py)."""
+    left = proctree.end(lambda: {p.pid for p in tagged(PROC_TAG, value)}, group=group, grace_s=grace_s)
+    if left:
+        table = processes()
+        survivors = [table[pid] for pid in sorted(left) if pid in table]
+        raise RuntimeError(f"processes tagged {PROC_TAG}={value} survived SIGKILL: {survivors}")
 
 
 def run(
@@ -210,10 +178,4 @@ def _exits_with_parent(proc: Proc) -> bool:
 
 def end(procs: Sequence[Proc], grace_s: float = 2.0) -> None:
     """SIGTERM ``procs``, then SIGKILL those still alive after ``grace_s``."""
-    for proc in procs:
-        _signal(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(p.pid in processes() for p in procs):
-        time.sleep(0.1)
-    for proc in procs:
-        _signal(proc.pid, signal.SIGKILL)
+    proctree.end({p.pid for p in procs}, grace_s=grace_s)

@@ -101,7 +101,7 @@ def world1():
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
     os.environ["RANK"], os.environ["WORLD_SIZE"] = "0", "1"
-    from pipeline.model.parallel import init_distributed
+    from pipeline.parallel.dims import init_distributed
 
     return init_distributed(tp=1)
 
@@ -170,12 +170,12 @@ def export_random_model(
     from pipeline.dataset.tokenizer import load_tokenizer
     from pipeline.diffusion.config import ObjectiveConfig
     from pipeline.memory.config import MemoryConfig
-    from pipeline.model.transformer import DLMTransformer
+    from tests._models import dense_model
 
     tok = load_tokenizer(tokenizer)
     cfg = tiny_model_config(**{"vocab_size": tok.vocab_size, "seq_len": 512, **model_kw})
     torch.manual_seed(seed)
-    model = DLMTransformer(cfg)
+    model = dense_model(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.detach().contiguous() for k, v in model.named_parameters()}, str(out / "model.safetensors")

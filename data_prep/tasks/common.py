@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep.corpus import CorpusError, CorpusStats, iter_documents, resolve_inputs
+from data_prep.sample_corpus import sample_documents
 from pipeline.dataset.seeding import seed_of
 from pipeline.dataset.tasks import TaskExample, TaskFileError, numbers, read_jsonl, words, write_jsonl
 
@@ -194,7 +196,6 @@ def resolve_filler_path(spec: str) -> Path:
     """``"sample"`` -> the sample corpus's documents.jsonl (fetched once into the cache); else a path."""
     if spec != "sample":
         return Path(spec)
-    from data_prep.sample_corpus import sample_documents
 
     return sample_documents(progress=False)
 
@@ -202,7 +203,6 @@ def resolve_filler_path(spec: str) -> Path:
 def load_filler(path: str | Path, max_sentences: int = 20000) -> list[str]:
     """Prose sentences for haystacks from any corpus file ``make data`` reads (.txt, .jsonl[.gz]
     with a "text" field, .parquet); read by data_prep/corpus.py, so errors name the file and line."""
-    from data_prep.corpus import CorpusError, CorpusStats, iter_documents, resolve_inputs
 
     path = Path(path)
     if not path.is_file():

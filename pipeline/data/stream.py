@@ -87,12 +87,14 @@ class _HashingReader:
 class DataConfig:
     """Where the shards are and how to batch them (the ``data`` section of a training config)."""
 
-    path: str = "data/sample"
+    path: str = "data/sample"  # a prepared dataset directory (manifest.json, shards/)
     batch_size: int = 8  # sequences per rank per micro-batch
     num_workers: int = 1  # DataLoader worker processes per rank (0 = read in the training process)
     shuffle_buffer: int = 1000  # samples; 0 = no sample shuffle (shard order is still permuted)
-    seed: int = 0
-    on_corrupt_shard: Literal["fail", "skip"] = "fail"
+    seed: int = 0  # shard order and shuffle buffer (each epoch reshuffles from it)
+    on_corrupt_shard: Literal["fail", "skip"] = (
+        "fail"  # a shard whose size or sha256 disagrees with the manifest: stop, or skip and count it
+    )
 
     def validate(self) -> None:
         if self.batch_size < 1:

@@ -40,7 +40,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pipeline.dataset.tokenizer import (
+from pipeline.dataset.tokenizer_types import (
     SPECIAL_TOKEN_NAMES,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_JSON,
@@ -235,7 +235,7 @@ def _config_bytes(
 
 
 def _read_tokenizers(path: Path) -> Any:
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import Tokenizer as HFTokenizer  # optional: only tokenizer.json datasets need it
 
     try:
         hf = HFTokenizer.from_file(str(path))
@@ -275,6 +275,7 @@ def load_tokenizer_json(path: Path, overrides: Mapping[str, str | None]) -> Toke
         special_tokens=tokens,
         chat_template=template,
         config_bytes=config_bytes,
+        renderer=render_chat_template,
     )
 
 

@@ -18,17 +18,19 @@ class TokenizerConfig:
     directory holding one (pipeline/dataset/tokenizer.py). A given tokenizer is copied into the
     dataset; the training keys below are then unused."""
 
-    model: str | None = None
+    model: str | None = None  # an existing tokenizer (.model or tokenizer.json) instead of training one
     # Special tokens of a given tokenizer.json that its tokenizer_config.json does not declare (or
     # declares otherwise): the token text, e.g. mask_token: "<|mdm_mask|>". PAD may be the EOS
     # token only when said so here or in the config. Written into the dataset's tokenizer_config.json.
-    mask_token: str | None = None
-    pad_token: str | None = None
-    bos_token: str | None = None
-    eos_token: str | None = None
-    vocab_size: int = 8000
-    model_type: Literal["bpe", "unigram"] = "bpe"
-    character_coverage: float = 0.9995
+    mask_token: str | None = None  # tokenizer.json only: the mask token, when its config does not name one
+    pad_token: str | None = None  # tokenizer.json only: the padding token
+    bos_token: str | None = None  # tokenizer.json only: the begin-of-document token
+    eos_token: str | None = None  # tokenizer.json only: the end-of-document token
+    vocab_size: int = 8000  # pieces of a trained sentencepiece tokenizer (the model's vocab_size)
+    model_type: Literal["bpe", "unigram"] = (
+        "bpe"  # sentencepiece algorithm (bpe trains in seconds, unigram in minutes)
+    )
+    character_coverage: float = 0.9995  # characters a trained tokenizer covers (rarer ones become <unk>)
     # Lines sampled (seeded reservoir) from the corpus to train on; bounds memory and time.
     max_sentences: int = 2_000_000
 
@@ -68,17 +70,17 @@ class TokenizerConfig:
 class PrepConfig:
     """Raw corpus -> tokenizer -> packed sequences -> WebDataset shards + manifest."""
 
-    out_dir: str
+    out_dir: str  # where manifest.json, the tokenizer and shards/ are written
     # Paths, directories or globs of .txt / .jsonl / .jsonl.gz / .parquet; "sample" = the sample corpus.
     corpus: list[str] = field(default_factory=lambda: [SAMPLE_CORPUS])
-    text_field: str = "text"
-    seq_len: int = 256
-    val_fraction: float = 0.01
+    text_field: str = "text"  # the field of .jsonl / .parquet records that holds the text
+    seq_len: int = 256  # tokens per training sequence (documents joined with EOS and cut)
+    val_fraction: float = 0.01  # documents held out for evaluation (whole documents, seeded)
     # Every shard of a split holds the same number of sequences, so a data-parallel world of
     # size W with N workers per rank is balanced whenever W * N divides the shard count.
-    train_shards: int = 64
-    val_shards: int = 8
-    seed: int = 1234
+    train_shards: int = 64  # equal-size train shards (DP size x loader workers must divide it)
+    val_shards: int = 8  # equal-size held-out shards
+    seed: int = 1234  # document split and row shuffle
     workers: int = 0  # tokenising processes; 0 = all cores
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 

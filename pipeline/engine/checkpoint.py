@@ -38,24 +38,20 @@ import errno
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipeline.atomic_io import atomic_write_text
-
-if TYPE_CHECKING:
-    from pipeline.engine.elastic import ResumePlan
+from pipeline.train_state import capture_rng, restore_rng
 
 LATEST = "latest"
 FILE_LIST = "files.json"
@@ -104,29 +100,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    meta = {
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    p = meta["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
 
 
 def checkpoint_name(step: int) -> str:
@@ -420,7 +393,7 @@ def _prepare(ckpt_dir: Path) -> None:
 def _write_rank_files(engine, tmp: Path, rank: int) -> None:
     """This rank's part of the checkpoint: DeepSpeed's files and its RNG states."""
     engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-    tensors, meta = _rng_state()
+    tensors, meta = capture_rng()
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(tensors, tmp / "rng" / f"rank-{rank:05d}.pt")
     (tmp / "rng" / f"rank-{rank:05d}.json").write_text(json.dumps(meta))
@@ -517,25 +490,21 @@ def _not_zip_archives(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.rglob("*.pt")) if not zipfile.is_zipfile(p)]
 
 
-def load_checkpoint(engine, plan: ResumePlan, manifest_sha256: str) -> dict[str, Any]:
-    """Collective. Restores engine and RNG from ``plan.path``; returns its train state (the caller
-    restores the data stream). At the saved layout the DeepSpeed checkpoint and every rank's RNG
-    state load as written; at another one (``plan.resized``) its universal copy loads (the engine
-    must be built with ``load_universal``), the frozen parameters included (the checkpoint's, bit
-    for bit), and the global RNG is reseeded from (seed, step, rank).
-
-    Errors from DeepSpeed's loader or ``torch.load`` become ``CheckpointError`` naming the file."""
-    from pipeline.engine.universal import restore_frozen, universal_dir  # universal imports this module
-
-    path, state = plan.path, plan.state
+def check_dataset(path: Path, state: dict[str, Any], manifest_sha256: str) -> None:
+    """The checkpoint at ``path`` must have been written for this dataset (the same manifest)."""
     if state.get("manifest_sha256") != manifest_sha256:
         raise CheckpointError(
             f"{path}: written for a dataset with manifest sha256 {str(state.get('manifest_sha256'))[:12]}…, this "
             f"run's dataset has {manifest_sha256[:12]}…; the data position would not mean the same samples"
         )
-    source = universal_dir(path) if plan.resized else path
+
+
+def load_engine_state(engine, source: Path, repairs: contextlib.AbstractContextManager | None = None) -> None:
+    """Collective: DeepSpeed's checkpoint under ``source/ds`` into ``engine`` (model, optimizer, LR
+    schedule), inside ``repairs`` when given. Its errors become a ``CheckpointError`` naming the
+    file (a truncated ``.pt`` by name: torch's own message does not say which)."""
     try:
-        with _universal_load_fixes(engine) if plan.resized else contextlib.nullcontext():
+        with repairs or contextlib.nullcontext():
             load_path, _ = engine.load_checkpoint(
                 str(source), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
             )
@@ -547,13 +516,15 @@ def load_checkpoint(engine, plan: ResumePlan, manifest_sha256: str) -> dict[str,
         ) from exc
     if load_path is None:
         raise CheckpointError(f"{source}: DeepSpeed found no checkpoint under tag 'ds'")
+
+
+def load_checkpoint(engine, path: Path, state: dict[str, Any], manifest_sha256: str) -> dict[str, Any]:
+    """Collective: a checkpoint written at this run's layout: engine and every rank's RNG states
+    as written. Returns its train state (``train_state.json``); the caller restores the data
+    stream. (A resume at another layout: pipeline/engine/elastic.py.)"""
+    check_dataset(path, state, manifest_sha256)
+    load_engine_state(engine, path)
     rank = dist.get_rank()
-    if plan.resized:
-        # DeepSpeed's universal load restores the optimizer's parameters only: the frozen ones
-        # (the base under outer LoRA) come from the checkpoint's universal copy too, not from init_from
-        restore_frozen(engine.module, path)
-        _reseed(int((state.get("config") or {}).get("seed", 0)), int(state["step"]), rank)
-        return state
     rng_file = path / "rng" / f"rank-{rank:05d}.pt"
     try:
         tensors = torch.load(rng_file, weights_only=True)
@@ -561,48 +532,5 @@ def load_checkpoint(engine, plan: ResumePlan, manifest_sha256: str) -> dict[str,
         raise CheckpointError(
             f"{rng_file}: could not load the RNG state: {type(exc).__name__}: {exc}"
         ) from exc
-    meta = _read_json(path / "rng" / f"rank-{rank:05d}.json")
-    _set_rng_state(tensors, meta)
+    restore_rng(tensors, _read_json(path / "rng" / f"rank-{rank:05d}.json"))
     return state
-
-
-@contextlib.contextmanager
-def _universal_load_fixes(engine) -> Iterator[None]:
-    """What DeepSpeed 0.19.8's ZeRO-3 universal load gets wrong for our model, mended around it:
-
-    * it cuts TP shards in the group ``deepspeed.utils.groups`` names, which only DeepSpeed's own
-      AutoTP sets (the ``mpu`` we pass is not consulted there): megatron's TP group is named for
-      the duration of the load, and nothing else;
-    * it copies the first param group's hyperparameters into every group
-      (load_hp_checkpoint_state_from_checkpoint_dir_stage3): the no-decay group (norms) would
-      start decaying. Ours differ in weight_decay only; it is put back;
-    * it stores one tensor object as ``state["step"]`` of every sub-group, which torch's AdamW
-      increments in place: with two sub-groups each step counted twice in Adam's bias correction.
-      Every sub-group gets its own counter."""
-    from deepspeed.utils import groups
-
-    from pipeline.model.parallel import tp_group
-
-    decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
-    before = groups._TENSOR_MODEL_PARALLEL_GROUP
-    groups._TENSOR_MODEL_PARALLEL_GROUP = tp_group()
-    try:
-        yield
-    finally:
-        groups._TENSOR_MODEL_PARALLEL_GROUP = before
-    for group, value in zip(engine.optimizer.param_groups, decay, strict=True):
-        group["weight_decay"] = value
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for state in inner.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-
-
-def _reseed(seed: int, step: int, rank: int) -> None:
-    """Global RNG streams of a rank that has no saved state of its own (after a resize)."""
-    from pipeline.dataset.seeding import seed_of
-
-    value = seed_of(seed, step, "global-rng", rank)
-    torch.manual_seed(value)
-    np.random.seed(value % 2**32)
-    random.seed(value)

@@ -17,15 +17,18 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
-from pipeline.engine.universal import describe_tensor_parallel_layout
-from pipeline.hardware.device import deepspeed_accelerator, training_device
+from pipeline.families import family_of
+from pipeline.hardware.device import training_device
 from pipeline.hardware.precision import Precision, resolve_precision
+from pipeline.parallel.dims import ParallelDims
+from pipeline.patches.deepspeed import skip_shm_comm_build
 from pipeline.train_config import TrainConfig
 
 
@@ -33,7 +36,6 @@ class MegatronMPU:
     """DeepSpeed's ``mpu`` interface over megatron-core's parallel_state (no pipeline stages)."""
 
     def __init__(self) -> None:
-        from megatron.core import parallel_state
 
         self.ps = parallel_state
 
@@ -65,7 +67,6 @@ class MegatronMPU:
         return self.ps.get_data_parallel_group()
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        import torch.distributed as dist
 
         return dist.get_process_group_ranks(self.get_data_parallel_group())
 
@@ -132,19 +133,11 @@ def ds_config(
     }
 
 
-def quiet_deepspeed() -> None:
-    """Skip the inference-only shm op (a 2-minute C++ build on CPU) and the accelerator probe noise."""
-    os.environ["DS_ACCELERATOR"] = deepspeed_accelerator()
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def _build_model(
     cfg: TrainConfig, model_fn: Callable[[], torch.nn.Module], mpu: MegatronMPU, precision: Precision
 ) -> torch.nn.Module:
     """``model_fn()``, inside ``zero.Init`` (partitioned over the DP group at creation) when configured."""
-    import deepspeed  # after quiet_deepspeed (build_engine): it picks the accelerator at import
+    import deepspeed  # heavy, and it picks its accelerator at import: after skip_shm_comm_build
 
     if not (cfg.parallel.zero_init and cfg.parallel.zero_stage == 3):
         return model_fn()
@@ -165,6 +158,7 @@ def _build_model(
 
 def build_engine(
     cfg: TrainConfig,
+    dims: ParallelDims,
     model_fn: Callable[[], torch.nn.Module],
     precision: Precision | None = None,
     load_universal: bool = False,
@@ -178,8 +172,8 @@ def build_engine(
     fp32 master copy overwrites later changes at the next step (load through the engine).
     ``load_universal``: the engine will resume from a universal checkpoint (another TP x DP layout).
     """
-    quiet_deepspeed()
-    import deepspeed
+    skip_shm_comm_build()
+    import deepspeed  # heavy, and it picks its accelerator at import: after skip_shm_comm_build
 
     if precision is None:
         precision = resolve_precision(cfg.parallel.precision, training_device())
@@ -202,8 +196,8 @@ def build_engine(
         betas=(o.beta1, o.beta2),
         eps=o.eps,
     )
-    # Every checkpoint records how the TP shards join, so any checkpoint can become universal.
-    describe_tensor_parallel_layout(model, mpu.get_model_parallel_world_size())
+    # Every checkpoint records how the shards join, so any checkpoint can become universal.
+    family_of(cfg.model).plan.describe(model, dims)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

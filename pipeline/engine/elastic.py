@@ -21,7 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.engine.checkpoint import CheckpointError, Layout, on_rank0
+import torch.distributed as dist
+
+from pipeline.engine.checkpoint import (
+    CheckpointError,
+    Layout,
+    check_dataset,
+    load_checkpoint,
+    load_engine_state,
+    on_rank0,
+)
+from pipeline.engine.universal import convert_to_universal, has_universal, restore_frozen, universal_dir
+from pipeline.patches.deepspeed import universal_load_repairs
+from pipeline.train_state import reseed_rng
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,6 @@ def prepare_universal(plan: ResumePlan, reshard: Literal["auto", "never"]) -> No
     """Collective: make sure ``plan.path`` has its universal copy. Rank 0 converts it (with a log
     line) under ``reshard=auto``; ``never`` without a copy, or a failed conversion, raises the
     same ``CheckpointError`` on every rank, saying what to run."""
-    from pipeline.engine.universal import convert_to_universal, has_universal
 
     def convert() -> None:
         if has_universal(plan.path):
@@ -106,3 +117,23 @@ def prepare_universal(plan: ResumePlan, reshard: Literal["auto", "never"]) -> No
         convert_to_universal(plan.path, verified=True)
 
     on_rank0(convert)
+
+
+def resume_engine(engine, plan: ResumePlan, manifest_sha256: str) -> dict[str, Any]:
+    """Collective: restore ``engine`` (and the RNG) from ``plan``; returns its train state.
+
+    At the saved layout: the checkpoint as written (pipeline/engine/checkpoint.py). At another one:
+    its universal copy (the engine must be built with ``load_universal``), with DeepSpeed's
+    universal-load repairs (pipeline/patches/deepspeed.py), the frozen parameters from the copy
+    (bit for bit, not from ``init_from``), and the global RNG reseeded from (seed, step, rank)."""
+    if not plan.resized:
+        return load_checkpoint(engine, plan.path, plan.state, manifest_sha256)
+    check_dataset(plan.path, plan.state, manifest_sha256)
+    repairs = universal_load_repairs(engine, engine.module.dims.tp_group)
+    load_engine_state(engine, universal_dir(plan.path), repairs)
+    # DeepSpeed's universal load restores the optimizer's parameters only: the frozen ones (the
+    # base under outer LoRA) come from the checkpoint's universal copy too
+    restore_frozen(engine.module, plan.path)
+    seed = int((plan.state.get("config") or {}).get("seed", 0))
+    reseed_rng(seed, int(plan.state["step"]), dist.get_rank())
+    return plan.state

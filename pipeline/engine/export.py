@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -25,32 +26,34 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import ConfigError
+from pipeline.adapters.lora import merge_lora
+from pipeline.config import ConfigError, from_dict
 from pipeline.dataset.tokenizer import load_tokenizer
+from pipeline.families import family_of
 from pipeline.model.config import ModelConfig
-from pipeline.model.parallel import tp_group, tp_size
 from pipeline.outputs import OutputDirError, write_output_dir
+from pipeline.parallel.dims import ParallelDims, init_distributed
 
 # The trainer has no --force: a directory of the user's at run_dir/export stays, and the run says so.
 EXPORT_HINT = "the trainer's export never replaces it: move it away (or choose another run_dir)"
 
 
-def _gather_tp(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False) or tp_size() == 1:
+def _gather_tp(param: torch.Tensor, full: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False) or dims.tp == 1:
         return full.detach().float().cpu().clone()
-    parts = [torch.empty_like(full) for _ in range(tp_size())]
-    dist.all_gather(parts, full.detach().contiguous(), group=tp_group())
+    parts = [torch.empty_like(full) for _ in range(dims.tp)]
+    dist.all_gather(parts, full.detach().contiguous(), group=dims.tp_group)
     return torch.cat(parts, dim=param.partition_dim).float().cpu()
 
 
 def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full fp32 weights on every rank: ZeRO-3 partitions gathered, TP shards concatenated."""
-    import deepspeed
+    import deepspeed  # heavy: only when exporting
 
     out = {}
     for name, p in module.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            out[name] = _gather_tp(p, p.data)
+            out[name] = _gather_tp(p, p.data, module.dims)
     return out
 
 
@@ -62,8 +65,6 @@ def export_model(
     state = consolidated_state_dict(engine.module)
     lora = getattr(cfg, "lora", None)
     if lora is not None and lora.enabled:
-        from pipeline.model.lora import merge_lora
-
         state = merge_lora(state, lora)
     out_dir = Path(out_dir)
     info = {
@@ -127,9 +128,7 @@ def load_initial_weights(module: torch.nn.Module, path: str | Path, model_cfg: M
     broadcast. Raises ConfigError naming what differs when the export's model config is not
     ``model_cfg`` (``seq_len`` and ``init_std`` may differ).
     """
-    import deepspeed
-
-    from pipeline.model.parallel import tp_rank
+    import deepspeed  # heavy: only when fine-tuning from an export
 
     path = Path(path)
     if not (path / "model.safetensors").is_file():
@@ -150,12 +149,13 @@ def load_initial_weights(module: torch.nn.Module, path: str | Path, model_cfg: M
                 f"init_from={path}: parameter names differ (missing {sorted(names - stored)[:5]}, "
                 f"unexpected {sorted(stored - names)[:5]})"
             )
+        tp, tp_rank = module.dims.tp, module.dims.tp_rank
         for name, p in module.named_parameters():
-            if getattr(p, "tensor_model_parallel", False) and tp_size() > 1:
+            if getattr(p, "tensor_model_parallel", False) and tp > 1:
                 sl = f.get_slice(name)
-                size = sl.get_shape()[p.partition_dim] // tp_size()
+                size = sl.get_shape()[p.partition_dim] // tp
                 index = [slice(None)] * len(sl.get_shape())
-                index[p.partition_dim] = slice(tp_rank() * size, (tp_rank() + 1) * size)
+                index[p.partition_dim] = slice(tp_rank * size, (tp_rank + 1) * size)
                 part = sl[tuple(index)]
             else:
                 part = f.get_tensor(name)
@@ -164,39 +164,21 @@ def load_initial_weights(module: torch.nn.Module, path: str | Path, model_cfg: M
 
 
 def load_exported(path: str | Path, device: str = "cpu"):
-    """Load an export as a TP=1 ``DLMTransformer`` in eval mode; returns ``(model, info)``.
+    """Load an export as a TP=1 model of its family in eval mode; returns ``(model, info)``.
 
-    Starts a one-process TP=1 group on its own if none exists (the megatron layers need one).
-    """
-    from pipeline.model.parallel import init_distributed
-    from pipeline.model.transformer import DLMTransformer
-
+    Starts a one-process TP=1 group on its own if none exists (the megatron layers need one)."""
     path = Path(path)
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path}: no model.safetensors (not an export directory)")
     info = json.loads((path / "config.json").read_text())
     if not dist.is_initialized():
-        import socket
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    init_distributed(tp=1)
-    cfg = ModelConfig(**info["model"])
+    dims = init_distributed(tp=1)
+    cfg = from_dict(ModelConfig, export_model_config(path), str(path / "config.json"))
     with torch.device("meta"):
-        model = DLMTransformer(cfg)
-    state = load_file(str(path / "model.safetensors"), device=device)
-    if cfg.tie_embeddings:  # state_dict() lists the shared weight under both names
-        state["head.weight"] = state["embedding.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_embeddings:  # assign=True replaced the embedding's Parameter: share it again
-        model.head.weight = model.embedding.weight
-    model.rope_cos, model.rope_sin = (t.to(device) for t in _rope(cfg))
+        model = family_of(cfg).build(cfg, dims)
+    model.load_full_state(load_file(str(path / "model.safetensors"), device=device), device)
     return model.eval(), info
-
-
-def _rope(cfg: ModelConfig):
-    from pipeline.model.transformer import model_rope_tables
-
-    return model_rope_tables(cfg)

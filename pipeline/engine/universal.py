@@ -1,7 +1,7 @@
 """Elastic resume: DeepSpeed's universal checkpoint over our megatron-core TP layout.
 
-    make reshard CHECKPOINT=runs/local/checkpoints/step-000100        # ahead of time
-    python -m pipeline.engine.universal runs/local/checkpoints/step-000100
+    make reshard CHECKPOINT=runs/local/checkpoints/step-000100        # ahead of time (pipeline/engine/reshard.py)
+    convert_to_universal(checkpoint)                                   # what it and an elastic resume call
 
 A ZeRO-3 checkpoint is partitioned per data-parallel rank and, with TP, per tensor-parallel rank:
 it only loads at the layout that wrote it. DeepSpeed's ``ds_to_universal`` rewrites it as one
@@ -9,12 +9,8 @@ file per parameter and state (fp32 master, Adam ``exp_avg``/``exp_avg_sq``, step
 *full* tensor, and ZeRO-3's ``load_universal`` path cuts those tensors again for whatever
 TP x DP layout loads them. Nothing here reshards optimizer state by hand; this module only
 
-* tells DeepSpeed how our layers are cut (:func:`describe_tensor_parallel_layout`): every
-  megatron-core parameter with ``tensor_model_parallel`` is a contiguous split along its
-  ``partition_dim`` (our fused QKV rows are laid out per KV group and our vocabulary padding is
-  TP-independent, see pipeline/model/transformer.py, so a plain split is exact); everything else
-  is replicated. DeepSpeed records this per parameter (restore side) and per model (conversion
-  side), in the same schema its own AutoTP layers use;
+* relies on the model's description of how its layers are cut, attached before the engine is
+  built by its family's parallel plan (pipeline/parallel/tp_layout.py for megatron-core layers);
 * converts a published checkpoint once (:func:`convert_to_universal`) into
   ``<checkpoint>/universal/``, written under a temporary name, listed in its own ``files.json``
   and renamed into place, so a kill mid-conversion leaves the original untouched and no
@@ -36,7 +32,7 @@ Trust boundary (what is unpickled, when, after which check):
   ``ds/*_model_states.pt`` with ``weights_only=False``: DeepSpeed's own loader and format (they
   hold DeepSpeed objects such as ``ZeroStageEnum``, which ``weights_only=True`` refuses);
 * our own reads are tensors only: the frozen fragments (``torch.load(weights_only=True,
-  mmap=True)`` of the model states), the containers rewritten by :func:`_wrap_bare_tensors`
+  mmap=True)`` of the model states), the containers rewritten by :func:`pipeline.patches.deepspeed.wrap_bare_universal_tensors`
   (``weights_only=True``), the frozen tensors (safetensors, no pickle);
 * the universal copy has its own ``files.json``; a resume verifies it (:func:`has_universal`,
   sha256) before DeepSpeed's universal loader unpickles its files (``weights_only=False``).
@@ -50,10 +46,8 @@ import io
 import json
 import math
 import os
-import pickle
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,20 +56,15 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.cli import run_main
-from pipeline.config import ConfigError
 from pipeline.engine.checkpoint import (
     FILE_LIST,
     CheckpointError,
     DamagedCheckpoint,
-    Layout,
-    select_checkpoint,
     verify_checkpoint,
     write_file_list,
 )
-from pipeline.engine.elastic import plan_resume, saved_layout
-from pipeline.model.config import ModelConfig
-from pipeline.model.parallel import tp_rank, tp_size
+from pipeline.parallel.tp_layout import affine_maps, pattern_of
+from pipeline.patches.deepspeed import wrap_bare_universal_tensors
 
 UNIVERSAL_DIR = "universal"
 FROZEN_DIR = "frozen"  # <checkpoint>/universal/frozen/<parameter name>.safetensors
@@ -84,104 +73,8 @@ _SOURCE = "source.json"
 # source.json "format": 2 = with the frozen parameters. An older copy lacks them: converted again.
 _FORMAT = 2
 _MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
-USER_ERRORS = (CheckpointError, ConfigError)
 # deepspeed is imported inside the functions here: heavy, and pipeline/engine/deepspeed.py chooses
 # its accelerator before the first import
-
-
-def describe_tensor_parallel_layout(model: torch.nn.Module, tp: int) -> dict[str, Any]:
-    """Attach DeepSpeed's universal-checkpoint metadata to ``model`` (before ``deepspeed.initialize``).
-
-    Per parameter (``ds_autotp_universal_checkpoint_meta``): how a full tensor is cut for this
-    rank; read when a universal checkpoint is loaded. Per model (``universal_checkpoint_info``,
-    saved into every checkpoint's model states): how ``ds_to_universal`` merges the TP shards.
-    Returns the model-level info. Works on ZeRO-3-partitioned parameters (uses ``ds_shape``)."""
-    from deepspeed.checkpoint.affine import contiguous_split_map
-    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META, UNIVERSAL_CHECKPOINT_INFO
-    from deepspeed.module_inject.layers import (
-        _build_param_uc_restore_meta,
-        collect_autotp_universal_checkpoint_info,
-    )
-
-    for p in model.parameters():
-        if not getattr(p, "tensor_model_parallel", False):
-            continue  # replicated on every TP rank: DeepSpeed's default for undescribed parameters
-        dim = int(p.partition_dim)
-        local = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves p.shape as an empty partition
-        full = list(local)
-        full[dim] *= tp
-        sizes = [local[dim]] * tp
-        setattr(
-            p,
-            DS_AUTOTP_UC_META,
-            _build_param_uc_restore_meta(
-                partition_type="row" if dim == 1 else "column",
-                partition_dim=dim,
-                logical_shape=full,
-                partition_sizes=sizes,
-                original_shape=full,
-                affine_map=contiguous_split_map(full, sizes, dim),
-            ),
-        )
-    # The collector takes the TP degree from a module attribute (AutoTP layers carry one); the
-    # replicated parameters' maps need it.
-    model.tp_world_size = tp
-    info = collect_autotp_universal_checkpoint_info(model)
-    _fix_replicated_shapes(model, info, tp)
-    _describe_frozen_by_geometry_only(model, info)
-    setattr(model, UNIVERSAL_CHECKPOINT_INFO, info)
-    return info
-
-
-def _pattern(name: str) -> str:
-    """The pattern DeepSpeed's collector gives parameter ``name``."""
-    return rf"^{re.escape(name)}$"
-
-
-def _affine_maps(info: dict[str, Any]) -> dict[str, Any]:
-    from deepspeed.checkpoint.constants import AFFINE_MAP, AFFINE_MAP_PARAMS
-
-    return (info.get(AFFINE_MAP) or {}).get(AFFINE_MAP_PARAMS) or {}
-
-
-def _fix_replicated_shapes(model: torch.nn.Module, info: dict[str, Any], tp: int) -> None:
-    """The replicated parameters' maps at their real shapes.
-
-    The collector sizes them with ``param.shape``, which under ``zero.Init`` is the empty local
-    partition: a map of 0 elements, which the converter refuses for every real shard."""
-    from deepspeed.checkpoint.affine import replicated_map
-
-    maps = _affine_maps(info)
-    for name, p in model.named_parameters():
-        if _pattern(name) in maps and not getattr(p, "tensor_model_parallel", False):
-            maps[_pattern(name)] = replicated_map(tuple(getattr(p, "ds_shape", p.shape)), tp).to_dict()
-
-
-def _describe_frozen_by_geometry_only(model: torch.nn.Module, info: dict[str, Any]) -> None:
-    """Drop the frozen parameters from the category lists, keep their affine maps.
-
-    ``ds_to_universal`` converts the optimizer's parameters only, and its strict check fails on a
-    category pattern no converted parameter matched; an affine map is only consulted for the
-    parameters it converts. :func:`_write_frozen` reads the maps to join the frozen TP shards."""
-    from deepspeed.checkpoint.constants import (
-        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
-        PARAMETER_WITH_SUB_PARAMS,
-        TP_REPLICATED_PARAMETER_PATTERNS,
-        VOCABULARY_PARAMETER_PATTERNS,
-    )
-
-    frozen = {_pattern(name) for name, p in model.named_parameters() if not p.requires_grad}
-    if not frozen:
-        return
-    for key in (
-        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
-        TP_REPLICATED_PARAMETER_PATTERNS,
-        VOCABULARY_PARAMETER_PATTERNS,
-    ):
-        info[key] = [pattern for pattern in info.get(key, []) if pattern not in frozen]
-    info[PARAMETER_WITH_SUB_PARAMS] = [
-        entry for entry in info.get(PARAMETER_WITH_SUB_PARAMS, []) if not frozen & set(entry["patterns"])
-    ]
 
 
 def universal_dir(checkpoint: Path) -> Path:
@@ -251,14 +144,17 @@ def convert_to_universal(checkpoint: str | Path, quiet: bool = True, verified: b
             f"{checkpoint}: its frozen parameters could not be carried over ({type(exc).__name__}: {exc}). "
             "Resume it at the TP x DP layout that wrote it (train_state.json 'layout')."
         ) from exc
-    _wrap_bare_tensors(tmp / "ds" / "zero")
+    wrap_bare_universal_tensors(tmp / "ds" / "zero")
     _publish(checkpoint, tmp, json.loads(state_file.read_text(encoding="utf-8")), frozen)
     return out
 
 
 def _run_converter(source: Path, out: Path, quiet: bool) -> None:
     """DeepSpeed's ``ds_to_universal`` from ``source`` (a DeepSpeed checkpoint folder) into ``out``."""
-    from deepspeed.checkpoint import ds_to_universal
+    # heavy: DeepSpeed takes seconds to import and picks its accelerator then
+    from deepspeed.checkpoint import (
+        ds_to_universal,
+    )
 
     args = argparse.Namespace(
         input_folder=str(source),
@@ -287,25 +183,6 @@ def _publish(checkpoint: Path, tmp: Path, state: dict[str, Any], frozen: int) ->
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _wrap_bare_tensors(zero: Path) -> None:
-    """Store every state as ``{"param": tensor}``, the form ZeRO-3's universal loader cuts for TP.
-
-    ``ds_to_universal`` writes that form for a TP>1 source but a bare tensor for a TP=1 one, and
-    the loader only applies a parameter's TP layout to the dict form: a TP=1 checkpoint resumed at
-    TP=2 would load every full tensor into a half-size shard. Same values, another container."""
-    from deepspeed.checkpoint.constants import PARAM
-
-    for file in sorted(zero.glob("*/*.pt")):
-        if file.stem not in ("fp32", "exp_avg", "exp_avg_sq"):
-            continue
-        try:
-            value = torch.load(file, weights_only=True)
-        except pickle.UnpicklingError:
-            continue  # not tensors only (a dict with DeepSpeed's sub-parameter shape): not bare
-        if isinstance(value, torch.Tensor):
-            torch.save({PARAM: value}, file)
 
 
 # ------------------------------------------------------------ frozen parameters
@@ -348,13 +225,18 @@ def _write_frozen(source: Path, out: Path) -> int:
     """Each frozen parameter (``frozen_param_fragments`` of the model states: ZeRO-2/3 saves the
     parameters outside the optimizer there) as its full tensor, ``out/<name>.safetensors``, in its
     own dtype. TP shards are joined by the parameter's affine map. Returns how many were written."""
-    from deepspeed.checkpoint.affine import ParamAffineMap
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+    # heavy: DeepSpeed takes seconds to import and picks its accelerator then
+    from deepspeed.checkpoint.affine import (
+        ParamAffineMap,
+    )
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+    )
 
     states = _model_states(source)
     first = states[0][0]
     shapes = first.get("frozen_param_shapes") or {}
-    maps = _affine_maps(first.get(UNIVERSAL_CHECKPOINT_INFO) or {})
+    maps = affine_maps(first.get(UNIVERSAL_CHECKPOINT_INFO) or {})
     out.mkdir(parents=True, exist_ok=True)
     for name in shapes:
         shards = {
@@ -367,8 +249,8 @@ def _write_frozen(source: Path, out: Path) -> int:
         }
         if len(shards) == 1:
             full = shards[0]
-        elif _pattern(name) in maps:  # rebuild also checks that replicated shards agree
-            full = ParamAffineMap.from_dict(maps[_pattern(name)]).rebuild(shards)
+        elif pattern_of(name) in maps:  # rebuild also checks that replicated shards agree
+            full = ParamAffineMap.from_dict(maps[pattern_of(name)]).rebuild(shards)
         else:
             raise CheckpointError(
                 f"frozen parameter {name}: the checkpoint does not say how its {len(shards)} TP shards join "
@@ -399,8 +281,9 @@ def restore_frozen(model: torch.nn.Module, checkpoint: Path) -> int:
             part = f.get_slice("param")
             index = [slice(None)] * len(part.get_shape())
             if getattr(p, "tensor_model_parallel", False):
-                size = part.get_shape()[p.partition_dim] // tp_size()
-                index[p.partition_dim] = slice(tp_rank() * size, (tp_rank() + 1) * size)
+                tp, tp_rank = model.dims.tp, model.dims.tp_rank
+                size = part.get_shape()[p.partition_dim] // tp
+                index[p.partition_dim] = slice(tp_rank * size, (tp_rank + 1) * size)
             shard = part[tuple(index)]
         if tuple(shard.shape) != local:
             raise CheckpointError(
@@ -415,7 +298,10 @@ def restore_frozen(model: torch.nn.Module, checkpoint: Path) -> int:
 def _copy_into(p: torch.nn.Parameter, value: torch.Tensor) -> None:
     """``value`` (this rank's full TP shard of ``p``) into ``p``: its ZeRO-3 partition, and the
     gathered tensor a persistent (small, never released) ZeRO-3 parameter keeps too."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    # heavy: DeepSpeed takes seconds to import and picks its accelerator then
+    from deepspeed.runtime.zero.partition_parameters import (
+        ZeroParamStatus,
+    )
 
     if not hasattr(p, "ds_id"):
         p.data.copy_(value)
@@ -427,77 +313,3 @@ def _copy_into(p: torch.nn.Parameter, value: torch.Tensor) -> None:
     p.ds_tensor.data[: piece.numel()].copy_(piece)
     if p.ds_status == ZeroParamStatus.AVAILABLE:
         p.data.copy_(value.reshape(p.data.shape))
-
-
-def _check_target(path: Path, state: dict[str, Any], tp: int | None, dp: int | None) -> str | None:
-    """What a resume at ``tp`` x ``dp`` will do (its grad_accum); an error when it cannot."""
-    if tp is None and dp is None:
-        return None
-    saved = saved_layout(state)
-    tp, dp = saved.tp if tp is None else tp, saved.dp if dp is None else dp
-    ModelConfig(**state["config"]["model"]).check_tp(tp)  # heads, KV heads, FFN, vocab divide by TP
-    plan = plan_resume(path, state, Layout(tp * dp, tp, dp, saved.grad_accum, saved.micro_batch))
-    return f"resuming at TP={tp} x DP={dp}: {plan.describe()}"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)  # one `error:` line through run_main, not argparse's usage + error
-
-
-def _size(option: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(
-                f"got {text!r}, expected an integer >= 1 (make reshard {option[2:].upper()}=...)"
-            )
-        return value
-
-    parse.__name__ = option  # argparse names the type in "invalid <name> value"
-    return parse
-
-
-def _chosen(path: Path) -> tuple[Path, bool]:
-    """The checkpoint ``path`` names, and whether it was verified choosing it."""
-    if (path / "train_state.json").is_file():
-        return path, False
-    chosen = select_checkpoint(path)  # verifies the sizes and sha256 of the one it returns
-    if chosen is None:
-        raise CheckpointError(f"{path}: no checkpoint here (expected step-NNNNNN folders or one of them)")
-    return chosen, True
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``make reshard CHECKPOINT=...``: convert a checkpoint so any TP x DP layout can resume it.
-
-    Raises ``CheckpointError`` / ``ConfigError`` for what the user can fix (``USER_ERRORS``)."""
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "checkpoint",
-        help="a checkpoint folder (runs/<run>/checkpoints/step-NNNNNN) or its run's checkpoints/",
-    )
-    parser.add_argument("--tp", type=_size("--tp"), help="check that this tensor-parallel size can resume it")
-    parser.add_argument("--dp", type=_size("--dp"), help="check that this data-parallel size can resume it")
-    args = parser.parse_args(argv)
-    path, verified = _chosen(Path(args.checkpoint))
-    if not verified:
-        verify_source(path)  # before anything of it is unpickled
-    state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
-    layout = state.get("layout", {})
-    target = _check_target(path, state, args.tp, args.dp)
-    out = convert_to_universal(path, verified=True)
-    if target:
-        print(target)
-    print(
-        f"universal checkpoint ready: {out} (written at TP={layout.get('tp')} x DP={layout.get('dp')}); "
-        "resume the run at any TP x DP whose grad_accum keeps the global batch: the trainer loads it automatically"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_main(main, user_errors=USER_ERRORS))

@@ -194,6 +194,7 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--output", help="write the results JSON here")
     args = ap.parse_args(argv)
+    # optional: only the lm-eval adapter needs lm-evaluation-harness
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

@@ -11,7 +11,7 @@ models count, and its parallel plan. Trainer, import/export, sampler, benchmarks
 memory model look a family up here and never branch on its name; a new family registers itself
 with :func:`register_family` and needs no edit anywhere else.
 
-The DLM interface every built model offers (pipeline/model/transformer.py is the reference):
+The DLM interface every built model offers (pipeline/families/dense/model.py is the reference):
 ``cfg``; ``embed(tokens [B, T]) -> [B, T, D]``; ``run_layers(h, start, end, fast, checkpoint,
 key_mask)``; ``final_norm``; ``head`` (vocab-parallel logits); ``head_logits(h, positions)``;
 ``forward(tokens=..., hidden=..., start_layer=..., end_layer=..., fast=..., positions=...,
@@ -28,7 +28,8 @@ from typing import Any, Literal
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.model.config import ModelConfig, register_model_config
+from pipeline.model.config import ModelConfig, register_model_config, unregister_model_config
+from pipeline.model.hf_format import HFLayout
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,18 @@ class Family:
     activation_bytes: Callable[[ModelConfig, int], float]
     # Which projections each ``memory.targets`` / ``lora.targets`` choice names.
     fast_weight_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    hf_layouts: tuple[Any, ...] = ()  # pipeline/hf/layout.py HFLayout entries
+    # The Hugging Face layouts it maps (pipeline/model/hf_format.py), and the one an export writes.
+    hf_layouts: tuple[HFLayout, ...] = ()
+    hf_export_layout: Callable[[ModelConfig], HFLayout] | None = None
     description: str = ""
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Every parameter of the unsharded model: its family's layers, the (padded) embedding, an
+    untied head and the final norm."""
+    layers = get_family(cfg.family).layer_shapes(cfg)
+    embed = cfg.padded_vocab_size * cfg.d_model
+    return sum(layer.params for layer in layers) + embed * (1 if cfg.tie_embeddings else 2) + cfg.d_model
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -115,6 +126,12 @@ def register_family(family: Family) -> Family:
     register_model_config(family.name, family.config_class)
     _FAMILIES[family.name] = family
     return family
+
+
+def unregister_family(name: str) -> None:
+    """Forget family ``name`` (a test's throwaway family; the built-in ones stay)."""
+    _FAMILIES.pop(name, None)
+    unregister_model_config(name)
 
 
 def get_family(name: str) -> Family:

@@ -1,7 +1,9 @@
-"""Hugging Face checkpoints <-> our export format (pipeline/engine/export.py).
+"""Hugging Face checkpoints <-> our export format (pipeline/engine/export.py), for every layout a
+registered model family maps (pipeline/model/hf_format.py; the dense family's are LLaMA, Qwen2 and
+LLaDA: pipeline/families/dense/hf.py).
 
     import_hf("hf/LLaDA-8B-Base", "runs/llada-export")            # config.json + *.safetensors -> export
-    export_hf("runs/local/export", "runs/local/hf")                 # export -> Llama/Qwen2 layout
+    export_hf("runs/local/export", "runs/local/hf")                 # export -> the family's export layout
 
 An import writes ``model.safetensors`` (fp32, our TP=1 names, vocabulary rows zero-padded to
 ``vocab_multiple``), ``config.json`` (model config, ``method: mdlm``, default memory/objective,
@@ -11,9 +13,9 @@ when the source's ``tokenizer.json`` loads in our pipeline, ``tokenizer_config.j
 the special tokens found in the model config (the mask token), so ``make data``
 ``tokenizer.model=<export>/hf_tokenizer/tokenizer.json`` needs no more options
 (``source.tokenizer.data_tokenizer``).
-An export writes ``config.json`` for ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` when the model
-has Q/K/V biases) with ``is_causal: false`` (transformers then builds a bidirectional mask),
-``model.safetensors`` with the padded vocabulary rows dropped, and the tokenizer files.
+An export writes the ``config.json`` and ``model.safetensors`` of the family's export layout
+(dense: ``LlamaForCausalLM``, or ``Qwen2ForCausalLM`` with Q/K/V biases, ``is_causal: false``) with
+the padded vocabulary rows dropped, and the tokenizer files.
 
 The whole model passes through one process once (an import holds the fp32 model in memory);
 fine-tuning then loads it at any TP x DP, each rank reading only its slices.
@@ -37,16 +39,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.hf.layouts import (
-    IGNORED_SUFFIXES,
-    HFFormatError,
-    Source,
-    expected_names,
-    global_names,
-    layer_names,
-    read_source_config,
-)
+from pipeline.config import ConfigError, from_dict
+from pipeline.dataset.tokenizer import TokenizerError, load_tokenizer
+from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.engine.export import export_model_config
+from pipeline.families import families, family_of
+from pipeline.memory.config import MemoryConfig
 from pipeline.model.config import ModelConfig
+from pipeline.model.hf_format import HFFormatError, HFLayout, KeyProblem, Source, is_moe
 from pipeline.outputs import check_output_dir, write_output_dir
 
 TOKENIZER_FILES = (
@@ -157,7 +157,7 @@ def _tokenizer_mask_check(src: Path, mask_id: int, vocab_size: int) -> dict[str,
         raise HFFormatError(f"mask token id {mask_id} is outside the vocabulary [0, {vocab_size})")
     info: dict[str, Any] = {"mask_id": mask_id}
     if (src / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # optional: only for a tokenizer.json source
 
         tok = Tokenizer.from_file(str(src / "tokenizer.json"))
         token = tok.id_to_token(mask_id)
@@ -171,7 +171,7 @@ def _tokenizer_mask_check(src: Path, mask_id: int, vocab_size: int) -> dict[str,
                 f"'{declared}' (id {tok.token_to_id(declared)}); pass the right MASK_ID"
             )
     elif (src / "tokenizer.model").is_file():
-        import sentencepiece as spm
+        import sentencepiece as spm  # only for a sentencepiece source
 
         proc = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
         if mask_id >= proc.get_piece_size():
@@ -190,102 +190,55 @@ def _declared_mask_token(src: Path) -> str | None:
     return mask.get("content") if isinstance(mask, dict) else mask
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """[v, D] -> [rows, D], the extra rows zero (their logits are masked; they are never used)."""
-    out = torch.zeros(rows, t.shape[1], dtype=torch.float32)
-    out[: t.shape[0]] = t
-    return out
 
-
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """q [H*hd(, D)], k/v [KV*hd(, D)] -> our fused [(H + 2 KV) * hd(, D)], per kv group [q..q|k|v]."""
-    kv, g, hd = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_dim
-    tail = q.shape[1:]
-    parts = (q.reshape(kv, g * hd, *tail), k.reshape(kv, hd, *tail), v.reshape(kv, hd, *tail))
-    return torch.cat(parts, dim=1).reshape(cfg.qkv_size, *tail)
-
-
-def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inverse of :func:`fuse_qkv`."""
-    kv, g, hd = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_dim
-    tail = qkv.shape[1:]
-    grouped = qkv.reshape(kv, (g + 2) * hd, *tail)
-    q, k, v = grouped.split([g * hd, hd, hd], dim=1)
-    return (
-        q.reshape(cfg.n_heads * hd, *tail).contiguous(),
-        k.reshape(kv * hd, *tail).contiguous(),
-        v.reshape(kv * hd, *tail).contiguous(),
+def find_layout(config: dict[str, Any], tensor_names: set[str]) -> HFLayout:
+    """The registered layout (of any model family) a source is in; an HFFormatError naming the
+    source's ``model_type`` and the layouts we map otherwise."""
+    for family in families():
+        for layout in family.hf_layouts:
+            if layout.detects(config, tensor_names):
+                return layout
+    model_type = config.get("model_type")
+    known = sorted({t for f in families() for layout in f.hf_layouts for t in layout.model_types})
+    moe = is_moe(config, tensor_names)
+    kind = "a mixture-of-experts checkpoint of a layout" if moe else "a layout"
+    raise HFFormatError(
+        f"model_type '{model_type}' is {kind} we do not map (we map: {', '.join(known)}); first tensor names: "
+        f"{sorted(tensor_names)[:5]}"
     )
 
 
-def _shapes(cfg: ModelConfig, layout: str, vocab_rows: int) -> dict[str, tuple[int, ...]]:
-    d, f, hd = cfg.d_model, cfg.ffn_hidden, cfg.head_dim
-    g = global_names(layout)
-    out = {g["embed"]: (vocab_rows, d), g["norm"]: (d,), g["head"]: (vocab_rows, d)}
-    for i in range(cfg.n_layers):
-        ln = layer_names(layout, i)
-        kvd = cfg.kv_heads * hd
-        out.update(
-            {
-                ln["attn_norm"]: (d,),
-                ln["ffn_norm"]: (d,),
-                ln["q"]: (cfg.n_heads * hd, d),
-                ln["k"]: (kvd, d),
-                ln["v"]: (kvd, d),
-                ln["q_bias"]: (cfg.n_heads * hd,),
-                ln["k_bias"]: (kvd,),
-                ln["v_bias"]: (kvd,),
-                ln["out"]: (d, cfg.n_heads * hd),
-                ln["gate"]: (f, d),
-                ln["up"]: (f, d),
-                ln["down"]: (d, f),
-            }
-        )
-    return out
+def read_source(
+    config: dict[str, Any], names: set[str], seq_len: int | None, multiple: int, where: str
+) -> Source:
+    """The layout of a source and what its ``config.json`` (``where``) says: errors name the file."""
+    layout = find_layout(config, names)
+    try:
+        return layout.read_config(config, names, seq_len, multiple)
+    except KeyProblem as exc:
+        raise HFFormatError(f"{where}: {exc}") from None
+    except HFFormatError as exc:
+        raise HFFormatError(f"{where}: {exc}") from None
 
 
-def convert_state(read, src: Source) -> dict[str, torch.Tensor]:
-    """Source tensors (``read(name)``) -> our full fp32 TP=1 state dict (names of DLMTransformer)."""
-    cfg, layout = src.model, src.layout
-    g = global_names(layout)
-    V = cfg.padded_vocab_size
-    state = {
-        "embedding.weight": _pad_rows(read(g["embed"]).float(), V),
-        "final_norm.weight": read(g["norm"]).float(),
-    }
-    if not cfg.tie_embeddings:
-        state["head.weight"] = _pad_rows(read(g["head"]).float(), V)
-    for i in range(cfg.n_layers):
-        ln, p = layer_names(layout, i), f"layers.{i}."
-        state[p + "qkv.weight"] = fuse_qkv(*(read(ln[x]).float() for x in "qkv"), cfg)
-        if cfg.qkv_bias:
-            state[p + "qkv.bias"] = fuse_qkv(*(read(ln[x + "_bias"]).float() for x in "qkv"), cfg)
-        for ours, theirs in (("attn_norm", "attn_norm"), ("ffn_norm", "ffn_norm"), ("out", "out")):
-            state[p + ours + ".weight"] = read(ln[theirs]).float()
-        for name in ("gate", "up", "down"):
-            state[p + name + ".weight"] = read(ln[name]).float()
-    return state
-
-
-def _check_tensors(where: dict[str, Path], src: Source, reader: _Reader) -> None:
+def _check_tensors(where: dict[str, Path], layout: HFLayout, cfg: ModelConfig, reader: _Reader) -> None:
     """Missing/unknown tensors and wrong shapes fail with the names listed."""
-    cfg, layout = src.model, src.layout
-    present = {n for n in where if not n.endswith(IGNORED_SUFFIXES)}
-    expected = expected_names(layout, cfg)
-    head = global_names(layout)["head"]
-    if cfg.tie_embeddings and head in present:
+    present = {n for n in where if not n.endswith(layout.ignored_suffixes)}
+    shapes = layout.hf_shapes(cfg)
+    tied = layout.tied_head(cfg)
+    if tied is not None and tied[0] in present:
         # Some tied checkpoints store the head too; it must then be the embedding.
-        if not torch.equal(reader.get(head), reader.get(global_names(layout)["embed"])):
-            raise HFFormatError(f"tie_word_embeddings is set but {head} differs from the embedding")
-        expected = expected | {head}
+        if not torch.equal(reader.get(tied[0]), reader.get(tied[1])):
+            raise HFFormatError(f"tie_word_embeddings is set but {tied[0]} differs from the embedding")
+        shapes = {**shapes, tied[0]: shapes[tied[1]]}
+    expected = set(shapes)
     missing, unknown = sorted(expected - present), sorted(present - expected)
     if missing or unknown:
         raise HFFormatError(
-            f"tensor names do not match the {layout} layout of this config: "
+            f"tensor names do not match the {layout.name} layout of this config: "
             f"missing {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
             f"unknown {unknown[:20]}{' ...' if len(unknown) > 20 else ''}"
         )
-    shapes = _shapes(cfg, layout, cfg.vocab_size)
     wrong = []
     for name in sorted(expected):
         with open_safetensors(where[name]) as f:
@@ -330,12 +283,13 @@ def import_hf(
         raise HFFormatError(f"{src}: no config.json (expected a Hugging Face model directory)")
     config = read_json_object(src / "config.json", "a Hugging Face model config")
     where = _shard_index(src)
-    source = read_source_config(config, set(where), seq_len, vocab_multiple, where=str(src / "config.json"))
+    source = read_source(config, set(where), seq_len, vocab_multiple, str(src / "config.json"))
+    layout = find_layout(config, set(where))
     mask = _mask_id(src, source.mask_id, mask_id)
     tokenizer = _tokenizer_mask_check(src, mask, source.model.vocab_size)
     reader = _Reader(where)
-    _check_tensors(where, source, reader)
-    state = convert_state(reader.get, source)
+    _check_tensors(where, layout, source.model, reader)
+    state = layout.to_ours(reader.get, source.model)
     sp_ok = _sentencepiece_usable(src / "tokenizer.model")
     hf_tok, data_tokenizer = _data_tokenizer(src, tokenizer, sp_ok)
     info = _import_info(src, source, mask, {**tokenizer, "sentencepiece_usable": sp_ok, **data_tokenizer})
@@ -350,9 +304,6 @@ def import_hf(
 
 def _import_info(src: Path, source: Source, mask: int, tokenizer: dict[str, Any]) -> dict[str, Any]:
     """The export's ``config.json``: model, default method/memory/objective, special ids, provenance."""
-    from pipeline.memory.config import MemoryConfig
-    from pipeline.objectives.mdlm import ObjectiveConfig
-
     return {
         "model": asdict(source.model),
         "method": "mdlm",
@@ -401,8 +352,6 @@ def _sentencepiece_usable(path: Path) -> bool:
     """Whether our loader (which requires [PAD]/[MASK]/BOS/EOS) accepts this tokenizer.model."""
     if not path.is_file():
         return False
-    from pipeline.dataset.tokenizer import TokenizerError, load_tokenizer
-
     try:
         load_tokenizer(path)
     except TokenizerError:
@@ -413,8 +362,6 @@ def _sentencepiece_usable(path: Path) -> bool:
 def _data_tokenizer(src: Path, tokenizer: dict[str, Any], sp_ok: bool) -> tuple[Any, dict[str, Any]]:
     """``(the source's tokenizer.json as our loader reads it, or None; what config.json records)``:
     ``data_tokenizer``, the export's file to prepare data with, and a ``note`` when not sentencepiece."""
-    from pipeline.dataset.tokenizer import TokenizerError, load_tokenizer
-
     if sp_ok:
         return None, {"data_tokenizer": "tokenizer.model"}
     if tokenizer["kind"] != "tokenizer.json":
@@ -434,75 +381,8 @@ def _data_tokenizer(src: Path, tokenizer: dict[str, Any], sp_ok: bool) -> tuple[
     return tok, {"data_tokenizer": "hf_tokenizer/tokenizer.json", "note": SENTENCEPIECE_ONLY}
 
 
-def hf_config(cfg: ModelConfig, special_ids: dict[str, Any]) -> dict[str, Any]:
-    """``config.json`` of the Llama (or, with Q/K/V biases, Qwen2) model equal to ``cfg``."""
-    qwen = cfg.qkv_bias
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling == "linear":
-        rope = {**rope, "rope_type": "linear", "factor": cfg.rope_factor}
-    elif cfg.rope_scaling == "llama3":
-        rope = {
-            **rope,
-            "rope_type": "llama3",
-            "factor": cfg.rope_factor,
-            "low_freq_factor": cfg.rope_low_freq_factor,
-            "high_freq_factor": cfg.rope_high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_original_max_len,
-        }
-    out: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn_hidden,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": rope,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        # A masked diffusion LM attends both ways: transformers builds a bidirectional mask from it.
-        "is_causal": False,
-        "use_cache": False,
-        "dtype": "float32",
-        "bos_token_id": special_ids.get("bos"),
-        "eos_token_id": special_ids.get("eos"),
-        "pad_token_id": special_ids.get("pad"),
-        "mask_token_id": special_ids.get("mask"),
-    }
-    if qwen:
-        out.update(use_sliding_window=False, max_window_layers=cfg.n_layers)
-    else:
-        out.update(attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
-    return out
-
-
-def hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Our full state dict -> Llama/Qwen2 tensor names (padded vocabulary rows dropped)."""
-    layout = "qwen2" if cfg.qkv_bias else "llama"
-    g = global_names(layout)
-    v = cfg.vocab_size
-    out = {g["embed"]: state["embedding.weight"][:v], g["norm"]: state["final_norm.weight"]}
-    if not cfg.tie_embeddings:
-        out[g["head"]] = state["head.weight"][:v]
-    for i in range(cfg.n_layers):
-        ln, p = layer_names(layout, i), f"layers.{i}."
-        out.update(zip((ln["q"], ln["k"], ln["v"]), split_qkv(state[p + "qkv.weight"], cfg), strict=True))
-        if cfg.qkv_bias:
-            names = (ln["q_bias"], ln["k_bias"], ln["v_bias"])
-            out.update(zip(names, split_qkv(state[p + "qkv.bias"], cfg), strict=True))
-        for ours in ("attn_norm", "ffn_norm", "out", "gate", "up", "down"):
-            out[ln[ours]] = state[p + ours + ".weight"]
-    return {k: t.to(dtype).contiguous() for k, t in out.items()}
-
-
 def _read_export(checkpoint: Path) -> tuple[dict[str, Any], ModelConfig, dict[str, torch.Tensor]]:
     """An export directory's ``(config.json, model config, weights)``; HFFormatError naming the file."""
-    from pipeline.engine.export import export_model_config
-
     if not (checkpoint / "model.safetensors").is_file():
         raise HFFormatError(f"{checkpoint}: not an export directory (no model.safetensors)")
     info = read_json_object(checkpoint / "config.json", "an export's config with 'model' and 'special_ids'")
@@ -512,10 +392,10 @@ def _read_export(checkpoint: Path) -> tuple[dict[str, Any], ModelConfig, dict[st
                 f"{checkpoint / 'config.json'}: no '{key}' object (expected an export's config)"
             )
     try:
-        cfg = ModelConfig(**export_model_config(checkpoint))
-    except TypeError as exc:  # a key this ModelConfig does not know
+        cfg = from_dict(ModelConfig, export_model_config(checkpoint), str(checkpoint / "config.json"))
+    except ConfigError as exc:  # a key no model family knows, a value out of range
         raise HFFormatError(
-            f"{checkpoint / 'config.json'}: 'model' does not fit our ModelConfig ({exc})"
+            f"{checkpoint / 'config.json'}: 'model' does not fit our model configs ({exc})"
         ) from None
     return info, cfg, load_safetensors(checkpoint / "model.safetensors")
 
@@ -523,7 +403,8 @@ def _read_export(checkpoint: Path) -> tuple[dict[str, Any], ModelConfig, dict[st
 def export_hf(
     checkpoint: str | Path, out: str | Path, *, dtype: str = "float32", force: bool = False
 ) -> Path:
-    """Write our export ``checkpoint`` as a transformers Llama/Qwen2 model directory ``out`` (atomic;
+    """Write our export ``checkpoint`` as a transformers model directory ``out`` in its family's export
+    layout (atomic;
     ``out`` and ``force`` as for :func:`import_hf`, ``checkpoint`` being the source)."""
     checkpoint, out = Path(checkpoint), Path(out)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
@@ -531,14 +412,20 @@ def export_hf(
         raise HFFormatError(f"dtype '{dtype}': expected float32, bfloat16 or float16")
     check_output_dir(out, src=checkpoint, force=force)
     info, cfg, weights = _read_export(checkpoint)
+    layout = family_of(cfg).hf_export_layout
+    if layout is None:
+        raise HFFormatError(
+            f"{checkpoint}: model family '{cfg.family}' has no Hugging Face layout to export to"
+        )
+    layout = layout(cfg)
     try:
-        state = hf_state(weights, cfg, torch_dtype)
+        state = {k: t.to(torch_dtype).contiguous() for k, t in layout.from_ours(weights, cfg).items()}
     except KeyError as exc:
         raise HFFormatError(
             f"{checkpoint / 'model.safetensors'}: no tensor {exc.args[0]!r} (expected the weights of the model "
             "its config.json describes)"
         ) from None
-    config = {**hf_config(cfg, info.get("special_ids") or {}), "dtype": dtype}
+    config = {**layout.hf_config(cfg, info.get("special_ids") or {}), "dtype": dtype}
 
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

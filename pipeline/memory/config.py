@@ -6,30 +6,40 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.config import ConfigError
-from pipeline.memory.fast_weights import TARGETS, FastWeightSpec
+from pipeline.families.registry import family_of
+from pipeline.memory.fast_weights import FastWeightSpec
+from pipeline.model.config import ModelConfig
 
 
 @dataclass
 class MemoryConfig:
     """MemDLM's parametric memory; ``enabled: false`` trains plain MDLM."""
 
-    enabled: bool = False
-    rank: int = 32
-    alpha: float = 64.0
+    enabled: bool = False  # MemDLM (true) or plain MDLM (false)
+    rank: int = 32  # LoRA rank r of every fast weight
+    alpha: float = 64.0  # LoRA scale alpha (the delta is alpha / r * B A x)
     layer_fraction: float = 0.1  # fast weights on the last 10 % of layers
-    targets: Literal["ffn", "ffn+attn"] = "ffn"
-    adapter: Literal["lora", "full"] = "lora"
+    targets: Literal["ffn", "ffn+attn"] = (
+        "ffn"  # which projections carry fast weights (the family names them: ffn = gate/up/down)
+    )
+    adapter: Literal["lora", "full"] = "lora"  # low-rank fast weights, or full-matrix deltas (an ablation)
     # batch: one memory per global batch (inner grads summed over DP ranks when sync_dp);
     # sample: one memory per sequence (batched low-rank products).
     scope: Literal["batch", "sample"] = "batch"
-    sync_dp: bool = True
-    inner_lr: float = 0.1
+    sync_dp: bool = (
+        True  # sum inner gradients over data-parallel ranks (batch scope): one memory per global batch
+    )
+    inner_lr: float = 0.1  # SGD step of the inner loop
     clip_norm: float = 1.0  # per tensor (per sample in sample scope)
-    pre_anchor_scale: float = 1.5
+    pre_anchor_scale: float = 1.5  # stage-1 masked fraction = scale x the anchor's (capped at 1)
     pre_anchor_steps: int = 1  # stage-1 steps, most noisy first (scale**k x the anchor ratio)
     anchor_step: bool = True  # stage 2
-    inner_loss: Literal["ce", "logit_kl", "reverse_kl", "hidden_cos", "hidden_mse"] = "ce"
-    inner_weighting: Literal["elbo", "uniform"] = "elbo"
+    inner_loss: Literal["ce", "logit_kl", "reverse_kl", "hidden_cos", "hidden_mse"] = (
+        "ce"  # the inner loop's loss (ce; the others are the paper's ablations)
+    )
+    inner_weighting: Literal["elbo", "uniform"] = (
+        "elbo"  # weights of the inner losses: w(rho) as the outer loss, or 1
+    )
     # Recompute the memory layers in backward; null = automatic: on for models of >= 1B parameters.
     checkpoint: bool | None = None
 
@@ -48,21 +58,26 @@ class MemoryConfig:
     def use_checkpoint(self, model_params: int) -> bool:
         return self.checkpoint if self.checkpoint is not None else model_params >= 1_000_000_000
 
-    def spec_for(self, model) -> FastWeightSpec:
-        """The fast-weight layout for a model config (its layers, widths and fused-QKV rows)."""
-        return self.spec(model.n_layers, model.d_model, model.ffn_hidden, model.qkv_size)
-
-    def spec(
-        self, n_layers: int, d_model: int, ffn_hidden: int, qkv_size: int | None = None
-    ) -> FastWeightSpec:
-        first = FastWeightSpec.first_memory_layer(n_layers, self.layer_fraction)
+    def spec_for(self, model: ModelConfig) -> FastWeightSpec:
+        """The fast-weight layout for a model config: the last ``layer_fraction`` of its layers and
+        the projections ``targets`` names in its family, with their shapes and TP split."""
+        family = family_of(model)
+        layers = family.layer_shapes(model)
+        first = FastWeightSpec.first_memory_layer(len(layers), self.layer_fraction)
+        if self.targets not in family.fast_weight_targets:
+            raise ConfigError(
+                f"key 'memory.targets': '{self.targets}' names no projections of the '{family.name}' family "
+                f"(it has: {', '.join(sorted(family.fast_weight_targets))})"
+            )
+        shape = layers[first]
+        shapes = tuple(
+            (p.name, p.out_features, p.in_features, p.parallel)
+            for p in (shape.projection(t) for t in family.fast_weight_targets[self.targets])
+        )
         return FastWeightSpec(
-            layers=tuple(range(first, n_layers)),
-            targets=TARGETS[self.targets],
+            layers=tuple(range(first, len(layers))),
+            shapes=shapes,
             adapter=self.adapter,
             rank=self.rank,
             alpha=self.alpha,
-            d_model=d_model,
-            ffn_hidden=ffn_hidden,
-            qkv_size=qkv_size,
         )

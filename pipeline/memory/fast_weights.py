@@ -28,20 +28,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.model.delta import COLUMN_TARGETS, ROW_TARGETS, apply_column_delta, apply_row_delta
-from pipeline.model.parallel import tp_rank, tp_size
-
-__all__ = [
-    "COLUMN_TARGETS",
-    "ROW_TARGETS",
-    "TARGETS",
-    "FastWeightSpec",
-    "FastWeights",
-    "apply_column_delta",
-    "apply_row_delta",
-]
-TARGETS = {"ffn": ("gate", "up", "down"), "ffn+attn": ("qkv", "out", "gate", "up", "down")}
-
 
 @dataclass
 class FastWeights:
@@ -76,37 +62,51 @@ class FastWeights:
 
 @dataclass(frozen=True)
 class FastWeightSpec:
-    """Which layers/targets carry fast weights and how to make a fresh memory for them."""
+    """Which layers/projections carry fast weights and how to make a fresh memory for them.
+
+    ``shapes`` maps each target projection to its full (unsharded) ``(out, in)`` and how tensor
+    parallelism splits it (``column`` or ``row``), as the model family describes it."""
 
     layers: tuple[int, ...]
-    targets: tuple[str, ...]
+    shapes: tuple[tuple[str, int, int, str], ...]  # (target, out, in, "column" | "row")
     adapter: str  # "lora" | "full"
     rank: int
     alpha: float
-    d_model: int
-    ffn_hidden: int
-    qkv_size: int | None = None  # rows of the fused QKV (GQA: fewer than 3 * d_model)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t for t, *_ in self.shapes)
 
     @staticmethod
     def first_memory_layer(n_layers: int, fraction: float) -> int:
-        """``int(L * (1 - fraction))``: 8 layers -> 7; 24 -> 21 (spec section 2)."""
+        """``int(L * (1 - fraction))``: 8 layers -> 7; 24 -> 21 (docs/method.md section 2)."""
         return min(n_layers - 1, max(0, int(n_layers * (1 - fraction))))
 
     def global_shape(self, target: str) -> tuple[int, int]:
-        d, f = self.d_model, self.ffn_hidden
-        qkv = self.qkv_size or 3 * d
-        return {"qkv": (qkv, d), "out": (d, d), "gate": (f, d), "up": (f, d), "down": (d, f)}[target]
+        """(out, in) of ``target``'s full weight."""
+        for name, out, inp, _ in self.shapes:
+            if name == target:
+                return out, inp
+        raise KeyError(target)
+
+    def is_column(self, target: str) -> bool:
+        return next(kind for name, _, _, kind in self.shapes if name == target) == "column"
 
     def reset(
-        self, batch_size: int | None, generator: torch.Generator, device: torch.device | str = "cpu"
+        self,
+        batch_size: int | None,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        tp_rank: int = 0,
+        tp: int = 1,
     ) -> FastWeights:
         """A fresh memory: A ~ Kaiming-uniform (drawn from ``generator``, on ``device``), B / dW = 0.
 
         ``batch_size=None`` gives one memory (``batch`` scope); an int gives one per sample,
         all starting from the same A (the memory's content is what the inner loop writes).
-        The full A is drawn on every rank and sliced, so values do not depend on the TP size.
+        The full A is drawn on every rank and sliced for TP rank ``tp_rank`` of ``tp``, so values
+        do not depend on the TP size.
         """
-        tp, rank = tp_size(), tp_rank()
         by_layer: dict[int, dict[str, torch.Tensor]] = {}
         sharded: dict[tuple[int, str], bool] = {}
 
@@ -117,9 +117,8 @@ class FastWeightSpec:
 
         for layer in self.layers:
             d: dict[str, torch.Tensor] = {"scale": torch.tensor(self.alpha / self.rank, device=device)}
-            for target in self.targets:
-                out, inp = self.global_shape(target)
-                column = target in COLUMN_TARGETS
+            for target, out, inp, kind in self.shapes:
+                column = kind == "column"
                 if self.adapter == "full":
                     shape = (out // tp, inp) if column else (out, inp // tp)
                     d[f"{target}.W"] = expand(torch.zeros(shape, device=device))
@@ -135,7 +134,7 @@ class FastWeightSpec:
                     sharded[(layer, f"{target}.A")], sharded[(layer, f"{target}.B")] = False, tp > 1
                 else:
                     shard = inp // tp
-                    d[f"{target}.A"] = expand(a_full[:, rank * shard : (rank + 1) * shard].contiguous())
+                    d[f"{target}.A"] = expand(a_full[:, tp_rank * shard : (tp_rank + 1) * shard].contiguous())
                     d[f"{target}.B"] = expand(torch.zeros(out, self.rank, device=device))
                     sharded[(layer, f"{target}.A")], sharded[(layer, f"{target}.B")] = tp > 1, False
             by_layer[layer] = d

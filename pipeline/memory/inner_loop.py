@@ -37,9 +37,9 @@ from pipeline.diffusion.loss import (
     weighted_loss,
 )
 from pipeline.diffusion.noise import Noise, loss_weight, time_of_mask_ratio
+from pipeline.families.registry import param_count
 from pipeline.memory.config import MemoryConfig
 from pipeline.memory.fast_weights import FastWeights, FastWeightSpec
-from pipeline.model.parallel import tp_group, tp_size
 
 # ---------------------------------------------------------------- masks
 
@@ -91,12 +91,12 @@ def pre_anchor_ratio(anchor: torch.Tensor, n_maskable: torch.Tensor, scale: floa
 # ---------------------------------------------------------------- inner losses
 
 
-def _vp_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+def _vp_log_softmax(logits: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """log-softmax over a vocabulary split across TP ranks (logits [N, V/tp], float32)."""
     m = logits.detach().max(-1, keepdim=True).values
-    if tp_size() > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group())
-    s = reduce_from_tensor_model_parallel_region(torch.exp(logits - m).sum(-1, keepdim=True))
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    s = reduce_from_tensor_model_parallel_region(torch.exp(logits - m).sum(-1, keepdim=True), group)
     return logits - m - torch.log(s)
 
 
@@ -132,11 +132,12 @@ def _position_losses(
         if kind == "hidden_cos":
             return 1.0 - torch.nn.functional.cosine_similarity(hs, ht, dim=-1)
         return (hs - ht).pow(2).mean(-1)
-    ls = _vp_log_softmax(model.head(hs)[0].float())
-    lt = _vp_log_softmax(model.head(ht)[0].float())
+    group = model.dims.tp_group
+    ls = _vp_log_softmax(model.head(hs)[0].float(), group)
+    lt = _vp_log_softmax(model.head(ht)[0].float(), group)
     p, q = (lt, ls) if kind == "logit_kl" else (ls, lt)  # KL(teacher || student) or the reverse
     part = (p.exp() * (p - q)).sum(-1)
-    return reduce_from_tensor_model_parallel_region(part)
+    return reduce_from_tensor_model_parallel_region(part, group)
 
 
 @contextmanager
@@ -183,8 +184,9 @@ def inner_step(
     seq_weight: torch.Tensor,
     cfg: MemoryConfig,
     dp_group: dist.ProcessGroup | None,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> tuple[FastWeights, InnerStats]:
-    """One SGD step on the fast weights with per-tensor clipping; returns new detached leaves."""
+    """One clipped SGD step on the fast weights (new detached leaves); ``tp_group`` sums sharded norms."""
     B = positions.shape[0]
     weighted, seq_of = weight_by_sequence(per_position, positions, seq_weight)
     sync = cfg.scope == "batch" and cfg.sync_dp and dp_group is not None and dist.get_world_size(dp_group) > 1
@@ -211,9 +213,9 @@ def inner_step(
     dims = (lambda g: tuple(range(1, g.dim()))) if fast.per_sample else (lambda g: tuple(range(g.dim())))
     sq = torch.stack([g.float().pow(2).sum(dim=dims(g)) for g in grads])  # [n_tensors] or [n_tensors, B]
     sharded = torch.tensor([fast.sharded[n] for n in fast.names], device=sq.device)
-    if tp_size() > 1 and bool(sharded.any()):
+    if tp_group is not None and dist.get_world_size(tp_group) > 1 and bool(sharded.any()):
         part = sq * sharded.view(-1, *([1] * (sq.dim() - 1)))
-        dist.all_reduce(part, group=tp_group())
+        dist.all_reduce(part, group=tp_group)
         sq = torch.where(sharded.view(-1, *([1] * (sq.dim() - 1))), part, sq)
     norms = sq.sqrt()
     coef = (cfg.clip_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -259,15 +261,20 @@ class MemoryLayout:
     spec: FastWeightSpec
     first: int
     checkpoint: bool
+    tp_rank: int = 0
+    tp: int = 1
 
     @classmethod
-    def of(cls, model_cfg, mem: MemoryConfig) -> MemoryLayout:
-        spec = mem.spec_for(model_cfg)
-        return cls(spec, spec.layers[0], mem.use_checkpoint(model_cfg.num_params()))
+    def of(cls, model, mem: MemoryConfig) -> MemoryLayout:
+        """The layout in ``model`` (its config and parallel dims)."""
+        spec = mem.spec_for(model.cfg)
+        dims = model.dims
+        return cls(spec, spec.layers[0], mem.use_checkpoint(param_count(model.cfg)), dims.tp_rank, dims.tp)
 
     def reset(self, mem: MemoryConfig, batch: int, generator: torch.Generator, device) -> FastWeights:
         """A fresh memory: one per batch, or one per sequence in ``sample`` scope."""
-        return self.spec.reset(batch if mem.scope == "sample" else None, generator, device)
+        scope_batch = batch if mem.scope == "sample" else None
+        return self.spec.reset(scope_batch, generator, device, self.tp_rank, self.tp)
 
 
 def _teacher(
@@ -317,7 +324,7 @@ def _stage(
             layout.checkpoint,
             key_mask,
         )
-        return inner_step(fast, losses, mask, weight, mem, dp_group)
+        return inner_step(fast, losses, mask, weight, mem, dp_group, model.dims.tp_group)
 
 
 def inner_loop(
@@ -344,7 +351,7 @@ def inner_loop(
     passes one that is the same on every data-parallel rank, so a batch-scope memory synced
     over DP starts from one phi0 for the whole global batch.
     """
-    layout = layout or MemoryLayout.of(model.cfg, mem)
+    layout = layout or MemoryLayout.of(model, mem)
     fast = layout.reset(mem, tokens.shape[0], reset_generator or generator, tokens.device)
     teacher = _teacher(model, tokens, mem, key_mask)
     n_maskable = noise.maskable.sum(1).clamp(min=1)
@@ -397,7 +404,7 @@ def memdlm_loss(
     the memory's gain: the memory layers and head once more from the shared anchor pass, with
     phi0, under no_grad (about the cost of the outer pass above the memory, forward only).
     """
-    layout = MemoryLayout.of(model.cfg, mem)
+    layout = MemoryLayout.of(model, mem)
     # phi0 is redrawn afterwards from a copy of the reset generator's state: the draws the
     # training consumes are untouched, whether or not this step is measured.
     reset_state = (reset_generator or generator).get_state() if measure else None

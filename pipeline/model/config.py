@@ -23,14 +23,14 @@ class ModelConfig:
     # parallel plan. A family may extend this section with keys of its own (its config class).
     family: str = "dense"
     vocab_size: int = 8000  # the tokenizer's; the embedding/head are padded to vocab_multiple
-    seq_len: int = 256
-    d_model: int = 384
-    n_layers: int = 8
-    n_heads: int = 6
+    seq_len: int = 256  # tokens per sequence (the dataset's seq_len); RoPE tables are this long
+    d_model: int = 384  # hidden size
+    n_layers: int = 8  # transformer blocks
+    n_heads: int = 6  # query heads (head size d_model / n_heads)
     ffn_hidden: int = 1024  # SwiGLU inner size (gate/up output, down input)
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    init_std: float = 0.02  # normal init of weights (outputs of residual branches scaled by 1/sqrt(2 L))
     # Padding is independent of the TP size, so TP=1 and TP=N see the same softmax. The padded
     # logits are masked to the dtype's minimum by the model: never sampled, never in a softmax.
     vocab_multiple: int = 128
@@ -42,7 +42,7 @@ class ModelConfig:
     # RoPE frequency scaling, as transformers defines it: "linear" divides every frequency by
     # rope_factor; "llama3" (Llama 3.1) divides only the low frequencies, smoothly.
     rope_scaling: str = "none"
-    rope_factor: float = 1.0
+    rope_factor: float = 1.0  # RoPE scaling factor (linear, llama3)
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_len: int = 8192  # llama3 only: the pre-training context length
@@ -118,24 +118,6 @@ class ModelConfig:
         m = self.vocab_multiple
         return (self.vocab_size + m - 1) // m * m
 
-    def check_tp(self, tp: int) -> None:
-        """The dimensions tensor parallelism splits must divide by ``tp``."""
-        for name, value in (
-            ("n_heads", self.n_heads),
-            ("n_kv_heads", self.kv_heads),
-            ("ffn_hidden", self.ffn_hidden),
-            ("padded vocab", self.padded_vocab_size),
-        ):
-            if value % tp:
-                raise ConfigError(f"model {name}={value} is not divisible by tensor parallel size {tp}")
-
-    def num_params(self) -> int:
-        """Parameters of the unsharded model (the padded vocabulary included)."""
-        d, f, v = self.d_model, self.ffn_hidden, self.padded_vocab_size
-        qkv = self.qkv_size * d + (self.qkv_size if self.qkv_bias else 0)
-        per_layer = qkv + d * d + 3 * d * f + 2 * d  # qkv, out, gate/up/down, two RMSNorms
-        return self.n_layers * per_layer + (1 if self.tie_embeddings else 2) * v * d + d
-
 
 # family name -> its config class (pipeline/families/registry.py registers each family's)
 _CONFIG_CLASSES: dict[str, type[ModelConfig]] = {"dense": ModelConfig}
@@ -146,3 +128,9 @@ def register_model_config(family: str, cls: type[ModelConfig]) -> None:
     if not (isinstance(cls, type) and issubclass(cls, ModelConfig)):
         raise TypeError(f"family {family!r}: its config class must subclass ModelConfig, got {cls!r}")
     _CONFIG_CLASSES[family] = cls
+
+
+def unregister_model_config(family: str) -> None:
+    """Forget ``family``'s config class (never the dense family's, which is ``ModelConfig`` itself)."""
+    if family != "dense":
+        _CONFIG_CLASSES.pop(family, None)

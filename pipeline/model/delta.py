@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
+from torch.distributed import ProcessGroup
 
 COLUMN_TARGETS = ("qkv", "gate", "up")
 ROW_TARGETS = ("out", "down")
@@ -40,22 +41,29 @@ def _low_rank(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bti,boi->bto", x, m.to(x.dtype))
 
 
-def apply_column_delta(x: torch.Tensor, fast: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    """Extra output of a column-parallel linear: x [B, T, in] (replicated) -> [B, T, out/tp]."""
+def apply_column_delta(
+    x: torch.Tensor, fast: Mapping[str, torch.Tensor], name: str, group: ProcessGroup | None = None
+) -> torch.Tensor:
+    """Extra output of a column-parallel linear: x [B, T, in] (replicated) -> [B, T, out/tp].
+    ``group``: the linear's tensor-parallel group."""
     if name + ".W" in fast:
         # dW is sharded like W; the copy makes autograd all-reduce x's gradient over TP.
-        return _low_rank(copy_to_tensor_model_parallel_region(x), fast[name + ".W"])
+        return _low_rank(copy_to_tensor_model_parallel_region(x, group), fast[name + ".W"])
     u = _low_rank(x, fast[name + ".A"])  # [B, T, r], identical on every TP rank
     # Backward all-reduces dL/du over TP so A (replicated) gets the full gradient.
-    u = copy_to_tensor_model_parallel_region(u)
+    u = copy_to_tensor_model_parallel_region(u, group)
     return fast["scale"].to(x.dtype) * _low_rank(u, fast[name + ".B"])
 
 
-def apply_row_delta(x: torch.Tensor, fast: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+def apply_row_delta(
+    x: torch.Tensor, fast: Mapping[str, torch.Tensor], name: str, group: ProcessGroup | None = None
+) -> torch.Tensor:
     """Extra output of a row-parallel linear: x [B, T, in/tp] (sharded) -> [B, T, out] (summed over TP)."""
     if name + ".W" in fast:
-        return reduce_from_tensor_model_parallel_region(_low_rank(x, fast[name + ".W"]))
-    u = reduce_from_tensor_model_parallel_region(_low_rank(x, fast[name + ".A"]))  # [B, T, r]: sum of shards
+        return reduce_from_tensor_model_parallel_region(_low_rank(x, fast[name + ".W"]), group)
+    u = reduce_from_tensor_model_parallel_region(
+        _low_rank(x, fast[name + ".A"]), group
+    )  # [B, T, r]: sum of shards
     return fast["scale"].to(x.dtype) * _low_rank(u, fast[name + ".B"])
 
 
@@ -66,5 +74,5 @@ def delta_linear(
     y, _ = lin(x)
     if delta is not None and (name + ".A" in delta or name + ".W" in delta):
         apply = apply_column_delta if isinstance(lin, ColumnParallelLinear) else apply_row_delta
-        y = y + apply(x, delta, name)
+        y = y + apply(x, delta, name, lin.tp_group)
     return y

@@ -25,19 +25,3 @@ class MDLM(Objective):
         measure: bool,
     ) -> ObjectiveOutput:
         return ObjectiveOutput(loss=mdlm_loss(forward, batch.tokens, noise, self.cfg, dp_group), noise=noise)
-
-
-# Transitional re-exports (callers move to pipeline.diffusion; removed once none is left).
-from pipeline.diffusion.config import ObjectiveConfig  # noqa: E402
-from pipeline.diffusion.loss import position_ce, weighted_loss  # noqa: E402
-from pipeline.diffusion.noise import draw_noise, maskable_positions  # noqa: E402
-
-__all__ = [
-    "MDLM",
-    "ObjectiveConfig",
-    "draw_noise",
-    "maskable_positions",
-    "mdlm_loss",
-    "position_ce",
-    "weighted_loss",
-]

@@ -49,7 +49,8 @@ class ModelCost:
 
     @property
     def params_total(self) -> int:
-        """Every parameter of the unsharded model (padded vocabulary included)."""
+        """Every parameter of the unsharded model (padded vocabulary included; as
+        :func:`pipeline.families.registry.param_count` counts them)."""
         embed = self.padded_vocab * self.d_model
         head = 0 if self.tie_embeddings else embed
         return sum(layer.params for layer in self.layers) + embed + head + self.d_model  # + final norm

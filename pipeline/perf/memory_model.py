@@ -10,12 +10,9 @@ Model (bytes per rank; P = parameters, N = tp * dp for ZeRO-3, tp for stages 0-2
 * gradients: ``4 P / N`` (fp32 partition the optimizer reads) plus a bf16 bucket of one layer,
   and under ZeRO-3 the reduce and prefetch buckets (``d^2`` and ``0.9 d^2`` elements, bf16).
 * optimizer: fp32 master, Adam m and v: ``12 P / N`` (ZeRO >= 1), ``12 P / tp`` for stage 0.
-* activations kept for backward, per token per layer, in bytes: ``20 d`` replicated (the two
-  RMSNorms keep fp32 inputs and outputs, the residual stream) plus ``(18 d + 10.25 f) / tp``
-  sharded with the heads and the FFN (q, k, v, rotated q/k, attention output and its
-  log-sum-exp; gate, up, silu, product). Coefficients measured with
-  ``torch.autograd.graph.saved_tensors_hooks`` on this model under bf16 autocast (a unit test
-  re-measures them); times ``micro_batch * seq_len * n_layers``. The LM head at the loss
+* activations kept for backward, per token per layer, in bytes: the family's measured
+  coefficients (dense: ``20 d`` replicated plus ``(18 d + 10.25 f) / tp`` sharded;
+  pipeline/families/dense/family.py), times ``micro_batch * seq_len * n_layers``. The LM head at the loss
   positions (``mask_fraction * tokens``) keeps bf16 logits and the fp32 softmax: ``6 V / tp``
   bytes each, and its backward briefly holds an fp32 gradient of the logits: ``4 V / tp``.
 * MemDLM: fast weights (fp32, LoRA: ``r (in + out)`` per target, sharded like the weight) and
@@ -28,8 +25,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from pipeline.adapters.lora import LoraConfig, lora_param_count
+from pipeline.families import family_of
+from pipeline.families.registry import param_count
 from pipeline.memory.config import MemoryConfig
-from pipeline.memory.fast_weights import COLUMN_TARGETS, TARGETS
 from pipeline.model.config import ModelConfig
 
 GIB = 2**30
@@ -53,6 +52,22 @@ class MemoryEstimate:
         return {k: round(v / GIB, 3) for k, v in asdict(self).items()}
 
 
+def _fast_weight_bytes(cfg: ModelConfig, memory: MemoryConfig, tp: int, micro_batch: int) -> float:
+    """fp32 fast weights and their gradients per rank (LoRA: ``r (in + out)`` per target, sharded
+    like the weight: column A [r, in] replicated, B [out/tp, r]; row A [r, in/tp], B [out, r])."""
+    spec = memory.spec_for(cfg)
+    per_layer = 0.0
+    for _, out, inp, kind in spec.shapes:
+        if memory.adapter == "full":
+            per_layer += out * inp / tp
+        elif kind == "column":
+            per_layer += memory.rank * (inp + out / tp)
+        else:
+            per_layer += memory.rank * (inp / tp + out)
+    copies = micro_batch if memory.scope == "sample" else 1
+    return 4 * 2 * per_layer * len(spec.layers) * copies
+
+
 def estimate_memory(
     cfg: ModelConfig,
     memory: MemoryConfig | None,
@@ -63,44 +78,41 @@ def estimate_memory(
     zero_stage: int = 3,
     seq_len: int | None = None,
     mask_fraction: float = 0.5,
+    lora: LoraConfig | None = None,
 ) -> MemoryEstimate:
-    """Bytes per rank for one training step (see the module docstring for each term)."""
+    """Bytes per rank for one training step (see the module docstring for each term). With outer
+    ``lora`` enabled only the adapters have gradients and optimizer state; the frozen base is
+    partitioned bf16 weights only."""
     T = seq_len or cfg.seq_len
-    d, f, V, L = cfg.d_model, cfg.ffn_hidden, cfg.padded_vocab_size, cfg.n_layers
-    P = cfg.num_params()
-    p_layer = 4 * d * d + 3 * d * f
+    d, V = cfg.d_model, cfg.padded_vocab_size
+    family = family_of(cfg)
+    layers = family.layer_shapes(cfg)
+    P = param_count(cfg)
+    trainable = lora_param_count(cfg, lora) if lora is not None and lora.enabled else P
+    P_all = P + (trainable if trainable != P else 0)
+    p_layer = max(sum(p.params for p in layer.projections) for layer in layers)  # the largest, gathered
     shard = tp * dp if zero_stage == 3 else tp
-    params = 2 * P / shard + (2 * 2 * p_layer / tp if zero_stage == 3 else 0)
-    grads = 4 * P / (tp * dp if zero_stage >= 2 else tp) + 2 * p_layer / tp
+    params = 2 * P_all / shard + (2 * 2 * p_layer / tp if zero_stage == 3 else 0)
+    grads = 4 * trainable / (tp * dp if zero_stage >= 2 else tp) + 2 * p_layer / tp
     if zero_stage == 3:  # reduce bucket (d^2) and prefetch bucket (0.9 d^2), bf16 (engine/deepspeed.py)
         grads += 2 * 1.9 * d * d
-    optimizer = 12 * P / (tp * dp if zero_stage >= 1 else tp)
-    per_token_layer = 20 * d + (18 * d + 10.25 * f) / tp
+    optimizer = 12 * trainable / (tp * dp if zero_stage >= 1 else tp)
+    per_token_layer = family.activation_bytes(cfg, tp)
     tokens = micro_batch * T
-    activations = per_token_layer * tokens * L
+    activations = per_token_layer * tokens * len(layers)
     head = (6 + 4) * V / tp * tokens * mask_fraction
     fast = 0.0
     if memory is not None and memory.enabled:
-        spec = memory.spec(L, d, f, cfg.qkv_size)
-        per_layer = 0.0
-        for target in TARGETS[memory.targets]:
-            out, inp = spec.global_shape(target)
-            if memory.adapter == "full":
-                per_layer += out * inp / tp
-            elif target in COLUMN_TARGETS:  # A [r, in] replicated, B [out/tp, r]
-                per_layer += memory.rank * (inp + out / tp)
-            else:  # row-parallel: A [r, in/tp], B [out, r] replicated
-                per_layer += memory.rank * (inp / tp + out)
-        copies = micro_batch if memory.scope == "sample" else 1
-        fast = 4 * 2 * per_layer * len(spec.layers) * copies  # fp32 values + gradients
+        fast = _fast_weight_bytes(cfg, memory, tp, micro_batch)
         # Stage 2 runs while the anchor's pass below the memory holds its activations: that pass,
         # plus the memory layers and the head at the (larger) pre-anchor set of one inner stage,
         # is the other candidate for the peak; the outer forward frees the inner stage first.
-        below = activations * spec.layers[0] / L
+        first = memory.spec_for(cfg).layers[0]
+        below = activations * first / len(layers)
         inner = (
             below
-            + per_token_layer * tokens * len(spec.layers)
-            + head * min(1.0, 1.5 * mask_fraction) / mask_fraction
+            + per_token_layer * tokens * (len(layers) - first)
+            + head * min(1.0, memory.pre_anchor_scale * mask_fraction) / mask_fraction
         )
         if inner > activations + head:
             fast += inner - (activations + head)

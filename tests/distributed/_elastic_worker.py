@@ -99,7 +99,7 @@ def snapshot(trainer: Trainer) -> dict:
         logits = trainer.model(tokens)
     out["logits"] = gather(logits, -1)
     out["grad_accum"] = trainer.cfg.grad_accum
-    out["step"] = trainer.step
+    out["step"] = trainer.state.step
     return out
 
 
@@ -115,7 +115,7 @@ def main(
             torch.save(state, out / f"{run}-{name}.pt")
 
     history = []
-    if trainer.step > 0:
+    if trainer.state.step > 0:
         save("loaded")
     elif snap_at:
         history += trainer.run(stop_after=snap_at)

@@ -21,9 +21,9 @@ from pipeline.diffusion.noise import Noise, draw_noise, maskable_positions
 from pipeline.engine.deepspeed import build_engine, lr_lambda
 from pipeline.engine.export import consolidated_state_dict
 from pipeline.memory.inner_loop import memdlm_loss, pre_anchor_masks
-from pipeline.model.parallel import dp_group, dp_rank, dp_size, init_distributed
-from pipeline.model.transformer import DLMTransformer
+from pipeline.parallel.dims import init_distributed
 from pipeline.train_config import load_train_config
+from tests._models import current_dims, dense_model
 
 STEPS, GLOBAL_BATCH, MASK = 4, 4, 4
 
@@ -47,7 +47,7 @@ def config(method: str, zero_init: bool = False):
             f"parallel.zero_init={str(zero_init).lower()}",
             f"memory.enabled={'true' if method == 'memdlm' else 'false'}",
             "memory.inner_lr=0.5",
-            f"data.batch_size={GLOBAL_BATCH // dp_size()}",
+            f"data.batch_size={GLOBAL_BATCH // current_dims().dp}",
         ],
     )
 
@@ -75,7 +75,7 @@ def loss_of(method, cfg, module, outer, tokens, noise, pre, step, group):
 def reference(method: str) -> dict:
     cfg = config(method)
     torch.manual_seed(0)
-    model = DLMTransformer(cfg.model)
+    model = dense_model(cfg.model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
     o = cfg.optim
@@ -103,21 +103,29 @@ def reference(method: str) -> dict:
 def deepspeed_run(method: str, zero_init: bool = False) -> dict:
     cfg = config(method, zero_init)
     torch.manual_seed(0)
-    engine, _, _ = build_engine(cfg, lambda: DLMTransformer(cfg.model))
-    per = GLOBAL_BATCH // dp_size()
-    sl = slice(dp_rank() * per, (dp_rank() + 1) * per)
+    engine, _, _ = build_engine(cfg, current_dims(), lambda: dense_model(cfg.model))
+    per = GLOBAL_BATCH // current_dims().dp
+    sl = slice(current_dims().dp_rank * per, (current_dims().dp_rank + 1) * per)
     losses, norms = [], []
     for step in range(STEPS):
         tokens, noise, pre = batch(step)
         loss = loss_of(
-            method, cfg, engine.module, engine, tokens[sl], rows(noise, sl), pre[sl], step, dp_group()
+            method,
+            cfg,
+            engine.module,
+            engine,
+            tokens[sl],
+            rows(noise, sl),
+            pre[sl],
+            step,
+            current_dims().dp_group,
         )
         engine.backward(loss)
         engine.step()
         norms.append(torch.tensor(float(engine.get_global_grad_norm()), dtype=torch.float64))
         mean = loss.detach().clone()
-        dist.all_reduce(mean, group=dp_group())
-        losses.append(mean / dp_size())
+        dist.all_reduce(mean, group=current_dims().dp_group)
+        losses.append(mean / current_dims().dp)
     return {
         "losses": torch.stack(losses),
         "grad_norms": torch.stack(norms),

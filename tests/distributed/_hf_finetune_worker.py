@@ -75,7 +75,7 @@ def main(export: str, dataset: str, out_dir: str) -> None:
             Path(cfg.run_dir) / "export",
             Path(cfg.data.path) / trainer.manifest.tokenizer_file,
             trainer.manifest.special_ids,
-            trainer.step,
+            trainer.state.step,
         )
         if dist.get_rank() == 0:
             layout = {"tp": trainer.dims.tp, "dp": trainer.dims.dp}

@@ -19,8 +19,8 @@ from megatron.core import parallel_state
 from pipeline.diffusion.loss import position_ce
 from pipeline.engine.export import export_model_config, load_initial_weights
 from pipeline.model.config import ModelConfig
-from pipeline.model.parallel import init_distributed, tp_size
-from pipeline.model.transformer import DLMTransformer
+from pipeline.parallel.dims import init_distributed
+from tests._models import current_dims, dense_model
 from tests.distributed._gather import gather
 
 
@@ -28,14 +28,14 @@ def full(model, grads: bool) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         t = p.grad if grads else p.data
-        sharded = getattr(p, "tensor_model_parallel", False) and tp_size() > 1
+        sharded = getattr(p, "tensor_model_parallel", False) and current_dims().tp > 1
         out[name] = gather(t, p.partition_dim) if sharded else t.detach().clone()
     return out
 
 
-def loaded(path: Path) -> DLMTransformer:
+def loaded(path: Path):
     cfg = ModelConfig(**export_model_config(path))
-    model = DLMTransformer(cfg)
+    model = dense_model(cfg)
     load_initial_weights(model, path, cfg)
     return model
 
@@ -51,7 +51,7 @@ def arch_run(path: Path, tokens: torch.Tensor) -> dict:
 
 def arch_init(path: Path) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return full(DLMTransformer(ModelConfig(**export_model_config(path))), grads=False)
+    return full(dense_model(ModelConfig(**export_model_config(path))), grads=False)
 
 
 def main(root: str) -> None:

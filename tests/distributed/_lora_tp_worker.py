@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from pipeline.adapters.lora import LoraConfig, add_lora, freeze_base, is_lora_name
 from pipeline.diffusion.config import ObjectiveConfig
 from pipeline.diffusion.loss import mdlm_loss
 from pipeline.diffusion.noise import draw_noise, maskable_positions
-from pipeline.model.lora import LoraConfig, add_lora, freeze_base, is_lora_name
-from pipeline.model.parallel import init_distributed, tp_group, tp_rank, tp_size
-from pipeline.model.transformer import DLMTransformer
+from pipeline.parallel.dims import init_distributed
+from tests._models import current_dims, dense_model
 from tests.conftest import tiny_model_config, tiny_run_overrides
 from tests.distributed._gather import gather
 
@@ -35,20 +35,20 @@ LORA = LoraConfig(enabled=True, rank=4, alpha=8.0)
 
 
 def full(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    sharded = getattr(p, "tensor_model_parallel", False) and tp_size() > 1
+    sharded = getattr(p, "tensor_model_parallel", False) and current_dims().tp > 1
     return gather(t, p.partition_dim) if sharded else t.detach().clone()
 
 
 def same_on_tp_ranks(t: torch.Tensor) -> bool:
     other = t.detach().clone()
-    dist.broadcast(other, src=dist.get_rank() - tp_rank(), group=tp_group())
+    dist.broadcast(other, src=dist.get_rank() - current_dims().tp_rank, group=current_dims().tp_group)
     return torch.equal(other, t.detach())
 
 
 def model_run() -> dict:
     torch.manual_seed(0)
     cfg = tiny_model_config(n_kv_heads=2)
-    model = DLMTransformer(cfg)
+    model = dense_model(cfg)
     add_lora(model, LORA, seed=0)
     freeze_base(model)
     with torch.no_grad():  # B != 0 (the same full values, sliced like the weight), so dA != 0 too
@@ -57,10 +57,10 @@ def model_run() -> dict:
             if name.endswith(".B"):
                 shape = list(p.shape)
                 if getattr(p, "tensor_model_parallel", False):
-                    shape[p.partition_dim] *= tp_size()
+                    shape[p.partition_dim] *= current_dims().tp
                 value = 0.1 * torch.randn(shape, generator=g)
                 if getattr(p, "tensor_model_parallel", False):
-                    value = value.chunk(tp_size(), dim=p.partition_dim)[tp_rank()]
+                    value = value.chunk(current_dims().tp, dim=p.partition_dim)[current_dims().tp_rank]
                 p.copy_(value)
     g = torch.Generator().manual_seed(123)
     tokens = torch.randint(6, cfg.vocab_size, (4, 24), generator=g)

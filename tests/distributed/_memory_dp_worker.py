@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import pipeline.memory.inner_loop as inner_loop
+import pipeline.objectives.memdlm as memdlm_mod
 import pipeline.train as train_mod
 from pipeline.memory.fast_weights import FastWeightSpec
 from pipeline.train import Trainer
@@ -42,7 +43,7 @@ def overrides(dataset: str, run_dir: Path) -> list[str]:
 def capture_one_step(trainer: Trainer) -> dict:
     got: dict = {}
     real_loss, real_masks, real_reset = (
-        train_mod.memdlm_loss,
+        memdlm_mod.memdlm_loss,
         inner_loop.pre_anchor_masks,
         FastWeightSpec.reset,
     )
@@ -61,7 +62,7 @@ def capture_one_step(trainer: Trainer) -> dict:
         got["phi0"] = {n: v.detach().clone() for n, v in zip(fast.names, fast.leaves(), strict=True)}
         return fast
 
-    train_mod.memdlm_loss, inner_loop.pre_anchor_masks, FastWeightSpec.reset = (
+    memdlm_mod.memdlm_loss, inner_loop.pre_anchor_masks, FastWeightSpec.reset = (
         memdlm_loss,
         pre_anchor_masks,
         reset,
@@ -69,7 +70,7 @@ def capture_one_step(trainer: Trainer) -> dict:
     try:
         trainer.train_step()
     finally:
-        train_mod.memdlm_loss, inner_loop.pre_anchor_masks, FastWeightSpec.reset = (
+        memdlm_mod.memdlm_loss, inner_loop.pre_anchor_masks, FastWeightSpec.reset = (
             real_loss,
             real_masks,
             real_reset,

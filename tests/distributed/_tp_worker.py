@@ -21,8 +21,8 @@ from pipeline.diffusion.loss import mdlm_loss
 from pipeline.diffusion.noise import Noise, draw_noise, maskable_positions
 from pipeline.memory.config import MemoryConfig
 from pipeline.memory.inner_loop import memdlm_loss, pre_anchor_masks
-from pipeline.model.parallel import dp_group, init_distributed, tp_size
-from pipeline.model.transformer import DLMTransformer
+from pipeline.parallel.dims import init_distributed
+from tests._models import current_dims, dense_model
 from tests.conftest import tiny_model_config
 from tests.distributed._gather import gather
 
@@ -33,7 +33,7 @@ OBJ = ObjectiveConfig()
 def full_grads(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
-        if getattr(p, "tensor_model_parallel", False) and tp_size() > 1:
+        if getattr(p, "tensor_model_parallel", False) and current_dims().tp > 1:
             out[name] = gather(p.grad, p.partition_dim)
         else:
             out[name] = p.grad.detach().clone()
@@ -89,7 +89,7 @@ def run_all(model, tokens, noise, pre, dp=None) -> dict:
 
 def build():
     torch.manual_seed(0)
-    return DLMTransformer(tiny_model_config())
+    return dense_model(tiny_model_config())
 
 
 def main(out_dir: str) -> None:
@@ -117,16 +117,16 @@ def main(out_dir: str) -> None:
         mem,
         MASK,
         torch.Generator().manual_seed(7),
-        dp_group(),
+        current_dims().dp_group,
         [pre[rows]],
     )
     out.loss.backward()
     grads = full_grads(model)
     for g in grads.values():  # what data-parallel gradient averaging does
-        dist.all_reduce(g, group=dp_group())
+        dist.all_reduce(g, group=current_dims().dp_group)
         g /= 2
     loss = out.loss.detach().clone()
-    dist.all_reduce(loss, group=dp_group())
+    dist.all_reduce(loss, group=current_dims().dp_group)
     results["dp2"] = {
         "loss": loss / 2,
         "grads": grads,

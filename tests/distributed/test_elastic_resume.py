@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.model.lora import is_lora_name
+from pipeline.adapters.lora import is_lora_name
 from tests.conftest import export_random_model
 from tests.distributed._launch import torchrun
 

@@ -25,7 +25,7 @@ KINDS = ("llama-gqa", "llama-tied-llama3rope", "qwen2-gqa-bias", "llada")
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, world1):
-    from pipeline.model.transformer import DLMTransformer
+    from tests._models import dense_model
 
     root = tmp_path_factory.mktemp("hf_tp")
     tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -38,7 +38,7 @@ def results(tmp_path_factory, world1):
     # arch: a TP=1 model with every option on and random biases, written as an export
     cfg = tiny_model_config(n_kv_heads=2, qkv_bias=True, tie_embeddings=True)
     torch.manual_seed(3)
-    model = DLMTransformer(cfg)
+    model = dense_model(cfg)
     (root / "arch").mkdir()
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     for name in state:

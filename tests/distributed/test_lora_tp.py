@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.model.lora import is_lora_name
+from pipeline.adapters.lora import is_lora_name
 from tests.distributed._launch import torchrun
 
 TOL = 1e-5

@@ -172,7 +172,9 @@ def test_an_interrupted_wait_for_a_slurm_job_says_it_runs_on_and_how_to_cancel_i
             rc = launcher.wait(timeout=60)
             # before leaving the block: its clean-up ends every process carrying the test's tag,
             # which the job's tasks inherit through sbatch's environment
-            queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, timeout=30)
+            queued = subprocess.run(
+                ["squeue", "-h", "-j", job_id], capture_output=True, text=True, timeout=30
+            )
         text = out.read_text()
         assert rc == 128 + signal.SIGTERM
         # said when it was submitted, and again when the wait was interrupted

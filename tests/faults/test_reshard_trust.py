@@ -1,4 +1,4 @@
-"""`make reshard` (python -m pipeline.engine.universal) on an altered checkpoint and on bad options,
+"""`make reshard` (python -m pipeline.engine.reshard) on an altered checkpoint and on bad options,
 as a real process: it verifies the checkpoint against its files.json before anything of it is
 unpickled, and every bad input is one `error:` line naming it, exit 2."""
 
@@ -31,12 +31,10 @@ class _CreatesMarker:
 
 
 def _reshard(*args: str) -> tuple[int, list[str], str]:
-    """(exit status, stderr lines, stdout) of ``python -m pipeline.engine.universal args``."""
+    """(exit status, stderr lines, stdout) of ``python -m pipeline.engine.reshard args``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     env.pop("MEMDLM_DEBUG", None)
-    proc = _proc.run(
-        [sys.executable, "-m", "pipeline.engine.universal", *args], env=env, cwd=ROOT, timeout=300
-    )
+    proc = _proc.run([sys.executable, "-m", "pipeline.engine.reshard", *args], env=env, cwd=ROOT, timeout=300)
     return proc.returncode, proc.stderr.splitlines(), proc.stdout
 
 

@@ -24,10 +24,9 @@ from data_prep.sample_corpus import (
     SOURCES,
     RegistryUnreachableError,
     SampleCorpusError,
-    _AptState,
-    _fetch_debian,
     fetch_sample_corpus,
 )
+from data_prep.sample_corpus.download import AptState, fetch_debian
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -101,8 +100,8 @@ def test_a_pinned_debian_version_the_archive_lacks_names_package_version_and_rem
     if known.returncode != 0:
         pytest.skip("apt's package lists do not know bible-kjv-text (run apt-get update)")
     with pytest.raises(SampleCorpusError) as err:
-        _fetch_debian("bible-kjv-text", "0.0-gone", "0" * 64, tmp_path, _AptState(updated=True))
+        fetch_debian("bible-kjv-text", "0.0-gone", "0" * 64, tmp_path, AptState(updated=True))
     msg = str(err.value)
     assert msg.startswith("bible-kjv-text=0.0-gone: the Debian archive no longer offers this pinned version")
     assert "https://snapshot.debian.org/binary/bible-kjv-text/" in msg
-    assert f"into {tmp_path}" in msg and "move the pin in data_prep/sample_corpus.py SOURCES" in msg
+    assert f"into {tmp_path}" in msg and "move the pin in data_prep/sample_corpus/sources.py SOURCES" in msg

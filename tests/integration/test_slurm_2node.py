@@ -94,7 +94,8 @@ import json, os, socket, struct
 os.environ.update(MASTER_ADDR="memdlm-n1", MASTER_PORT=str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000),
                   RANK=os.environ["SLURM_PROCID"], WORLD_SIZE="2")
 import torch, torch.distributed as dist
-from pipeline.model.parallel import _ipv4_of, init_distributed
+from pipeline.parallel.dims import init_distributed
+from pipeline.parallel.rendezvous import ipv4_of as _ipv4_of
 init_distributed(tp=1)
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)

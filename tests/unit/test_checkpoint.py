@@ -25,7 +25,6 @@ from pipeline.engine.checkpoint import (
     select_checkpoint,
     verify_checkpoint,
 )
-from pipeline.engine.elastic import ResumePlan
 
 LAYOUT = Layout(world=1, tp=1, dp=1)
 MANIFEST_SHA = "a" * 64
@@ -59,7 +58,7 @@ def _save(ckpt_dir: Path, step: int, value: float | None = None, keep: int = 3) 
 def _load(engine: FakeEngine, path: Path) -> dict:
     """``load_checkpoint`` at the layout the checkpoint was written at."""
     state = json.loads((path / "train_state.json").read_text())
-    return load_checkpoint(engine, ResumePlan(path, state, LAYOUT, LAYOUT), MANIFEST_SHA)
+    return load_checkpoint(engine, path, state, MANIFEST_SHA)
 
 
 def _truncate(path: Path, keep_bytes: int = 10) -> None:

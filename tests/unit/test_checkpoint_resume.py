@@ -21,6 +21,7 @@ def _losses(run_dir) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
+@pytest.mark.slow
 def test_a_truncated_optimizer_file_is_named_and_the_previous_checkpoint_resumes_the_same_run(
     world1, tiny_dataset, tmp_path
 ):
@@ -36,7 +37,7 @@ def test_a_truncated_optimizer_file_is_named_and_the_previous_checkpoint_resumes
 
     with pytest.warns(CheckpointWarning, match=re.escape(f"{optim}: 100 bytes")):
         trainer = Trainer(_cfg(tiny_dataset, run))
-    assert trainer.step == 2
+    assert trainer.state.step == 2
     resumed = [(r["step"], r["loss"]) for r in trainer.run()]
     assert [s for s, _ in resumed] == [3, 4]
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in first[2:]], rel=1e-6)

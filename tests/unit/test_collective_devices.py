@@ -43,7 +43,7 @@ def test_trainer_collectives_keep_their_tensors_on_the_training_device(world1, t
             tmp_path / "export",
             tiny_dataset / "tokenizer.model",
             {"mask": 4},
-            trainer.step,
+            trainer.state.step,
         )
     files = {site.rsplit("/", 1)[-1].split(":")[0] for site, *_ in guard.calls}
     # the step's finite/skipped-shard agreement and loss mean, the stop check, the eval sums

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from pipeline.adapters.lora import LoraConfig, add_lora, freeze_base
 from pipeline.diffusion.config import ObjectiveConfig
 from pipeline.families import get_family
 from pipeline.memory.config import MemoryConfig
-from pipeline.model.lora import LoraConfig, add_lora, freeze_base
 from pipeline.objectives import Batch, Draws, build_objective
 from pipeline.perf.cost import model_cost
 from tests.conftest import tiny_model_config

@@ -62,6 +62,7 @@ def test_units_are_cut_by_size_in_corpus_order(tmp_path):
     assert all(u.bytes <= UNIT for u in units if len(u.segments) > 1)  # packed up to the unit size
 
 
+@pytest.mark.slow
 def test_array_build_is_byte_identical_to_the_single_machine_build_for_1_2_3_tasks(
     tmp_path, monkeypatch, capsys
 ):

@@ -12,8 +12,9 @@ import pytest
 from pipeline.cli import run_main
 from pipeline.engine.checkpoint import CheckpointError, Layout, write_file_list
 from pipeline.engine.elastic import plan_resume
-from pipeline.engine.universal import USER_ERRORS, has_universal
-from pipeline.engine.universal import main as reshard_main
+from pipeline.engine.reshard import USER_ERRORS
+from pipeline.engine.reshard import main as reshard_main
+from pipeline.engine.universal import has_universal
 from pipeline.train import Trainer
 from tests.conftest import tiny_trainer_config
 

@@ -7,8 +7,8 @@ import torch
 
 from pipeline.eval.exposure_bias import exposure_bias
 from pipeline.eval.likelihood import mc_loglikelihood
-from pipeline.model.transformer import DLMTransformer
 from pipeline.sampler import prompt_seed
+from tests._models import dense_model
 from tests.conftest import tiny_model_config
 
 MASK, PAD, VOCAB = 4, 0, 280
@@ -17,7 +17,7 @@ MASK, PAD, VOCAB = 4, 0, 280
 @pytest.fixture(scope="module")
 def model(world1):
     torch.manual_seed(1)
-    return DLMTransformer(tiny_model_config(seq_len=40)).eval()
+    return dense_model(tiny_model_config(seq_len=40)).eval()
 
 
 def _pairs(n: int, G: int, seed: int = 5):

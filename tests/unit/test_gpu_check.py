@@ -1,6 +1,6 @@
-"""The GPU check's orchestration (bench/gpu_check.py), on the CPU: the stage runner, the time
-budget, the report, the resume-parity comparison, the offline install command, and the CLI itself
-on this machine's .venv (environment + a tiny bench-step through `make`, one stage failing)."""
+"""The GPU check's orchestration (bench/gpu_check.py, bench/gpucheck/), on the CPU: the stage runner,
+the time budget, the report, the resume-parity comparison, the offline install command, and the CLI
+itself on this machine's .venv (environment + a tiny bench-step through `make`, one stage failing)."""
 
 from __future__ import annotations
 
@@ -15,20 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.gpu_check import (
-    RUNTIME_PACKAGES,
-    Budget,
-    Shell,
-    Stage,
-    StageError,
-    build_report,
-    install_requirements,
-    pip_install_command,
-    requirement_pins,
-    resume_parity,
-    run_stages,
-)
+from bench.gpucheck.common import RUNTIME_PACKAGES
+from bench.gpucheck.install import install_requirements, pip_install_command, requirement_pins
+from bench.gpucheck.parity import resume_parity
+from bench.gpucheck.report import build_report
+from bench.gpucheck.runner import Budget, Stage, StageError, run_stages
+from bench.gpucheck.shell import Shell
 from pipeline.hardware.precision import resolve_precision
+from tests.conftest import write_txt_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,15 +185,28 @@ def test_the_install_is_offline_pinned_and_never_names_torch():
     assert "--no-index" in cmd and cmd[cmd.index("--find-links") + 1] == "/w"
 
 
+@pytest.mark.slow
 def test_the_cli_on_this_cpu_records_each_stage_and_the_bench_figures(tmp_path):
     out = tmp_path / "gpu_check.json"
+    corpus = write_txt_corpus(tmp_path, n_docs=40, seed=1)  # bench-step trains the tiny preset on it
+    bench_data = tmp_path / "bench_data.yaml"
+    bench_data.write_text(
+        json.dumps(
+            {
+                "out_dir": str(tmp_path / "bench"),
+                "corpus": [str(corpus)],
+                "val_fraction": 0.1,
+                "train_shards": 8,
+            }
+        )
+    )
     cmd = [
         sys.executable, "-m", "bench.gpu_check", "run",
         "--no-install", "--venv", sys.prefix, "--device-check", "cpu",
         "--stages", "install,environment,data,bench_step",
         "--corpus", str(tmp_path / "no-such-corpus.jsonl.gz"),
         "--bench-presets", "tiny", "--bench-batch", "tiny=2", "--bench-steps", "1",
-        "--bench-extra", "--peak-budget 0.3",
+        "--bench-extra", f"--config-data {bench_data}",
         "--work", str(tmp_path / "work"), "--out", str(out), "--budget-s", "200",
     ]  # fmt: skip
     env = {

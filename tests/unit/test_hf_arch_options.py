@@ -6,17 +6,20 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, from_dict
+from pipeline.families.dense.model import check_tp
+from pipeline.families.registry import param_count
 from pipeline.model.config import ModelConfig
-from pipeline.model.transformer import PAD_LOGIT, DLMTransformer, model_rope_tables
+from pipeline.model.layers import PAD_LOGIT, model_rope_tables
+from tests._models import dense_model
 from tests.conftest import tiny_model_config
 
 
 def test_defaults_keep_the_original_parameter_layout(world1):
     torch.manual_seed(0)
-    model = DLMTransformer(tiny_model_config())
+    model = dense_model(tiny_model_config())
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes["layers.0.qkv.weight"] == (3 * 64, 64) and "layers.0.qkv.bias" not in shapes
-    assert "head.weight" in shapes and sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
+    assert "head.weight" in shapes and sum(p.numel() for p in model.parameters()) == param_count(model.cfg)
 
 
 @pytest.mark.parametrize(
@@ -36,22 +39,22 @@ def test_invalid_architecture_options_fail_naming_the_key(override, message):
 
 def test_kv_heads_must_divide_by_the_tensor_parallel_size():
     with pytest.raises(ConfigError, match="model n_kv_heads=1 is not divisible by tensor parallel size 2"):
-        ModelConfig(d_model=64, n_heads=4, n_kv_heads=1).check_tp(2)
+        check_tp(ModelConfig(d_model=64, n_heads=4, n_kv_heads=1), 2)
 
 
 def test_gqa_bias_and_tied_head_build_the_stated_parameters(world1):
     cfg = tiny_model_config(n_kv_heads=2, qkv_bias=True, tie_embeddings=True)
-    model = DLMTransformer(cfg)
+    model = dense_model(cfg)
     assert model.head.weight is model.embedding.weight
     assert model.layers[0].qkv.weight.shape == ((4 + 2 * 2) * 16, 64) and model.layers[0].qkv.bias is not None
-    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    assert sum(p.numel() for p in model.parameters()) == param_count(cfg)
     logits = model(tokens=torch.randint(0, 300, (2, 8)))
     logits.float().logsumexp(-1).mean().backward()
     assert model.embedding.weight.grad is not None  # the head's gradient reaches the shared matrix
 
 
 def test_padded_vocabulary_logits_are_never_candidates(world1):
-    model = DLMTransformer(tiny_model_config())  # vocab 300 padded to 384
+    model = dense_model(tiny_model_config())  # vocab 300 padded to 384
     logits = model(tokens=torch.randint(0, 300, (2, 8)))
     assert (logits[..., 300:] == PAD_LOGIT).all() and (logits[..., :300].abs() < 100).all()
     assert torch.softmax(logits.float(), -1)[..., 300:].sum() == 0
@@ -91,7 +94,7 @@ def test_llada_8b_preset_is_what_import_reads_from_the_published_config(world1):
     from dataclasses import asdict
 
     from pipeline.config import load_config
-    from pipeline.hf.layouts import read_source_config
+    from pipeline.hf.convert import read_source
 
     published = {  # GSAI-ML/LLaDA-8B-Base config.json, the keys the importer reads or checks
         "activation_type": "silu",
@@ -117,9 +120,9 @@ def test_llada_8b_preset_is_what_import_reads_from_the_published_config(world1):
         "vocab_size": 126464,
         "weight_tying": False,
     }
-    source = read_source_config(published, {"model.transformer.blocks.0.q_proj.weight"}, None, 128)
+    source = read_source(published, {"model.transformer.blocks.0.q_proj.weight"}, None, 128, "config.json")
     preset = load_config(ModelConfig, "configs/model/llada-8b.yaml")
     assert asdict(source.model) == asdict(preset) and source.mask_id == 126336
     with torch.device("meta"):
-        n = sum(p.numel() for p in DLMTransformer(preset).parameters())
-    assert n == preset.num_params() and abs(n - 8.02e9) / 8.02e9 < 0.01
+        n = sum(p.numel() for p in dense_model(preset).parameters())
+    assert n == param_count(preset) and abs(n - 8.02e9) / 8.02e9 < 0.01

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.engine.export import load_exported
-from pipeline.hf.convert import export_hf, fuse_qkv, import_hf, split_qkv
-from pipeline.hf.layouts import HFFormatError
+from pipeline.families.dense.hf import fuse_qkv, split_qkv
+from pipeline.hf.convert import export_hf, import_hf
 from pipeline.model.config import ModelConfig
+from pipeline.model.hf_format import HFFormatError
 from tests._hf_models import KINDS, MASK_ID, VOCAB, hf_checkpoint, reference_logits, reference_model
 
 RTOL = 1e-4
@@ -59,7 +60,7 @@ def test_exported_model_loads_in_transformers_and_attends_both_ways(world1, tmp_
     from safetensors.torch import save_file as save
     from transformers import AutoModelForCausalLM
 
-    from pipeline.model.transformer import DLMTransformer
+    from tests._models import dense_model
 
     cfg = ModelConfig(
         vocab_size=300,
@@ -72,7 +73,7 @@ def test_exported_model_loads_in_transformers_and_attends_both_ways(world1, tmp_
         qkv_bias=True,
     )
     torch.manual_seed(0)
-    model = DLMTransformer(cfg).eval()
+    model = dense_model(cfg).eval()
     with torch.no_grad():
         for layer in model.layers:
             layer.qkv.bias.normal_(0, 0.1)  # megatron initialises biases to zero
@@ -130,8 +131,10 @@ def test_missing_and_unknown_tensors_are_listed_by_name(world1, tmp_path):
 def test_moe_checkpoints_are_refused_with_a_reason(world1, tmp_path):
     src = hf_checkpoint("llada", tmp_path / "src")
     config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**config, "model_type": "lladamoe", "num_experts": 64}))
-    with pytest.raises(HFFormatError, match=r"mixture-of-experts.*LLaDA-MoE.*not supported yet"):
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "dbrx", "num_experts": 64}))
+    with pytest.raises(
+        HFFormatError, match=r"model_type 'dbrx' is a mixture-of-experts checkpoint of a layout we do not map"
+    ):
         import_hf(src, tmp_path / "ours")
 
 

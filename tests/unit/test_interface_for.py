@@ -10,7 +10,8 @@ import socket
 
 import pytest
 
-from pipeline.model.parallel import _ipv4_of, interface_for
+from pipeline.parallel.rendezvous import interface_for
+from pipeline.parallel.rendezvous import ipv4_of as _ipv4_of
 
 
 def test_a_loopback_master_addr_is_reached_through_lo():

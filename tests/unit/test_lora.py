@@ -1,4 +1,4 @@
-"""Outer LoRA (pipeline/model/lora.py): step 0 is the base model, only the adapters train (with the
+"""Outer LoRA (pipeline/adapters/lora.py): step 0 is the base model, only the adapters train (with the
 MemDLM inner loop on top, ZeRO-3, zero.Init, init_from), the export is the merged base + scaled BA,
 a resume restores the adapters and keeps the frozen base, and the 8B recipe's dry run."""
 
@@ -11,10 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch.pretrain import main as pretrain_main
-from pipeline.config import ConfigError
-from pipeline.engine.export import consolidated_state_dict, export_model, load_exported
-from pipeline.model.config import ModelConfig
-from pipeline.model.lora import (
+from pipeline.adapters.lora import (
     LoraConfig,
     add_lora,
     freeze_base,
@@ -22,8 +19,12 @@ from pipeline.model.lora import (
     lora_param_count,
     merge_lora,
 )
-from pipeline.model.transformer import DLMTransformer
+from pipeline.config import ConfigError
+from pipeline.engine.export import consolidated_state_dict, export_model, load_exported
+from pipeline.families.registry import param_count
+from pipeline.model.config import ModelConfig
 from pipeline.train_config import load_train_config
+from tests._models import dense_model
 from tests.conftest import export_random_model, tiny_model_config, tiny_trainer_config
 
 TARGETS = ("qkv", "out", "gate", "up", "down")
@@ -50,14 +51,14 @@ def test_config_errors_name_the_key():
 def test_step0_is_the_base_and_the_merged_weights_compute_the_adapted_model(world1):
     cfg = tiny_model_config(n_kv_heads=2, qkv_bias=True)  # GQA rows and a bias on the fused QKV
     torch.manual_seed(0)
-    model = DLMTransformer(cfg)
+    model = dense_model(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         base = model(tokens=tokens)
     lora = LoraConfig(enabled=True, rank=4, alpha=8.0)
     add_lora(model, lora, seed=0)
     trainable, total = freeze_base(model)
-    assert trainable == lora_param_count(cfg, lora) and total == cfg.num_params() + trainable
+    assert trainable == lora_param_count(cfg, lora) and total == param_count(cfg) + trainable
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         f"layers.{i}.lora.{t}.{m}" for i in range(cfg.n_layers) for t in TARGETS for m in "AB"
     }
@@ -79,13 +80,14 @@ def test_step0_is_the_base_and_the_merged_weights_compute_the_adapted_model(worl
             a, b = state[f"layers.{i}.lora.{t}.A"], state[f"layers.{i}.lora.{t}.B"]
             torch.testing.assert_close(merged[p], state[p] + 2.0 * (b @ a), rtol=0, atol=1e-6)
     torch.manual_seed(0)
-    plain = DLMTransformer(cfg)
+    plain = dense_model(cfg)
     plain.load_state_dict(merged, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(plain(tokens=tokens), adapted, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(adapted, base, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_only_lora_tensors_train_the_export_is_merged_and_a_resume_keeps_the_frozen_base(
     world1, tiny_dataset, tmp_path
 ):
@@ -149,7 +151,7 @@ def test_only_lora_tensors_train_the_export_is_merged_and_a_resume_keeps_the_fro
 
     # Resume from the step-4 checkpoint: adapters restored, the frozen base is still init_from.
     resumed = Trainer(tiny_trainer_config(tiny_dataset, run, *extra, "steps=5"))
-    assert resumed.step == 4
+    assert resumed.state.step == 4
     again = consolidated_state_dict(resumed.model)
     for k in after:
         assert torch.equal(again[k], after[k]), k

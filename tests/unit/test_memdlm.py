@@ -18,8 +18,8 @@ from pipeline.diffusion.noise import (
 )
 from pipeline.memory.config import MemoryConfig
 from pipeline.memory.inner_loop import expand_mask, memdlm_loss, pre_anchor_masks
-from pipeline.model.transformer import DLMTransformer
 from tests import reference as ref
+from tests._models import dense_model
 from tests.conftest import tiny_model_config
 
 MASK = 4
@@ -28,7 +28,7 @@ MASK = 4
 @pytest.fixture
 def setup(world1):
     torch.manual_seed(0)
-    model = DLMTransformer(tiny_model_config())
+    model = dense_model(tiny_model_config())
     g = torch.Generator().manual_seed(11)
     tokens = torch.randint(6, 300, (3, 24), generator=g)
     noise = draw_noise(tokens, maskable_positions(tokens, 0), ObjectiveConfig(), MASK, g)
@@ -85,16 +85,21 @@ def test_inner_lr_zero_gives_exactly_the_mdlm_loss_and_gradients(setup):
 def test_fresh_fast_weights_change_no_logit(setup):
     model, _, noise = setup
     for adapter, targets, scope in (("lora", "ffn", None), ("full", "ffn+attn", 3), ("lora", "ffn+attn", 3)):
-        spec = MemoryConfig(enabled=True, adapter=adapter, targets=targets).spec(4, 64, 96)
+        spec = MemoryConfig(enabled=True, adapter=adapter, targets=targets).spec_for(tiny_model_config())
         fast = spec.reset(scope, torch.Generator().manual_seed(0))
         assert torch.equal(model(tokens=noise.noisy, fast=fast.by_layer), model(tokens=noise.noisy))
         assert any(v.abs().sum() > 0 for v in fast.leaves()) or adapter == "full"
 
 
 def test_memory_sits_on_the_last_ten_percent_of_layers():
-    assert MemoryConfig(enabled=True).spec(8, 64, 96).layers == (7,)
-    assert MemoryConfig(enabled=True).spec(24, 64, 96).layers == (21, 22, 23)
-    assert MemoryConfig(enabled=True, layer_fraction=0.5).spec(8, 64, 96).layers == (4, 5, 6, 7)
+    assert MemoryConfig(enabled=True).spec_for(tiny_model_config(n_layers=8)).layers == (7,)
+    assert MemoryConfig(enabled=True).spec_for(tiny_model_config(n_layers=24)).layers == (21, 22, 23)
+    assert MemoryConfig(enabled=True, layer_fraction=0.5).spec_for(tiny_model_config(n_layers=8)).layers == (
+        4,
+        5,
+        6,
+        7,
+    )
 
 
 def test_pre_anchor_mask_contains_anchor_with_ratio_min_one_one_point_five():
@@ -158,7 +163,7 @@ def test_inner_steps_equal_hand_computed_clipped_sgd(setup):
     mem = MemoryConfig(enabled=True, inner_lr=3.0, clip_norm=0.01)  # large steps: clipping is active
     (pre,) = pre_anchor_masks(noise.mask, noise.maskable, 1.5, 1, torch.Generator().manual_seed(9))
     out = _run_memdlm(model, tokens, noise, mem, seed=5, pre_masks=[pre])
-    spec = mem.spec(4, 64, 96)
+    spec = mem.spec_for(tiny_model_config())
     phi = dict(spec.reset(None, torch.Generator().manual_seed(5)).by_layer[3])
     # the spec's stage-1 weight: w(rho_pre), rho_pre = min(1, 1.5 rho) (not the rounded mask's fraction)
     k, n = noise.mask.sum(1), noise.maskable.sum(1)
@@ -286,7 +291,7 @@ def test_non_finite_inner_loss_skips_the_update_and_is_counted(setup):
         model.head.weight[7] = float("nan")  # any position predicting over this row is NaN
     out = _run_memdlm(model, tokens, noise, MemoryConfig(enabled=True))
     assert [s.skipped.item() for s in out.stage_stats] == [1.0, 1.0]
-    spec = MemoryConfig(enabled=True).spec(4, 64, 96)
+    spec = MemoryConfig(enabled=True).spec_for(tiny_model_config())
     fresh = spec.reset(None, torch.Generator().manual_seed(5))
     assert all(torch.equal(a, b) for a, b in zip(out.fast.leaves(), fresh.leaves(), strict=True))
     out = _run_memdlm(model, tokens, noise, MemoryConfig(enabled=True, scope="sample"))

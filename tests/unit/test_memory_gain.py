@@ -10,7 +10,7 @@ from pipeline.diffusion.config import ObjectiveConfig
 from pipeline.diffusion.noise import draw_noise, maskable_positions
 from pipeline.memory.config import MemoryConfig
 from pipeline.memory.inner_loop import memdlm_loss
-from pipeline.model.transformer import DLMTransformer
+from tests._models import dense_model
 from tests.conftest import tiny_model_config
 
 MASK = 4
@@ -34,7 +34,7 @@ def _run(model, tokens, noise, mem, measure, seed=5):
 @pytest.fixture
 def model(world1):
     torch.manual_seed(0)
-    return DLMTransformer(tiny_model_config())
+    return dense_model(tiny_model_config())
 
 
 def _random_batch(seed: int = 11):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.families.registry import param_count
 from pipeline.memory.config import MemoryConfig
 from pipeline.perf.memory_model import estimate_memory
 from pipeline.train_config import load_train_config
@@ -16,7 +17,7 @@ def seven_b():
 
 def test_zero3_states_are_sixteen_bytes_per_parameter_over_all_ranks(seven_b):
     est = estimate_memory(seven_b, None, micro_batch=1, tp=8, dp=32)
-    P, N = seven_b.num_params(), 256
+    P, N = param_count(seven_b), 256
     assert est.optimizer == 12 * P / N
     layer = 4 * 4096**2 + 3 * 4096 * 11008
     assert est.params == 2 * P / N + 4 * layer / 8  # own partition + a gathered layer (and prefetch)
@@ -34,7 +35,7 @@ def test_more_gpus_or_tp_never_need_more_memory(seven_b):
 
 def test_zero_stage_zero_keeps_full_optimizer_state_per_tp_rank(seven_b):
     z0 = estimate_memory(seven_b, None, micro_batch=1, tp=8, dp=4, zero_stage=0)
-    assert z0.optimizer == 12 * seven_b.num_params() / 8
+    assert z0.optimizer == 12 * param_count(seven_b) / 8
 
 
 def test_memdlm_adds_fast_weights_and_one_inner_stage(seven_b):
@@ -51,12 +52,12 @@ def test_activation_term_matches_the_tensors_autograd_saves(world1):
     import torch
 
     from pipeline.model.config import ModelConfig
-    from pipeline.model.transformer import DLMTransformer
+    from tests._models import dense_model
 
     for d, f in ((128, 256), (128, 512), (192, 256)):
         cfg = ModelConfig(vocab_size=1000, seq_len=128, d_model=d, n_layers=2, n_heads=d // 32, ffn_hidden=f)
         torch.manual_seed(0)
-        model = DLMTransformer(cfg).to(torch.bfloat16)
+        model = dense_model(cfg).to(torch.bfloat16)
         tokens = torch.randint(6, 1000, (4, 128))
         storages: dict[int, int] = {}
 

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.tracking import redact_config, redact_uri
 from tests import _proc
 from tests.conftest import free_port
@@ -16,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Prints the local address of every TCP socket this process listens on (from /proc, no tools).
 PROBE = r"""
 import json, os, socket, struct
-from pipeline.model.parallel import init_distributed
+from pipeline.parallel.dims import init_distributed
 init_distributed(tp=1)
 mine = set()
 for fd in os.listdir("/proc/self/fd"):
@@ -39,6 +41,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_single_node_rendezvous_and_gloo_listen_on_loopback_only():
     env = {
         **os.environ,

@@ -51,6 +51,7 @@ def _alive(pids: list[int]) -> list[_proc.Proc]:
     return [table[pid] for pid in pids if pid in table]
 
 
+@pytest.mark.slow
 def test_run_kills_the_whole_tree_on_timeout_and_reraises_with_the_output(tmp_path):
     pids = tmp_path / "pids"
     with pytest.raises(subprocess.TimeoutExpired) as err:
@@ -104,6 +105,7 @@ def spawn_and_sleep(out_dir: str) -> None:
     time.sleep(3600)
 
 
+@pytest.mark.slow
 def test_an_abandoned_local_job_is_stopped_with_its_tasks_and_their_children(tmp_path):
     cluster = ClusterConfig(executor="local", tasks_per_node=2, time_min=5)
     job = make_executor(cluster, tmp_path / "submitit").submit(spawn_and_sleep, str(tmp_path))

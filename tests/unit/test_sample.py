@@ -8,8 +8,8 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.memory.adapt import adapt_to_context, context_masks
 from pipeline.memory.config import MemoryConfig
-from pipeline.model.transformer import DLMTransformer
 from pipeline.sampler import DiffusionSampler, SamplerConfig, commit_schedule, cut_at_eos, pack
+from tests._models import dense_model
 from tests.conftest import tiny_model_config
 
 MASK, PAD, VOCAB = 4, 0, 280  # tokenizer vocab below the model's (padded) 300/384
@@ -18,7 +18,7 @@ MASK, PAD, VOCAB = 4, 0, 280  # tokenizer vocab below the model's (padded) 300/3
 @pytest.fixture(scope="module")
 def sampler(world1):
     torch.manual_seed(0)
-    model = DLMTransformer(tiny_model_config(seq_len=40)).eval()
+    model = dense_model(tiny_model_config(seq_len=40)).eval()
     return DiffusionSampler(
         model, vocab_size=VOCAB, mask_id=MASK, pad_id=PAD, memory=MemoryConfig(enabled=True)
     )
@@ -174,7 +174,7 @@ def test_cut_at_eos():
 
 def test_padding_keys_are_invisible_to_the_real_tokens(world1):
     torch.manual_seed(2)
-    model = DLMTransformer(tiny_model_config()).eval()
+    model = dense_model(tiny_model_config()).eval()
     x = torch.randint(6, VOCAB, (1, 10), generator=torch.Generator().manual_seed(4))
     padded = torch.cat([x, torch.full((1, 6), PAD)], 1)
     key = torch.arange(16)[None] < 10

@@ -85,13 +85,13 @@ def test_sft_training_never_scores_the_prompt_and_mode_must_match(
     )
     trainer = Trainer(cfg)
     seen = []
-    real = trainer._micro_loss
+    real = trainer._micro
 
-    def spy(tokens, micro, prompt_mask=None):
-        seen.append(prompt_mask)
-        return real(tokens, micro, prompt_mask)
+    def spy(raw, micro):
+        seen.append(raw.get("prompt_mask"))
+        return real(raw, micro)
 
-    trainer._micro_loss = spy
+    trainer._micro = spy
     records = trainer.run()
     assert all(m is not None and m.any() for m in seen)
     assert any("eval/continuation_loss_adapted" in r for r in records)

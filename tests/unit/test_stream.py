@@ -47,6 +47,7 @@ def test_tokens_match_their_index_and_shuffle_depends_on_seed_and_epoch(tiny_dat
     assert not torch.equal(torch.cat(first), torch.cat(other_seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_continues_the_uninterrupted_stream_exactly(tiny_dataset, num_workers):
     probe = TokenBatchLoader(_cfg(tiny_dataset, num_workers=num_workers))

@@ -85,6 +85,7 @@ def _preempt_handler() -> str:
     return getattr(handler, "__qualname__", repr(handler))
 
 
+@pytest.mark.slow
 def test_submitit_installs_its_requeue_handler_on_the_preempt_signal_before_the_task(tmp_path):
     # TrainTask takes this handler over and calls it itself once the checkpoint is saved.
     assert preempt_signal() == signal.SIGUSR2

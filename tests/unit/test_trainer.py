@@ -7,11 +7,16 @@ import json
 import pytest
 import torch
 
-import pipeline.train as train_mod
+from pipeline.diffusion.loss import mdlm_loss
+from pipeline.diffusion.noise import Noise, draw_noise, maskable_positions
 from pipeline.engine.checkpoint import CheckpointError, write_file_list
-from pipeline.engine.export import export_model, load_exported
+from pipeline.engine.deepspeed import build_engine
+from pipeline.engine.export import consolidated_state_dict, export_model, load_exported
+from pipeline.parallel.dims import init_distributed
+from pipeline.perf.cost import model_cost
 from pipeline.train import Trainer, TrainingDiverged
 from pipeline.train_config import load_train_config
+from tests._models import dense_model
 from tests.conftest import tiny_run_overrides, tiny_trainer_config
 
 
@@ -29,7 +34,7 @@ def test_export_round_trip_gives_identical_logits(world1, tiny_dataset, tmp_path
         tmp_path / "export",
         tiny_dataset / "tokenizer.model",
         trainer.manifest.special_ids,
-        trainer.step,
+        trainer.state.step,
     )
     model, info = load_exported(out)
     assert info["method"] == "memdlm" and info["step"] == 4 and info["special_ids"]["mask"] == 4
@@ -50,6 +55,7 @@ def test_export_round_trip_gives_identical_logits(world1, tiny_dataset, tmp_path
     assert not any(k for k in model.state_dict() if "fast" in k)  # fast weights are never saved
 
 
+@pytest.mark.slow
 def test_resume_with_an_inconsistent_layout_or_another_dataset_is_refused(world1, tiny_dataset, tmp_path):
     run = tmp_path / "run"
     Trainer(_cfg(tiny_dataset, run, "steps=2")).run()
@@ -76,17 +82,19 @@ def test_repeated_non_finite_losses_stop_with_the_last_good_checkpoint(
 ):
     run = tmp_path / "run"
     trainer = Trainer(_cfg(tiny_dataset, run, "steps=10", "memory.enabled=false", "max_nonfinite_steps=3"))
-    real = train_mod.mdlm_loss
+    real = trainer._micro
 
-    def poisoned(*args, **kwargs):
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if trainer.step >= 2 else loss
+    def poisoned(raw, micro):
+        out = real(raw, micro)
+        if trainer.state.step >= 2:
+            out.loss = out.loss * float("nan")
+        return out
 
-    monkeypatch.setattr(train_mod, "mdlm_loss", poisoned)
+    monkeypatch.setattr(trainer, "_micro", poisoned)
     # steps 3 and 4 are skipped (weights untouched, so the step-4 checkpoint is still good); the 5th stops
     with pytest.raises(TrainingDiverged, match=r"3 consecutive non-finite losses at step 5; .*step-000004"):
         trainer.run()
-    assert trainer.nonfinite_total == 3
+    assert trainer.state.nonfinite_total == 3
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000004"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -94,10 +102,6 @@ def test_repeated_non_finite_losses_stop_with_the_last_good_checkpoint(
 
 
 def test_gradient_accumulation_of_two_halves_equals_one_full_batch(world1):
-    from pipeline.diffusion.loss import mdlm_loss
-    from pipeline.diffusion.noise import Noise, draw_noise, maskable_positions
-    from pipeline.engine.deepspeed import build_engine
-    from pipeline.model.transformer import DLMTransformer
 
     def run(grad_accum: int) -> dict[str, torch.Tensor]:
         cfg = load_train_config(
@@ -113,7 +117,8 @@ def test_gradient_accumulation_of_two_halves_equals_one_full_batch(world1):
             ],
         )
         torch.manual_seed(0)
-        engine, _, _ = build_engine(cfg, lambda: DLMTransformer(cfg.model))
+        dims = init_distributed(tp=1)
+        engine, _, _ = build_engine(cfg, dims, lambda: dense_model(cfg.model, dims))
         for step in range(2):
             g = torch.Generator().manual_seed(step)
             tokens = torch.randint(6, 400, (4, 32), generator=g)
@@ -124,7 +129,6 @@ def test_gradient_accumulation_of_two_halves_equals_one_full_batch(world1):
                 part = Noise(noise.t[sl], noise.mask[sl], noise.noisy[sl], noise.maskable[sl])
                 engine.backward(mdlm_loss(engine, tokens[sl], part, cfg.objective))
             engine.step()  # the trainer's explicit accumulation boundary
-        from pipeline.engine.export import consolidated_state_dict
 
         return consolidated_state_dict(engine.module)
 
@@ -133,10 +137,10 @@ def test_gradient_accumulation_of_two_halves_equals_one_full_batch(world1):
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_a_non_finite_micro_batch_voids_the_whole_step_under_gradient_accumulation(
     world1, tiny_dataset, tmp_path
 ):
-    from pipeline.engine.export import consolidated_state_dict
 
     def trainer_for(name: str) -> Trainer:
         return Trainer(
@@ -146,13 +150,15 @@ def test_a_non_finite_micro_batch_voids_the_whole_step_under_gradient_accumulati
     clean = trainer_for("clean")
     clean_lr = [clean.train_step()["lr"] for _ in range(4)]
     trainer = trainer_for("poisoned")
-    real = trainer._micro_loss
+    real = trainer._micro
 
-    def poisoned(tokens, micro, prompt=None):
-        loss, stats = real(tokens, micro, prompt)
-        return (loss * float("nan") if trainer.step == 1 and micro == 0 else loss), stats
+    def poisoned(raw, micro):
+        out = real(raw, micro)
+        if trainer.state.step == 1 and micro == 0:
+            out.loss = out.loss * float("nan")
+        return out
 
-    trainer._micro_loss = poisoned
+    trainer._micro = poisoned
     records, weights = [], []
     for _ in range(4):
         records.append(trainer.train_step())
@@ -170,6 +176,7 @@ def test_a_non_finite_micro_batch_voids_the_whole_step_under_gradient_accumulati
     assert trainer.loader.state_dict() == clean.loader.state_dict()
 
 
+@pytest.mark.slow
 def test_resuming_behind_the_last_logged_step_records_every_step_exactly_once(world1, tiny_dataset, tmp_path):
     import shutil
 
@@ -179,7 +186,7 @@ def test_resuming_behind_the_last_logged_step_records_every_step_exactly_once(wo
     # the job "died" after logging step 3 but before its step-3 checkpoint was usable
     shutil.rmtree(run / "checkpoints" / "step-000003")
     second = Trainer(_cfg(tiny_dataset, run, "steps=6", "memory.enabled=false"))
-    assert second.step == 2
+    assert second.state.step == 2
     second.run()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -193,23 +200,25 @@ def test_step_flops_count_every_micro_batch_of_the_step(world1, tiny_dataset, tm
     trainer = Trainer(
         _cfg(tiny_dataset, tmp_path / "run", "memory.enabled=true", "grad_accum=2", "data.batch_size=2")
     )
-    real, masked = trainer._micro_loss, []
+    real, outs = trainer._micro, []
 
-    def counting(tokens, micro, prompt=None):
-        loss, stats = real(tokens, micro, prompt)
-        masked.append(float(stats["masked"]))
-        return loss, stats
+    def counting(raw, micro):
+        outs.append(real(raw, micro))
+        return outs[-1]
 
-    trainer._micro_loss = counting
+    trainer._micro = counting
     rec = trainer.train_step()
     cfg = trainer.cfg
     tokens = cfg.data.batch_size * cfg.model.seq_len * cfg.grad_accum
-    m = sum(masked)  # both micro-batches: the same tokens the step's time covers
-    want = trainer.flops.mdlm_step(tokens, m) + trainer.flops.memdlm_extra(tokens, [min(tokens, 1.5 * m)], m)
+    # both micro-batches: the same tokens the step's time covers, each stage's exact positions
+    work = {k: sum(float(o.work[k]) for o in outs) for k in outs[0].work}
+    assert set(work) == {"loss_positions", "stage1_positions", "stage2_positions"}
+    want = trainer.objective.flops(model_cost(cfg.model), trainer.objective.step_work(tokens, work))
     assert rec["tokens_per_s"] * rec["seconds"] == pytest.approx(tokens)
     assert rec["model_tflops_per_s"] * 1e12 * rec["seconds"] == pytest.approx(want, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_skipped_corrupt_shards_are_agreed_across_ranks_and_logged(world1, tiny_dataset, tmp_path):
     import shutil
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pipeline.families.dense import hf
+from pipeline.families.dense.model import DLMTransformer, check_tp
 from pipeline.families.registry import Family, LayerShape, ParallelPlan, Projection, register_family
 from pipeline.model.config import ModelConfig
+from pipeline.parallel.dims import ParallelDims
+from pipeline.parallel.tp_layout import describe_tensor_parallel_layout
 
 # memory.targets / lora.targets choices -> the projections they name
 FAST_WEIGHT_TARGETS = {"ffn": ("gate", "up", "down"), "ffn+attn": ("qkv", "out", "gate", "up", "down")}
@@ -37,20 +41,17 @@ def activation_bytes(cfg: ModelConfig, tp: int) -> float:
     return 20 * d + (18 * d + 10.25 * f) / tp
 
 
-def check_parallel(cfg: ModelConfig, dims) -> None:
+def check_parallel(cfg: ModelConfig, dims: ParallelDims) -> None:
     """Heads, KV heads, FFN width and the padded vocabulary must divide by the TP size."""
-    cfg.check_tp(dims.tp)
+    check_tp(cfg, dims.tp)
 
 
-def _build(cfg: ModelConfig, dims):
-    from pipeline.model.transformer import DLMTransformer
-
-    return DLMTransformer(cfg)
+def build(cfg: ModelConfig, dims: ParallelDims) -> DLMTransformer:
+    return DLMTransformer(cfg, dims)
 
 
-def _describe(model, dims) -> None:
-    from pipeline.engine.universal import describe_tensor_parallel_layout
-
+def describe(model: DLMTransformer, dims: ParallelDims) -> None:
+    """Its megatron-core layers say how they are cut (``partition_dim``): the generic description."""
     describe_tensor_parallel_layout(model, dims.tp)
 
 
@@ -58,11 +59,13 @@ DENSE = register_family(
     Family(
         name="dense",
         config_class=ModelConfig,
-        build=_build,
+        build=build,
         layer_shapes=layer_shapes,
-        plan=ParallelPlan(check=check_parallel, describe=_describe),
+        plan=ParallelPlan(check=check_parallel, describe=describe),
         activation_bytes=activation_bytes,
         fast_weight_targets=FAST_WEIGHT_TARGETS,
+        hf_layouts=hf.LAYOUTS,
+        hf_export_layout=hf.export_layout,
         description="bidirectional transformer, GQA attention, SwiGLU FFN (LLaMA / Qwen2 / LLaDA layouts)",
     )
 )

@@ -1,6 +1,6 @@
-"""The bidirectional DLM transformer on megatron-core tensor-parallel layers.
+"""The dense family's model: a bidirectional transformer on megatron-core tensor-parallel layers.
 
-    model = DLMTransformer(ModelConfig())           # after pipeline.model.parallel.init_distributed(tp)
+    model = DLMTransformer(cfg, dims)                # dims from pipeline.parallel.dims.init_distributed
     h = model.embed(tokens)                          # [B, T, D]
     h = model.run_layers(h, 0, model.cfg.n_layers)   # bidirectional blocks (fast weights optional)
     logits = model.head_logits(h, positions)         # [N, V_pad / tp] only where the loss needs them
@@ -11,8 +11,7 @@ row-parallel), final RMSNorm and a column-parallel LM head. The same code runs a
 TP=N; with ``use_cpu_initialization`` the weights are identical across TP sizes.
 
 Options (pipeline/model/config.py): grouped-query attention, Q/K/V biases, RoPE scaling, a head
-tied to the embedding. Logits of the padded vocabulary rows (``vocab_size..V_pad``) are set to
-the dtype's minimum, so no softmax, loss or sampler ever gives them mass.
+tied to the embedding.
 
 Weight deltas (MemDLM's fast weights) are forward *arguments* (a mapping ``target -> tensors``
 per layer, applied by pipeline/model/delta.py), never parameters: ZeRO-3 would partition them.
@@ -31,127 +30,73 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.config import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.model.delta import delta_linear
-from pipeline.model.parallel import tp_rank, tp_size
-
-LayerFast = Mapping[str, torch.Tensor] | None  # "gate.A", "gate.B", ... for one layer
-# The logit of a padded vocabulary row. Finite, so p * log p is 0 rather than NaN; a power of two,
-# so bf16 and fp32 hold it exactly (the same value at every precision); exp() of it is 0.
-PAD_LOGIT = -(2.0**100)
+from pipeline.model.layers import LayerFast, RMSNorm, VocabHead, apply_rope, model_rope_tables
+from pipeline.parallel.dims import ParallelDims
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
-
-
-def rope_tables(
-    seq_len: int, head_dim: int, theta: float, cfg: ModelConfig | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [seq_len, head_dim/2] for rotary embeddings (scaled as ``cfg`` says)."""
-    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    if cfg is not None and cfg.rope_scaling == "linear":
-        inv = inv / cfg.rope_factor
-    elif cfg is not None and cfg.rope_scaling == "llama3":
-        inv = _llama3_frequencies(inv, cfg)
-    ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)
-    return ang.cos().float(), ang.sin().float()
-
-
-def _llama3_frequencies(inv: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Llama 3.1 scaling (transformers' ``_compute_llama3_parameters``): wavelengths longer than
-    original_max_len / low_freq_factor are stretched by rope_factor, shorter than
-    original_max_len / high_freq_factor kept, and the band between interpolated."""
-    old, lo, hi, factor = (
-        cfg.rope_original_max_len,
-        cfg.rope_low_freq_factor,
-        cfg.rope_high_freq_factor,
-        cfg.rope_factor,
-    )
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
-    return torch.where(medium, smoothed, scaled)
-
-
-def model_rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cos/sin tables a model of ``cfg`` uses."""
-    return rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta, cfg)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, hd] rotated pairwise (first half, second half) by position."""
-    T = x.shape[-2]
-    c, s = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-
-
-class VocabHead(ColumnParallelLinear):
-    """The column-parallel LM head; logits of padded vocabulary rows come out as ``PAD_LOGIT``.
-
-    The mask lives in the module, not in ``head_logits``, so every caller of ``model.head``
-    (the memory inner loop calls it directly) sees the same softmax.
-    """
-
-    def __init__(self, vocab_size: int, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.vocab_size = vocab_size
-
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None):
-        """x [..., D] -> (logits [..., V_pad/tp] of this rank's vocabulary shard, None)."""
-        logits, bias = super().forward(x, weight, runtime_gather_output)
-        per = self.output_size_per_partition
-        if per * tp_size() == self.vocab_size:
-            return logits, bias
-        cols = torch.arange(tp_rank() * per, (tp_rank() + 1) * per, device=logits.device)
-        return logits.masked_fill(cols >= self.vocab_size, PAD_LOGIT), bias
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """The dimensions tensor parallelism splits must divide by ``tp`` (a ConfigError naming one)."""
+    for name, value in (
+        ("n_heads", cfg.n_heads),
+        ("n_kv_heads", cfg.kv_heads),
+        ("ffn_hidden", cfg.ffn_hidden),
+        ("padded vocab", cfg.padded_vocab_size),
+    ):
+        if value % tp:
+            raise ConfigError(f"model {name}={value} is not divisible by tensor parallel size {tp}")
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(norm(x)); x + SwiGLU(norm(x))."""
+    """Pre-norm transformer block: x + Attn(norm(x)); x + SwiGLU(norm(x)).
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+    A family with another FFN (a mixture of experts, a plain MLP) subclasses it and overrides
+    :meth:`build_ffn` and :meth:`ffn`; the attention half is shared."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, dims: ParallelDims):
         super().__init__()
-        tp = tp_size()
+        tp = dims.tp
         self.n_local_heads = cfg.n_heads // tp
         self.n_local_kv = cfg.kv_heads // tp
         self.group = cfg.n_heads // cfg.kv_heads  # query heads per key/value head
         self.head_dim = cfg.head_dim
-        init = functools.partial(nn.init.normal_, mean=0.0, std=cfg.init_std)
+        self.init = functools.partial(nn.init.normal_, mean=0.0, std=cfg.init_std)
         # Residual-branch outputs are scaled down with depth (GPT-2 / Megatron convention).
-        init_out = functools.partial(
+        self.init_out = functools.partial(
             nn.init.normal_, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers)
         )
-        d, f = cfg.d_model, cfg.ffn_hidden
+        d, group = cfg.d_model, dims.tp_group
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
         # QKV rows are laid out [kv group][q_1..q_group|k|v][head_dim] so a contiguous TP shard holds
         # whole groups (with n_kv_heads = n_heads: [head][q|k|v][head_dim]). The bias, when
         # present, has the same layout and is sharded with the rows.
         self.qkv = ColumnParallelLinear(
-            d, cfg.qkv_size, config=mp, init_method=init, bias=cfg.qkv_bias, gather_output=False
+            d,
+            cfg.qkv_size,
+            config=mp,
+            init_method=self.init,
+            bias=cfg.qkv_bias,
+            gather_output=False,
+            tp_group=group,
         )
-        self.out = RowParallelLinear(
-            d, d, config=mp, init_method=init_out, bias=False, input_is_parallel=True, skip_bias_add=False
-        )
+        self.out = row_linear(d, d, mp, self.init_out, group)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
-        self.gate = ColumnParallelLinear(d, f, config=mp, init_method=init, bias=False, gather_output=False)
-        self.up = ColumnParallelLinear(d, f, config=mp, init_method=init, bias=False, gather_output=False)
-        self.down = RowParallelLinear(
-            f, d, config=mp, init_method=init_out, bias=False, input_is_parallel=True, skip_bias_add=False
-        )
-        # Outer LoRA adapters by projection name (pipeline/model/lora.py:add_lora), or None.
+        self.build_ffn(cfg, mp, dims)
+        # Outer LoRA adapters by projection name (pipeline/adapters/lora.py:add_lora), or None.
         self.lora: nn.ModuleDict | None = None
+
+    def build_ffn(self, cfg: ModelConfig, mp: ModelParallelConfig, dims: ParallelDims) -> None:
+        """The SwiGLU FFN: gate and up column-parallel, down row-parallel."""
+        d, f, group = cfg.d_model, cfg.ffn_hidden, dims.tp_group
+        self.gate = column_linear(d, f, mp, self.init, group)
+        self.up = column_linear(d, f, mp, self.init, group)
+        self.down = row_linear(f, d, mp, self.init_out, group)
+
+    def ffn(self, h: torch.Tensor, fast: LayerFast) -> torch.Tensor:
+        """h [B, T, D] (normed) -> [B, T, D]: down(silu(gate h) * up h)."""
+        return self._linear("down", F.silu(self._linear("gate", h, fast)) * self._linear("up", h, fast), fast)
 
     def _linear(self, name: str, x: torch.Tensor, fast: LayerFast) -> torch.Tensor:
         """Projection ``name`` with its fast-weight delta (if any) plus its outer LoRA (if any): both
@@ -160,6 +105,25 @@ class Block(nn.Module):
         if self.lora is not None and name in self.lora:
             y = y + self.lora[name](x)
         return y
+
+    def attention(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        fast: LayerFast,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """h [B, T, D] (normed) -> the attention output [B, T, D] (after the output projection)."""
+        B, T, _ = h.shape
+        g = self.group
+        qkv = self._linear("qkv", h, fast).view(B, T, self.n_local_kv, g + 2, self.head_dim)
+        # Query head j of group i is head i * group + j: the order transformers' repeat_kv assumes.
+        q = qkv[:, :, :, :g].reshape(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
+        k, v = (qkv[:, :, :, g + i].transpose(1, 2) for i in range(2))  # [B, KV_local, T, hd]
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # Bidirectional: no causal mask; only padding keys (batched inference) are hidden.
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=g > 1)
+        return self._linear("out", a.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim), fast)
 
     def forward(
         self,
@@ -172,51 +136,70 @@ class Block(nn.Module):
 
         ``attn_mask`` [B, 1, 1, T] bool (True = may be attended to) hides padding keys.
         """
-        B, T, _ = x.shape
-        h = self.attn_norm(x)
-        g = self.group
-        qkv = self._linear("qkv", h, fast).view(B, T, self.n_local_kv, g + 2, self.head_dim)
-        # Query head j of group i is head i * group + j: the order transformers' repeat_kv assumes.
-        q = qkv[:, :, :, :g].reshape(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
-        k, v = (qkv[:, :, :, g + i].transpose(1, 2) for i in range(2))  # [B, KV_local, T, hd]
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # Bidirectional: no causal mask; only padding keys (batched inference) are hidden.
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=g > 1)
-        a = a.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
-        x = x + self._linear("out", a, fast)
-        h = self.ffn_norm(x)
-        gt = self._linear("gate", h, fast)
-        u = self._linear("up", h, fast)
-        return x + self._linear("down", F.silu(gt) * u, fast)
+        x = x + self.attention(self.attn_norm(x), rope, fast, attn_mask)
+        return x + self.ffn(self.ffn_norm(x), fast)
+
+
+def column_linear(
+    d_in: int, d_out: int, mp: ModelParallelConfig, init, group, bias: bool = False
+) -> ColumnParallelLinear:
+    """A column-parallel projection (output rows split over TP), output kept sharded."""
+    return ColumnParallelLinear(
+        d_in, d_out, config=mp, init_method=init, bias=bias, gather_output=False, tp_group=group
+    )
+
+
+def row_linear(d_in: int, d_out: int, mp: ModelParallelConfig, init, group) -> RowParallelLinear:
+    """A row-parallel projection (input columns split over TP), output summed over TP."""
+    return RowParallelLinear(
+        d_in,
+        d_out,
+        config=mp,
+        init_method=init,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=group,
+    )
 
 
 class DLMTransformer(nn.Module):
-    """Bidirectional transformer for masked diffusion; see the module docstring for the API."""
+    """Bidirectional transformer for masked diffusion; see the module docstring for the API.
 
-    def __init__(self, cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32):
+    ``block_class`` builds each layer: a family whose layers differ only inside the block
+    subclasses this model and names its own block class."""
+
+    block_class: type[Block] = Block
+
+    def __init__(self, cfg: ModelConfig, dims: ParallelDims, *, params_dtype: torch.dtype = torch.float32):
         super().__init__()
-        cfg.check_tp(tp_size())
-        self.cfg = cfg
+        check_tp(cfg, dims.tp)
+        self.cfg, self.dims = cfg, dims
         mp = ModelParallelConfig(
-            tensor_model_parallel_size=tp_size(),
+            tensor_model_parallel_size=dims.tp,
             use_cpu_initialization=True,  # full master weights initialised then split: TP-size invariant
             perform_initialization=True,
             params_dtype=params_dtype,
         )
         init = functools.partial(nn.init.normal_, mean=0.0, std=cfg.init_std)
         V = cfg.padded_vocab_size
-        self.embedding = VocabParallelEmbedding(V, cfg.d_model, init_method=init, config=mp)
-        self.layers = nn.ModuleList(Block(cfg, mp) for _ in range(cfg.n_layers))
+        self.embedding = VocabParallelEmbedding(
+            V, cfg.d_model, init_method=init, config=mp, tp_group=dims.tp_group
+        )
+        self.layers = nn.ModuleList(self.block_class(cfg, mp, dims) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = VocabHead(
             cfg.vocab_size,
             cfg.d_model,
             V,
+            tp_rank=dims.tp_rank,
+            tp_size=dims.tp,
             config=mp,
             init_method=init,
             bias=False,
             gather_output=False,
             skip_weight_param_allocation=cfg.tie_embeddings,
+            tp_group=dims.tp_group,
         )
         if cfg.tie_embeddings:
             # One Parameter registered in both modules: the embedding's vocab shard [V/tp, D] is
@@ -225,6 +208,17 @@ class DLMTransformer(nn.Module):
         cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def load_full_state(self, state: dict[str, torch.Tensor], device: torch.device | str) -> None:
+        """Take a full TP=1 state dict (an export's) as this model's weights; the model may have been
+        built on the meta device. The shared embedding/head weight is stored once, under the
+        embedding's name, and shared again; the RoPE tables are computed on ``device``."""
+        if self.cfg.tie_embeddings:  # state_dict() lists the shared weight under both names
+            state = {**state, "head.weight": state["embedding.weight"]}
+        self.load_state_dict(state, assign=True, strict=True)
+        if self.cfg.tie_embeddings:  # assign=True replaced the embedding's Parameter: share it again
+            self.head.weight = self.embedding.weight
+        self.rope_cos, self.rope_sin = (t.to(device) for t in model_rope_tables(self.cfg))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] int64 -> hidden [B, T, D]."""

@@ -45,10 +45,13 @@ from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.families.registry import family_of, param_count
 from pipeline.model.delta import COLUMN_TARGETS, ROW_TARGETS
+from pipeline.parallel.dims import ParallelDims
 
 LORA_TARGETS = (*COLUMN_TARGETS, *ROW_TARGETS)  # qkv, gate, up, out, down
 LORA_KEY = ".lora."  # parameter names of adapters: layers.<i>.lora.<target>.<A|B>
@@ -58,10 +61,12 @@ LORA_KEY = ".lora."  # parameter names of adapters: layers.<i>.lora.<target>.<A|
 class LoraConfig:
     """Outer LoRA (``enabled: false``: full fine-tuning / pretraining of every base weight)."""
 
-    enabled: bool = False
-    rank: int = 32
-    alpha: float = 64.0
-    targets: list[str] = field(default_factory=lambda: ["qkv", "out", "gate", "up", "down"])
+    enabled: bool = False  # train only low-rank adapters on a frozen base
+    rank: int = 32  # r of every adapter
+    alpha: float = 64.0  # scale: W + alpha / r * B A
+    targets: list[str] = field(
+        default_factory=lambda: ["qkv", "out", "gate", "up", "down"]
+    )  # projections that get an adapter (the model family's names)
 
     def validate(self) -> None:
         if self.rank < 1:
@@ -98,25 +103,40 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+def target_projections(model_cfg, targets: list[str]) -> list[tuple[str, int, int, str]]:
+    """``(name, out, in, column|row)`` of each target projection of one layer, from the model's
+    family (its ``layer_shapes``); a ConfigError naming a target the family lacks."""
+    layer = family_of(model_cfg).layer_shapes(model_cfg)[0]
+    names = [p.name for p in layer.projections]
+    out = []
+    for i, t in enumerate(targets):
+        if t not in names:
+            raise ConfigError(
+                f"key 'lora.targets[{i}]': '{t}' is not a projection of the '{model_cfg.family}' family "
+                f"({', '.join(names)})"
+            )
+        p = layer.projection(t)
+        out.append((t, p.out_features, p.in_features, p.parallel))
+    return out
+
+
 def target_shape(model_cfg, target: str) -> tuple[int, int]:
     """(out, in) of the full (unsharded) projection ``target``."""
-    d, f = model_cfg.d_model, model_cfg.ffn_hidden
-    return {"qkv": (model_cfg.qkv_size, d), "out": (d, d), "gate": (f, d), "up": (f, d), "down": (d, f)}[
-        target
-    ]
+    (_, out, inp, _) = target_projections(model_cfg, [target])[0]
+    return out, inp
 
 
 def lora_param_count(model_cfg, lora: LoraConfig) -> int:
     """Trainable parameters of the adapters (unsharded): ``rank * (in + out)`` per target and layer."""
     if not lora.enabled:
         return 0
-    per_layer = sum(lora.rank * sum(target_shape(model_cfg, t)) for t in lora.targets)
+    per_layer = sum(lora.rank * (out + inp) for _, out, inp, _ in target_projections(model_cfg, lora.targets))
     return model_cfg.n_layers * per_layer
 
 
 def lora_summary(model_cfg, lora: LoraConfig) -> str:
     """``LoRA: 75.5M trainable of 8.03B parameters (0.94 %), r=32 alpha=64 on qkv,out,...``."""
-    n, total = lora_param_count(model_cfg, lora), model_cfg.num_params()
+    n, total = lora_param_count(model_cfg, lora), param_count(model_cfg)
 
     def fmt(x: int) -> str:
         return f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.1f}M"
@@ -139,14 +159,20 @@ class LoraAdapter(nn.Module):
     partitions when it is called. Initialised in ``__init__``, so ``zero.Init`` partitions the
     final values (it broadcasts data-parallel rank 0's, the same everywhere anyway)."""
 
-    def __init__(self, target: str, out_features: int, in_features: int, lora: LoraConfig, seed: int):
+    def __init__(
+        self,
+        target: str,
+        out_features: int,
+        in_features: int,
+        column: bool,
+        lora: LoraConfig,
+        seed: int,
+        dims: ParallelDims,
+    ):
         super().__init__()
-        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-
-        from pipeline.model.parallel import tp_rank, tp_size
-
-        tp, rank = tp_size(), tp_rank()
-        self.target, self.column, self.scale = target, target in COLUMN_TARGETS, lora.scale
+        tp, rank = dims.tp, dims.tp_rank
+        self.target, self.column, self.scale = target, column, lora.scale
+        self.tp_group = dims.tp_group
         r = lora.rank
         bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on fan_in = in_features
         g = torch.Generator().manual_seed(seed)
@@ -171,19 +197,23 @@ class LoraAdapter(nn.Module):
         h = x @ self.A.t().to(x.dtype)  # [..., r]
         # column: backward all-reduces dh over TP (A is replicated); row: sums the partial products
         h = (
-            copy_to_tensor_model_parallel_region(h)
+            copy_to_tensor_model_parallel_region(h, self.tp_group)
             if self.column
-            else reduce_from_tensor_model_parallel_region(h)
+            else reduce_from_tensor_model_parallel_region(h, self.tp_group)
         )
         return (h @ self.B.t().to(x.dtype)) * self.scale
 
 
 def add_lora(model: nn.Module, lora: LoraConfig, seed: int) -> None:
-    """Attach adapters for ``lora.targets`` to every block of a ``DLMTransformer`` (in place)."""
-    cfg = model.cfg
+    """Attach adapters for ``lora.targets`` to every block of a model (in place; its ``cfg`` and
+    ``dims`` say the shapes and the TP layout)."""
+    shapes = target_projections(model.cfg, lora.targets)
     for i, block in enumerate(model.layers):
         block.lora = nn.ModuleDict(
-            {t: LoraAdapter(t, *target_shape(cfg, t), lora, _seed_for(seed, i, t)) for t in lora.targets}
+            {
+                t: LoraAdapter(t, out, inp, kind == "column", lora, _seed_for(seed, i, t), model.dims)
+                for t, out, inp, kind in shapes
+            }
         )
 
 
