@@ -23,7 +23,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint format docs data sample-corpus pretrain sft task-data sample import-hf export-hf eval compare mlflow-ui bench bench-data bench-step bench-scale bench-sample clean
+.PHONY: help venv test test-fast lint format docs data sample-corpus pretrain sft task-data sample import-hf export-hf eval compare mlflow-ui bench bench-data bench-step bench-scale bench-sample clean bench-gpu-check reshard
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -66,10 +66,10 @@ pretrain: venv ## prepare data and train: make pretrain CLUSTER=local [CONFIG=..
 	@$(PY) -m launch.pretrain --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
 
 task-data: venv ## SFT shards from the retrieval-task generators -> data/tasks-sft (configs/data/tasks.yaml)
-	$(PY) -m data_prep.task_data --config configs/data/tasks.yaml $(ARGS)
+	$(PY) -m data_prep.task_sft --config configs/data/tasks.yaml $(ARGS)
 
-sft: venv ## fine-tune runs/local/export on the retrieval tasks (SFT: prompt never masked) -> runs/sft-tasks
-	@$(PY) -m launch.pretrain --cluster $(CLUSTER) --config $(or $(CONFIG),configs/train/sft-tasks.yaml) --data-config configs/data/tasks.yaml $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
+sft: venv ## fine-tune (SFT: prompt never masked): make sft CLUSTER=local [CONFIG=configs/train/sft-tasks.yaml SFT_DATA=configs/data/tasks.yaml] -> runs/sft-tasks
+	@$(PY) -m launch.sft --cluster $(CLUSTER) $(if $(CONFIG),--config $(CONFIG)) $(if $(SFT_DATA),--data-config $(SFT_DATA)) $(if $(DRY_RUN),--dry-run) $(if $(WAIT),--wait) $(ARGS)
 
 import-hf: venv ## HF checkpoint -> our export: make import-hf SRC=<dir: config.json + *.safetensors> OUT=<export dir> [MASK_ID=N] [SEQ_LEN=N] [FORCE=1: replace a non-empty OUT we did not write]
 	@test -n "$(SRC)" -a "$(origin OUT)" = "command line" || { echo "error: set SRC=<Hugging Face model directory> and OUT=<export directory>"; exit 2; }
@@ -84,7 +84,7 @@ reshard: venv ## a checkpoint any TP x DP can resume (DeepSpeed universal): make
 	$(PY) -m pipeline.engine.reshard '$(CHECKPOINT)' $(if $(TP),--tp $(TP)) $(if $(DP),--dp $(DP))
 
 sample: venv ## generate: make sample CHECKPOINT=runs/local/export PROMPT="..." [ARGS='--block-length 16 --temperature 0.7']
-	$(PY) -m pipeline.sample --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" $(ARGS)
+	$(PY) -m launch.sample --checkpoint $(CHECKPOINT) --prompt "$(PROMPT)" $(ARGS)
 
 eval: venv ## tasks (memory off/on) + exposure bias: make eval CHECKPOINT="runs/local/export [more exports]" -> runs/eval/latest
 	@$(PY) -m launch.evaluate $(foreach c,$(CHECKPOINT),--checkpoint $(c)) --config $(EVAL_CONFIG) $(ARGS)

@@ -42,9 +42,9 @@ from data_prep.corpus import CorpusStats, iter_documents
 from data_prep.sample_corpus import sample_documents
 from data_prep.shard import encode_documents, prepare_dataset
 from pipeline.config import load_config
-from pipeline.data.stream import DataConfig, TokenBatchLoader
 from pipeline.dataset.prep_config import PrepConfig
 from pipeline.dataset.tokenizer import load_tokenizer
+from pipeline.loader.stream import DataConfig, TokenBatchLoader
 
 
 def tokenize_throughput(prep: PrepConfig) -> dict:

@@ -17,11 +17,11 @@ import json
 import sys
 
 from data_prep.corpus import CorpusError
+from data_prep.retrieval_tasks import TaskFileError
 from data_prep.sample_corpus import SampleCorpusError
 from data_prep.sft import SFTDataError
 from data_prep.shard import DatasetPrepError, prepare_dataset
-from data_prep.task_data import TaskDataConfig, prepare_task_data
-from data_prep.tasks import TaskFileError
+from data_prep.task_sft import TaskDataConfig, prepare_task_data
 from data_prep.tokenizer import TokenizerTrainingError
 from pipeline.cli import run_main
 from pipeline.dataset import ConfigError, load_config, read_yaml
@@ -46,7 +46,7 @@ def load_dataset_config(
     path: str, overrides: list[str] | tuple[str, ...] = ()
 ) -> PrepConfig | TaskDataConfig:
     """A dataset build config from ``configs/data/``: SFT task data (a YAML with ``tasks:``,
-    data_prep/task_data.py) or a corpus build (PrepConfig)."""
+    data_prep/task_sft.py) or a corpus build (PrepConfig)."""
     if "tasks" in read_yaml(path):
         return load_config(TaskDataConfig, path, overrides)
     return load_config(PrepConfig, path, overrides)

@@ -6,10 +6,10 @@
 
 For each checkpoint and each memory setting (``off``: the trained weights alone, i.e. MemDLM
 "train-only"; ``on``: inference-time adaptation on each prompt) it scores every task set by
-generation and by likelihood ranking (pipeline/eval/tasks.py), and measures the exposure-bias
+generation and by likelihood ranking (pipeline/eval/task_scores.py), and measures the exposure-bias
 curve (pipeline/eval/exposure_bias.py) on held-out sequences of a dataset split into a prompt
 and a response. The task examples are generated here, deterministically, with the
-checkpoint's own tokenizer sizing each context (data_prep/tasks): this command is the app that
+checkpoint's own tokenizer sizing each context (data_prep/retrieval_tasks): this command is the app that
 joins data preparation and the evaluation library (pipeline/eval), which never imports data_prep. Results go to
 ``<out_dir>/<timestamp>/`` (``results.json``, ``results.md``, ``exposure_bias.png``, the task
 files) with ``<out_dir>/latest`` pointing at it, and to one MLflow run per invocation in the
@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from data_prep.tasks import generate, load_filler, read_jsonl, resolve_filler_path, write_jsonl
+from data_prep.retrieval_tasks import generate, load_filler, read_jsonl, resolve_filler_path, write_jsonl
 from pipeline.build import export_tracking_credentials
 from pipeline.cli import run_main
 from pipeline.config import ConfigError, load_config
-from pipeline.data.stream import DataConfig, TokenBatchLoader
 from pipeline.eval.exposure_bias import ExposureBiasCurve, exposure_bias, plot_exposure_bias
-from pipeline.eval.tasks import TaskScoringConfig, evaluate_examples
+from pipeline.eval.task_scores import TaskScoringConfig, evaluate_examples
+from pipeline.loader.stream import DataConfig, TokenBatchLoader
 from pipeline.sampler import load_sampler
 from pipeline.tracking import Tracker, TrackingConfig, flatten, git_commit, redact_config, redact_uri
 

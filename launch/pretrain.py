@@ -26,28 +26,39 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from data_prep.prepare import USER_ERRORS, load_dataset_config, prepare_any
+from data_prep.prepare import USER_ERRORS as DATA_ERRORS
+from data_prep.prepare import load_dataset_config, prepare_any
 from launch.clusters import ClusterConfig, load_cluster
 from launch.submit import Interrupted, JobFailed, LaunchError, require_slurm, sbatch_preview, submit
 from pipeline.adapters.lora import lora_summary
 from pipeline.build import export_tracking_credentials
 from pipeline.cli import print_error, run_main
 from pipeline.config import ConfigError
-from pipeline.data.stream import TokenBatchLoader
 from pipeline.dataset.manifest import verify_manifest
 from pipeline.families.registry import param_count
+from pipeline.loader.stream import TokenBatchLoader
 from pipeline.run_lock import RunLocked, check_free
 from pipeline.stop import STOPPED_EXIT
 from pipeline.tracking import redact_config
 from pipeline.train_config import TrainConfig, load_train_config, write_resolved_config
 
+# What a user can fix: one ``error:`` line and exit 2.
+USER_ERRORS = (*DATA_ERRORS, LaunchError, RunLocked)
 
-def _parser() -> argparse.ArgumentParser:
+
+def parser(
+    description: str = __doc__, config: str | None = None, data_config: str | None = None
+) -> argparse.ArgumentParser:
+    """The launch command's arguments (``config`` / ``data_config``: defaults instead of the cluster's)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cluster", default="local", help="name of configs/cluster/<name>.yaml")
-    parser.add_argument("--config", default=None, help="training config YAML (default: the cluster's)")
+    parser.add_argument(
+        "--cluster", default="local", help="name of configs/cluster/<name>.yaml, or a YAML path"
+    )
+    parser.add_argument(
+        "--config", default=config, help="training config YAML (default: %(default)s, else the cluster's)"
+    )
     parser.add_argument(
         "--wait", action="store_true", help="Slurm: wait for the job to finish (local always waits)"
     )
@@ -58,9 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data-config",
-        default=None,
+        default=data_config,
         help="dataset config to prepare instead of the cluster's: a PrepConfig YAML, or a task-data "
-        "YAML (with 'tasks:') for SFT (data_prep/task_data.py)",
+        "YAML (with 'tasks:') for SFT (data_prep/task_sft.py)",
     )
     parser.add_argument(
         "overrides", nargs="*", help="training key=value overrides, e.g. steps=50 memory.enabled=false"
@@ -114,7 +125,7 @@ def prepare_data(cluster: ClusterConfig, cfg: TrainConfig, train_path: str, data
     TokenBatchLoader(cfg.data, rank=0, world_size=cluster.world_size // cfg.parallel.tp)
 
 
-def _resolve(args: argparse.Namespace) -> tuple[ClusterConfig, TrainConfig, str]:
+def resolve(args: argparse.Namespace) -> tuple[ClusterConfig, TrainConfig, str]:
     """The cluster, the resolved training config and the training config's path."""
     cluster = load_cluster(args.cluster)
     train_path = args.config or cluster.train
@@ -165,8 +176,13 @@ def _launch(cluster: ClusterConfig, cfg: TrainConfig, resolved: Path, run_dir: P
 
 
 def _main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    cluster, cfg, train_path = _resolve(args)
+    args = parser().parse_args(argv)
+    return launch(args, *resolve(args))
+
+
+def launch(args: argparse.Namespace, cluster: ClusterConfig, cfg: TrainConfig, train_path: str) -> int:
+    """Prepare the data, write the resolved config, submit the job (or print the plan with
+    ``--dry-run``); returns the command's exit status."""
     run_dir = Path(cfg.run_dir).resolve()
     if args.dry_run:
         _dry_run(cluster, cfg, run_dir)
@@ -183,7 +199,7 @@ def _main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The command; a user error is one ``error:`` line and 2 (pipeline/cli.py), also when called."""
-    return run_main(_main, argv, user_errors=(*USER_ERRORS, LaunchError, RunLocked))
+    return run_main(_main, argv, user_errors=USER_ERRORS)
 
 
 if __name__ == "__main__":

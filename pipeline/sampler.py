@@ -3,7 +3,7 @@
     sampler, tok, info = load_sampler("runs/local/export")
     out = sampler.generate([tok.encode("In the beginning")], SamplerConfig(gen_length=64, steps=64))
 
-(the command line is pipeline/sample.py: ``make sample CHECKPOINT=... PROMPT="..."``)
+(the command line is launch/sample.py: ``make sample CHECKPOINT=... PROMPT="..."``)
 
 The response starts fully masked right after the prompt. It is produced block by block
 (semi-autoregressive; one block = the whole response by default); within a block, each of its

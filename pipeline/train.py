@@ -44,7 +44,6 @@ from pipeline.build import (
 )
 from pipeline.cli import print_error, run_main
 from pipeline.config import ConfigError
-from pipeline.data.stream import TokenBatchLoader
 from pipeline.dataset.manifest import DatasetError
 from pipeline.dataset.seeding import seed_of
 from pipeline.dataset.tokenizer import TokenizerError
@@ -55,6 +54,7 @@ from pipeline.engine.elastic import ResumePlan, plan_resume, prepare_universal, 
 from pipeline.engine.export import EXPORT_HINT, export_model
 from pipeline.eval.heldout import evaluate_heldout
 from pipeline.families.registry import param_count
+from pipeline.loader.stream import TokenBatchLoader
 from pipeline.metrics import MetricsFile, peak_memory_mib
 from pipeline.objectives import Batch, Draws, ObjectiveOutput, build_objective
 from pipeline.outputs import OutputDirError, check_output_dir

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pipeline.adapters.lora import LoraConfig
 from pipeline.atomic_io import atomic_write_text
 from pipeline.config import ConfigError, from_dict, merge, parse_overrides, read_yaml
-from pipeline.data.stream import DataConfig
 from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.loader.stream import DataConfig
 from pipeline.memory.config import MemoryConfig
 from pipeline.model.config import ModelConfig
 from pipeline.tracking import TrackingConfig, redact_config

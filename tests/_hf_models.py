@@ -37,7 +37,7 @@ KINDS = {
     "qwen2-gqa-bias": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen2-tied": ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),
 }
-# LLaDA name -> Llama name, the mapping documented in pipeline/hf/layouts.py, restated here.
+# LLaDA name -> Llama name, the mapping documented in pipeline/families/dense/hf.py, restated here.
 LLADA_TO_LLAMA = {
     "model.transformer.wte.weight": "model.embed_tokens.weight",
     "model.transformer.ln_f.weight": "model.norm.weight",

@@ -5,7 +5,7 @@ checkpoint, gathered to full tensors and cut again: pipeline/engine/universal.py
 parameters (the base under outer LoRA: from the checkpoint, not from ``init_from`` again), the
 step, the LR schedule, the global batch (``dp * grad_accum * batch_size`` sequences:
 ``grad_accum`` absorbs the change of ``dp``), and the data position (the rest of the epoch in the
-same global batches, then the next epoch split for the new layout: pipeline/data/stream.py). The
+same global batches, then the next epoch split for the new layout: pipeline/loader/stream.py). The
 anchor noise is keyed by the global micro-batch slot, not by the rank, so MDLM's losses after a
 resize equal the uninterrupted run's up to summation order.
 

@@ -12,8 +12,8 @@ import functools
 import torch
 import torch.distributed as dist
 
-from pipeline.data.stream import TokenBatchLoader
 from pipeline.dataset.seeding import seed_of
+from pipeline.loader.stream import TokenBatchLoader
 from pipeline.memory.adapt import adapt_to_context
 from pipeline.objectives import Batch, Draws, Objective, build_objective
 from pipeline.train_config import TrainConfig

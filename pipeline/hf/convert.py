@@ -190,7 +190,6 @@ def _declared_mask_token(src: Path) -> str | None:
     return mask.get("content") if isinstance(mask, dict) else mask
 
 
-
 def find_layout(config: dict[str, Any], tensor_names: set[str]) -> HFLayout:
     """The registered layout (of any model family) a source is in; an HFFormatError naming the
     source's ``model_type`` and the layouts we map otherwise."""

@@ -14,16 +14,15 @@ import sys
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from pipeline.diffusion.loss import mdlm_loss
 from pipeline.diffusion.noise import Noise, draw_noise, maskable_positions
 from pipeline.engine.deepspeed import build_engine, lr_lambda
 from pipeline.engine.export import consolidated_state_dict
 from pipeline.memory.inner_loop import memdlm_loss, pre_anchor_masks
-from pipeline.parallel.dims import init_distributed
 from pipeline.train_config import load_train_config
 from tests._models import current_dims, dense_model
+from tests.distributed._worker import at_tp, finish
 
 STEPS, GLOBAL_BATCH, MASK = 4, 4, 4
 
@@ -135,16 +134,12 @@ def deepspeed_run(method: str, zero_init: bool = False) -> dict:
 
 def main(out: str) -> None:
     res = {}
-    init_distributed(tp=1)
+    at_tp(1)
     res["ref-mdlm"], res["ref-memdlm"] = reference("mdlm"), reference("memdlm")
     res["dp2-mdlm"], res["dp2-memdlm"] = deepspeed_run("mdlm"), deepspeed_run("memdlm")
-    parallel_state.destroy_model_parallel()
-    init_distributed(tp=2)
+    at_tp(2)
     res["tp2-mdlm"] = deepspeed_run("mdlm", zero_init=True)
-    if dist.get_rank() == 0:
-        torch.save(res, f"{out}/engine.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(res, f"{out}/engine.pt")
 
 
 if __name__ == "__main__":

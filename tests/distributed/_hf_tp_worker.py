@@ -13,15 +13,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from pipeline.diffusion.loss import position_ce
 from pipeline.engine.export import export_model_config, load_initial_weights
 from pipeline.model.config import ModelConfig
-from pipeline.parallel.dims import init_distributed
 from tests._models import current_dims, dense_model
 from tests.distributed._gather import gather
+from tests.distributed._worker import at_tp, finish
 
 
 def full(model, grads: bool) -> dict[str, torch.Tensor]:
@@ -58,20 +56,16 @@ def main(root: str) -> None:
     root = Path(root)
     tokens = torch.load(root / "tokens.pt")
     res: dict = {"kinds": {}, "arch": {}, "init": {}}
-    init_distributed(tp=2)
+    at_tp(2)
     for path in sorted((root / "imports").iterdir()):
         with torch.no_grad():
             res["kinds"][path.name] = gather(loaded(path)(tokens=tokens), -1)
     res["arch"]["tp2"] = arch_run(root / "arch", tokens)
     res["init"]["tp2"] = arch_init(root / "arch")
-    parallel_state.destroy_model_parallel()
-    init_distributed(tp=1)  # the reference: each rank alone (TP=1 x DP=2)
+    at_tp(1)  # the reference: each rank alone (TP=1 x DP=2)
     res["arch"]["tp1"] = arch_run(root / "arch", tokens)
     res["init"]["tp1"] = arch_init(root / "arch")
-    if dist.get_rank() == 0:
-        torch.save(res, root / "results.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(res, root / "results.pt")
 
 
 if __name__ == "__main__":

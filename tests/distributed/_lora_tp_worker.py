@@ -25,10 +25,10 @@ from pipeline.adapters.lora import LoraConfig, add_lora, freeze_base, is_lora_na
 from pipeline.diffusion.config import ObjectiveConfig
 from pipeline.diffusion.loss import mdlm_loss
 from pipeline.diffusion.noise import draw_noise, maskable_positions
-from pipeline.parallel.dims import init_distributed
 from tests._models import current_dims, dense_model
 from tests.conftest import tiny_model_config, tiny_run_overrides
 from tests.distributed._gather import gather
+from tests.distributed._worker import at_tp, finish
 
 MASK = 4
 LORA = LoraConfig(enabled=True, rank=4, alpha=8.0)
@@ -124,18 +124,14 @@ def trainer_run(dataset: str, out: Path, tp: int, steps: int) -> dict:
 def main(dataset: str, out_dir: str) -> None:
     out = Path(out_dir)
     results = {}
-    init_distributed(tp=1)
+    at_tp(1)
     results["tp1"] = model_run()
-    parallel_state.destroy_model_parallel()
-    init_distributed(tp=2)
+    at_tp(2)
     results["tp2"] = model_run()
     results["trainer-tp2"] = trainer_run(dataset, out, tp=2, steps=3)
     parallel_state.destroy_model_parallel()
     results["trainer-dp2"] = trainer_run(dataset, out, tp=1, steps=2)  # ZeRO-3 partitions over 2 ranks
-    if dist.get_rank() == 0:
-        torch.save(results, out / "results.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(results, out / "results.pt")
 
 
 if __name__ == "__main__":

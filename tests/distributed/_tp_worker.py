@@ -14,17 +14,16 @@ import sys
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from pipeline.diffusion.config import ObjectiveConfig
 from pipeline.diffusion.loss import mdlm_loss
 from pipeline.diffusion.noise import Noise, draw_noise, maskable_positions
 from pipeline.memory.config import MemoryConfig
 from pipeline.memory.inner_loop import memdlm_loss, pre_anchor_masks
-from pipeline.parallel.dims import init_distributed
 from tests._models import current_dims, dense_model
 from tests.conftest import tiny_model_config
 from tests.distributed._gather import gather
+from tests.distributed._worker import at_tp
 
 MASK = 4
 OBJ = ObjectiveConfig()
@@ -96,11 +95,10 @@ def main(out_dir: str) -> None:
     results = {}
     tokens, noise, pre = batch()
     # 1. TP=2
-    init_distributed(tp=2)
+    at_tp(2)
     results["tp2"] = run_all(build(), tokens, noise, pre)
-    parallel_state.destroy_model_parallel()
     # 2. TP=1 x DP=2: half of the batch per rank
-    init_distributed(tp=1)
+    at_tp(1)
     r = dist.get_rank()
     rows = slice(2 * r, 2 * r + 2)
     half = Noise(

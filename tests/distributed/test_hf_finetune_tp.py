@@ -5,7 +5,7 @@ the result.
 The source is a random LlamaForCausalLM (GQA) whose vocabulary is a byte-level BPE tokenizer.json
 trained here (no hub access) with [MASK] (config.json ``mask_token_id`` and tokenizer_config.json
 ``mask_token``), PAD, BOS, EOS and a chat template. ``import_hf`` converts it; the SFT set is the
-retrieval-task data of ``make sft`` (data_prep/task_data.py) tokenised with the export's
+retrieval-task data of ``make sft`` (data_prep/task_sft.py) tokenised with the export's
 tokenizer and rendered with its chat template; tests/distributed/_hf_finetune_worker.py trains
 8 steps per layout and exports.
 """
@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_prep.task_data import TaskDataConfig, TaskSFTSet, prepare_task_data
-from data_prep.tasks import generate
+from data_prep.retrieval_tasks import generate
+from data_prep.task_sft import TaskDataConfig, TaskSFTSet, prepare_task_data
 from pipeline.dataset.manifest import manifest_from_json
 from pipeline.dataset.tokenizer import load_tokenizer
 from pipeline.hf.convert import import_hf
@@ -52,7 +52,7 @@ def _hf_tokenizer(directory: Path, filler: Path) -> Path:
     prompts (so a task fits a short context), with a tokenizer_config.json as transformers writes
     it: PAD, BOS, EOS and [MASK] declared, and a chat template."""
 
-    from data_prep.tasks import load_filler
+    from data_prep.retrieval_tasks import load_filler
 
     sentences = load_filler(filler)
     words = lambda s: len(s.split())  # noqa: E731
@@ -182,7 +182,7 @@ def test_make_sample_generates_from_the_fine_tuned_export(runs):
     ]
     proc = _cli(
         "-m",
-        "pipeline.sample",
+        "launch.sample",
         "--checkpoint",
         str(export),
         *(a for p in prompts for a in ("--prompt", p)),

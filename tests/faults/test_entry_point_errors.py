@@ -1,4 +1,4 @@
-"""Every data_prep entry point, `pipeline.sample` and the lm-eval command line: a bad input is one
+"""Every data_prep entry point, `launch.sample` and the lm-eval command line: a bad input is one
 ``error:`` line naming it, exit status 2, no traceback (pipeline/cli.py's run_main)."""
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from tests import _proc
             "corpus path '{tmp}/none.jsonl' does not exist",
         ),
         (
-            "data_prep.task_data",
+            "data_prep.task_sft",
             ["out_dir={tmp}/t", "tokenizer={tmp}/none"],
             "{tmp}/none: tokenizer not found",
         ),
         ("data_prep.sample_corpus", ["--out", "{tmp}/file/corpus"], "cannot create {tmp}/file/corpus"),
         (
-            "data_prep.tasks",
+            "data_prep.retrieval_tasks",
             [
                 "--task",
                 "niah",
@@ -42,7 +42,7 @@ from tests import _proc
             ],
             "{tmp}/none.txt: filler file not found",
         ),
-        ("pipeline.sample", ["--checkpoint", "{tmp}", "--prompt", "x"], "{tmp}: not an export directory"),
+        ("launch.sample", ["--checkpoint", "{tmp}", "--prompt", "x"], "{tmp}: not an export directory"),
         (
             "pipeline.eval.lm_eval_model",
             ["--checkpoint", "{tmp}", "--tasks", "x"],

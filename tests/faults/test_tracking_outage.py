@@ -8,15 +8,11 @@ seconds, or an offline run with ``tracking.on_unreachable=offline``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -26,61 +22,10 @@ from pipeline.tracking import Tracker, TrackingConfig, TrackingUnavailable
 from pipeline.train import Trainer
 from pipeline.train_config import load_train_config
 from tests import _proc
+from tests._mlflow import MlflowServer
 from tests.conftest import free_port, tiny_job_args, tiny_trainer_config
 
 OUTAGE_WARNING = "warning: MLflow tracking server "
-
-
-class MlflowServer:
-    """``mlflow server`` on a fixed port and sqlite store, which a test can kill and start again."""
-
-    def __init__(self, root: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.root = root
-        self._stack = contextlib.ExitStack()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 120.0) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.root / 'server.db'}",
-            "--default-artifact-root",
-            str(self.root / "art"),
-        ]
-        log = self._stack.enter_context(open(self.root / "server.log", "a"))  # noqa: SIM115 (the stack closes it)
-        self.proc = self._stack.enter_context(_proc.started(cmd, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    pytest.fail(f"mlflow server did not come up within {timeout_s:.0f} s")
-                time.sleep(0.5)
-
-    def kill(self) -> None:
-        """SIGKILL the server and every process of its group (a crash, not a shutdown)."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self._stack.close()  # reaps the rest (started() kills whatever is left)
-        self._stack = contextlib.ExitStack()
-
-    def close(self) -> None:
-        self._stack.close()
 
 
 @pytest.fixture

@@ -8,19 +8,17 @@ test is skipped with the reason, except in CI (``CI=true``) where it fails.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from launch.compare import RUN_COLOR_TAG, compare
 from pipeline.plots import COLORS
-from tests import _chromium, _proc
-from tests.conftest import free_port, require_service, tiny_run_overrides
+from tests import _chromium
+from tests._mlflow import MlflowServer, _proc
+from tests.conftest import require_service, tiny_run_overrides
 
 # Legend entries: "<run name> (<metric>)" (drawn before the data arrives).
 EXPECTED = ("mdlm (loss)", "memdlm (loss)", "mdlm (eval/loss)", "memdlm (eval/loss)", "memdlm (memory/gain)")
@@ -61,20 +59,6 @@ def chromium() -> str:
     return path
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            pytest.fail(f"mlflow ui did not come up within {timeout} s")
-        time.sleep(0.5)
-
-
 def test_the_printed_url_shows_both_runs_loss_curves_and_the_memory_gain(
     chromium, world1, tiny_dataset, tmp_path, monkeypatch
 ):
@@ -84,13 +68,10 @@ def test_the_printed_url_shows_both_runs_loss_curves_and_the_memory_gain(
     root.mkdir()
     store = f"sqlite:///{root}/mlflow.db"
     MlflowClient(tracking_uri=store).search_experiments()  # the schema, before two processes open it
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     # The UI starts (~10-40 s of imports) while the comparison trains.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job workers
-    with _proc.started(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
+    with MlflowServer(tmp_path, store=store, ui=True) as server:
+        server.launch()
+        base = server.url
         overrides = [
             o for o in tiny_run_overrides(tiny_dataset, root, "checkpoint.every=0") if o != "log_every=1"
         ]
@@ -99,7 +80,7 @@ def test_the_printed_url_shows_both_runs_loss_curves_and_the_memory_gain(
         url = base + "/#" + summary["dashboard_route"]
         assert summary["dashboard_url"].endswith("/#" + summary["dashboard_route"])
         t_compare = time.monotonic()
-        _wait_healthy(base, server)
+        server.wait()
         t_server = time.monotonic()
         with _chromium.browser(url, tmp_path / "chromium-profile", chromium) as page:
             lines = page.wait_until(CHARTS_JS, _drawn, timeout=90)

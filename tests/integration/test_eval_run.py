@@ -111,9 +111,9 @@ def test_eval_config_and_checkpoint_errors_are_clear(tmp_path, capsys):
 
 def test_task_scores_equal_a_direct_per_example_computation(tiny_export, filler):
     """Batched scoring (candidate offsets, memory rows, EOS cut) against one example at a time."""
-    from data_prep.tasks import generate, load_filler, score_generation
+    from data_prep.retrieval_tasks import generate, load_filler, score_generation
     from pipeline.eval.likelihood import mc_loglikelihood
-    from pipeline.eval.tasks import TaskScoringConfig, evaluate_examples
+    from pipeline.eval.task_scores import TaskScoringConfig, evaluate_examples
     from pipeline.sampler import SamplerConfig, cut_at_eos, load_sampler
 
     sampler, tok, _ = load_sampler(tiny_export)

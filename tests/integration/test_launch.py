@@ -76,3 +76,16 @@ def test_cluster_config_errors_name_what_is_allowed(tmp_path, capsys):
     bad.write_text("executor: local\ntasks_per_nodes: 2\n")
     with pytest.raises(ConfigError, match=r"unknown key \(did you mean 'tasks_per_node'\?\)"):
         load_cluster("bad", cluster_dir=tmp_path)
+
+
+def test_sft_launch_refuses_a_pretraining_config_and_dry_runs_its_own(capsys):
+    from launch.sft import main as sft_main
+
+    assert sft_main(["--cluster", "local", "--config", "configs/train/local.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: configs/train/local.yaml: key 'objective.mode' is 'pretrain'")
+    assert len(err.strip().splitlines()) == 1
+    assert sft_main(["--cluster", "local", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "objective" in out and "sft" in out
+    assert "nothing prepared or submitted" in out

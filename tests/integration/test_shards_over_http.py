@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.stream import CorruptShardError, DataConfig, TokenBatchLoader
 from pipeline.dataset import remote
 from pipeline.dataset.manifest import (
     DatasetError,
@@ -24,6 +23,7 @@ from pipeline.dataset.manifest import (
     with_base_url,
     write_manifest,
 )
+from pipeline.loader.stream import CorruptShardError, DataConfig, TokenBatchLoader
 from tests import _proc
 from tests.conftest import free_port
 

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import matplotlib.image
-import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND, Tracker, TrackingConfig
 from pipeline.train import Trainer
 from pipeline.train_config import load_train_config
-from tests import _proc
+from tests._mlflow import MlflowServer
 from tests.conftest import tiny_run_overrides
 
 
@@ -119,46 +114,10 @@ def test_an_existing_experiment_is_marked_as_a_training_experiment_unless_it_has
     assert client.get_experiment_by_name("new").tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_runs_logged_through_an_mlflow_server_come_back_from_its_rest_api(tmp_path):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    # started() ends the server and every worker it spawned (terminate() alone left huey consumers)
-    with _proc.started(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--default-artifact-root",
-            str(tmp_path / "art"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    ) as server:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail("mlflow server did not come up within 120 s")
-                time.sleep(1)
+    with MlflowServer(tmp_path) as server:
+        server.start()
+        url = server.url
         tracker = Tracker(
             TrackingConfig(uri=url, experiment="served", root=str(tmp_path / "runs"), system_metrics=False),
             "via-server",

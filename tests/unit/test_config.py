@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config, parse_overrides
-from pipeline.data.stream import DataConfig
 from pipeline.dataset.prep_config import PrepConfig
+from pipeline.loader.stream import DataConfig
 
 
 def _yaml(tmp_path: Path, text: str) -> Path:
@@ -80,7 +80,7 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 
 def test_shipped_dataset_configs_load():
     from data_prep.prepare import load_dataset_config
-    from data_prep.task_data import TaskDataConfig
+    from data_prep.task_sft import TaskDataConfig
 
     kinds = {}
     for path in sorted(Path("configs/data").glob("*.yaml")):

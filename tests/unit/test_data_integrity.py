@@ -16,8 +16,8 @@ import pytest
 
 from data_prep.corpus import CorpusError
 from data_prep.shard import DatasetPrepError, prepare_dataset
-from pipeline.data.stream import CorruptShardError, DataConfig, TokenBatchLoader
 from pipeline.dataset.manifest import DatasetError, load_manifest, verify_manifest
+from pipeline.loader.stream import CorruptShardError, DataConfig, TokenBatchLoader
 from tests.conftest import make_text, prep_config, write_txt_corpus
 
 

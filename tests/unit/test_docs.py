@@ -149,3 +149,12 @@ def test_every_test_the_docs_name_exists():
             named |= set(re.findall(r"\b(test_\w+)\b(?!\.py)", chunk))  # file names are not tests
     missing = sorted(named - defined)
     assert not missing, f"tests named in the docs that no longer exist: {missing}"
+
+
+def test_every_make_target_is_phony():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][a-z0-9-]*):", makefile, re.M))
+    phony = set(next(line for line in makefile.splitlines() if line.startswith(".PHONY:")).split()[1:])
+    assert targets == phony, (
+        f"not .PHONY: {sorted(targets - phony)}; .PHONY but no target: {sorted(phony - targets)}"
+    )

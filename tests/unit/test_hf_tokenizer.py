@@ -19,10 +19,10 @@ import webdataset as wds
 from data_prep.sft import SFTDataError, encode_pair, write_sft_dataset
 from data_prep.shard import prepare_dataset
 from pipeline.config import ConfigError, load_config
-from pipeline.data.stream import DataConfig, TokenBatchLoader
 from pipeline.dataset.manifest import DatasetError, load_manifest, verify_manifest
 from pipeline.dataset.prep_config import PrepConfig, TokenizerConfig
 from pipeline.dataset.tokenizer import TokenizerError, load_tokenizer
+from pipeline.loader.stream import DataConfig, TokenBatchLoader
 from tests.conftest import make_text, prep_config
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>", "<|user|>", "<|assistant|>"]

@@ -11,9 +11,9 @@ import pytest
 import webdataset as wds
 
 from data_prep.shard import DatasetPrepError, prepare_dataset
-from pipeline.data.stream import CorruptShardError, DataConfig, TokenBatchLoader
 from pipeline.dataset.manifest import DatasetError, load_manifest, verify_manifest
 from pipeline.dataset.tokenizer import load_tokenizer
+from pipeline.loader.stream import CorruptShardError, DataConfig, TokenBatchLoader
 from tests.conftest import prep_config, write_txt_corpus
 
 

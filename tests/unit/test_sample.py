@@ -187,7 +187,7 @@ def test_padding_keys_are_invisible_to_the_real_tokens(world1):
 
 
 def test_make_sample_prints_memory_off_and_adapted_responses(tiny_export, capsys):
-    from pipeline.sample import main
+    from launch.sample import main
 
     assert main(["--checkpoint", str(tiny_export), "--prompt", "the river", "--gen-length", "6"]) == 0
     out = capsys.readouterr().out

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from data_prep.sft import SFTDataError, encode_pair, write_sft_dataset
-from data_prep.task_data import TaskDataConfig, TaskSFTSet, prepare_task_data
+from data_prep.task_sft import TaskDataConfig, TaskSFTSet, prepare_task_data
 from pipeline.config import ConfigError
-from pipeline.data.stream import DataConfig, TokenBatchLoader
 from pipeline.dataset.tokenizer import load_tokenizer
+from pipeline.loader.stream import DataConfig, TokenBatchLoader
 from pipeline.train import Trainer
 from pipeline.train_config import load_train_config
 from tests.conftest import WORDS, export_random_model, tiny_run_overrides

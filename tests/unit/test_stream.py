@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from pipeline.data.stream import DataConfig, TokenBatchLoader
 from pipeline.dataset.manifest import DatasetError, load_manifest
+from pipeline.loader.stream import DataConfig, TokenBatchLoader
 
 
 def _cfg(ds, **kw) -> DataConfig:

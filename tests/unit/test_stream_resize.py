@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from pipeline.data.stream import DataConfig, TokenBatchLoader
 from pipeline.dataset.manifest import DatasetError
+from pipeline.loader.stream import DataConfig, TokenBatchLoader
 
 
 def _loader(dataset, rank: int, world: int, workers: int = 1) -> TokenBatchLoader:

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from data_prep.tasks import (
+from data_prep.retrieval_tasks import (
     TASKS,
     TaskExample,
     TaskFileError,
@@ -19,8 +19,8 @@ from data_prep.tasks import (
     score_generation,
     write_jsonl,
 )
-from data_prep.tasks.__main__ import main
-from data_prep.tasks.babi import AGENTS, DROP_VERBS, MOVE_VERBS, OBJECTS, PICK_VERBS, ROOMS
+from data_prep.retrieval_tasks.__main__ import main
+from data_prep.retrieval_tasks.babi import AGENTS, DROP_VERBS, MOVE_VERBS, OBJECTS, PICK_VERBS, ROOMS
 
 # Pseudo-prose with no digits, no agent or room names and no "VAR": nothing a parser could mistake.
 _WORDS = "alpha beta gamma delta stone river cloud paper table quickly slowly walked built found green small large".split()
@@ -333,7 +333,7 @@ def test_shipped_eval_and_task_data_configs_load():
     """Every YAML under configs/eval and the task-data config parse against their schemas."""
     from pathlib import Path
 
-    from data_prep.task_data import TaskDataConfig
+    from data_prep.task_sft import TaskDataConfig
     from launch.evaluate import EvalRunConfig
     from pipeline.config import load_config
 

@@ -1,7 +1,7 @@
 """Generate from an exported checkpoint: the command line over :mod:`pipeline.sampler`.
 
     make sample CHECKPOINT=runs/local/export PROMPT="In the beginning"
-    python -m pipeline.sample --checkpoint runs/local/export --prompt "In the beginning" \
+    python -m launch.sample --checkpoint runs/local/export --prompt "In the beginning" \
         --gen-length 64 --steps 64 --block-length 16 --temperature 0 --adapt both
 """
 

@@ -31,8 +31,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from data_prep.tasks.common import CountTokens, TaskExample, build_prompt, example_rng
-from pipeline.dataset.tasks import BABI_ROOMS, score_babi
+from data_prep.retrieval_tasks.common import CountTokens, TaskExample, build_prompt, example_rng
+from pipeline.dataset.task_format import BABI_ROOMS, score_babi
 
 TASK = "babi"
 
@@ -206,4 +206,4 @@ def generate_example(
     )
 
 
-score = score_babi  # the rule lives in the task-file contract (pipeline/dataset/tasks.py)
+score = score_babi  # the rule lives in the task-file contract (pipeline/dataset/task_format.py)

@@ -4,7 +4,7 @@ Each task hides its statements at seeded depths in caller-supplied prose, sized 
 and asks one question. An example carries the gold ``answer``, the ``values`` a generation is
 scored on (:func:`score_generation`) and shuffled ``candidates`` for likelihood ranking::
 
-    from data_prep.tasks import generate, load_filler, score_generation, write_jsonl
+    from data_prep.retrieval_tasks import generate, load_filler, score_generation, write_jsonl
 
     filler = load_filler("data/corpus/documents.jsonl")
     examples = generate("niah", 100, seed=0, context_tokens=512,
@@ -12,7 +12,7 @@ scored on (:func:`score_generation`) and shuffled ``candidates`` for likelihood 
     write_jsonl(examples, "niah.jsonl")
     score_generation(examples[0], model_output)  # in [0, 1]
 
-See ``python -m data_prep.tasks --help`` for the command line.
+See ``python -m data_prep.retrieval_tasks --help`` for the command line.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
-from data_prep.tasks import babi, niah, variable_tracking
-from data_prep.tasks.common import (
+from data_prep.retrieval_tasks import babi, niah, variable_tracking
+from data_prep.retrieval_tasks.common import (
     CountTokens,
     TaskExample,
     TaskFileError,
@@ -30,7 +30,7 @@ from data_prep.tasks.common import (
     resolve_filler_path,
     write_jsonl,
 )
-from pipeline.dataset.tasks import score_generation
+from pipeline.dataset.task_format import score_generation
 
 __all__ = [
     "TASKS",

@@ -1,4 +1,4 @@
-"""The task-file contract between the generators (data_prep/tasks) and evaluation (pipeline/eval).
+"""The task-file contract between the generators (data_prep/retrieval_tasks) and evaluation (pipeline/eval).
 
 A task file is JSON lines of :class:`TaskExample`; :func:`score_generation` scores a model's text
 for an example with its task's rule. Generators write these files, evaluation reads and scores

@@ -27,8 +27,8 @@ import re
 import string
 from collections.abc import Sequence
 
-from data_prep.tasks.common import CountTokens, TaskExample, build_prompt, example_rng, place_answer
-from pipeline.dataset.tasks import score_variable_tracking
+from data_prep.retrieval_tasks.common import CountTokens, TaskExample, build_prompt, example_rng, place_answer
+from pipeline.dataset.task_format import score_variable_tracking
 
 TASK = "variable_tracking"
 
@@ -146,4 +146,4 @@ def generate_example(
     )
 
 
-score = score_variable_tracking  # the rule lives in the task-file contract (pipeline/dataset/tasks.py)
+score = score_variable_tracking  # the rule lives in the task-file contract (pipeline/dataset/task_format.py)

@@ -1,6 +1,6 @@
 """Generate a long-context retrieval task set as JSONL.
 
-    python -m data_prep.tasks --task niah --n 100 --seed 0 --context-tokens 512 \\
+    python -m data_prep.retrieval_tasks --task niah --n 100 --seed 0 --context-tokens 512 \\
         --filler path/documents.jsonl --tokenizer path/tokenizer.model --out out.jsonl \\
         [--hops N] [--distractors N] [--facts N] [--values N] [--n-wrong N]
 
@@ -15,8 +15,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from data_prep.tasks import TASKS, generate, load_filler, write_jsonl
-from data_prep.tasks.common import CountTokens
+from data_prep.retrieval_tasks import TASKS, generate, load_filler, write_jsonl
+from data_prep.retrieval_tasks.common import CountTokens
 from pipeline.cli import run_main
 
 _KNOBS = ("hops", "distractors", "facts", "values", "n_wrong")
@@ -32,7 +32,9 @@ def _counter(tokenizer: str | None) -> CountTokens:
 
 
 def _main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.tasks", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m data_prep.retrieval_tasks", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--task", required=True, choices=sorted(TASKS))
     ap.add_argument("--n", type=int, required=True, help="number of examples")
     ap.add_argument("--seed", type=int, default=0)

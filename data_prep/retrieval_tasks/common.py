@@ -29,7 +29,7 @@ from pathlib import Path
 from data_prep.corpus import CorpusError, CorpusStats, iter_documents, resolve_inputs
 from data_prep.sample_corpus import sample_documents
 from pipeline.dataset.seeding import seed_of
-from pipeline.dataset.tasks import TaskExample, TaskFileError, numbers, read_jsonl, words, write_jsonl
+from pipeline.dataset.task_format import TaskExample, TaskFileError, numbers, read_jsonl, words, write_jsonl
 
 __all__ = ["TaskExample", "TaskFileError", "numbers", "read_jsonl", "words", "write_jsonl"]
 

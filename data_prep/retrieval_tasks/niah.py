@@ -25,8 +25,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from data_prep.tasks.common import CountTokens, TaskExample, build_prompt, example_rng, place_answer
-from pipeline.dataset.tasks import score_niah
+from data_prep.retrieval_tasks.common import CountTokens, TaskExample, build_prompt, example_rng, place_answer
+from pipeline.dataset.task_format import score_niah
 
 TASK = "niah"
 
@@ -142,4 +142,4 @@ def generate_example(
     )
 
 
-score = score_niah  # the rule lives in the task-file contract (pipeline/dataset/tasks.py)
+score = score_niah  # the rule lives in the task-file contract (pipeline/dataset/task_format.py)

@@ -5,7 +5,7 @@
 
 * generation: the sampler answers each prompt (greedy, low-confidence remasking, one token per
   step, response length = the longest gold answer of the set + slack); the text up to the first
-  EOS goes to the task's scorer (``data_prep.tasks.score_generation``).
+  EOS goes to the task's scorer (``data_prep.retrieval_tasks.score_generation``).
 * ranking: every candidate answer (plus the EOS that ends a response in SFT data) is scored by
   the Monte-Carlo log-likelihood (pipeline/eval/likelihood.py) and the best one is the choice;
   accuracy is the fraction of examples where that is the gold answer. It separates models long
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.dataset.tasks import TaskExample, score_generation
+from pipeline.dataset.task_format import TaskExample, score_generation
 from pipeline.eval.likelihood import mc_loglikelihood
 from pipeline.hardware.precision import resolve_precision
 from pipeline.sampler import DiffusionSampler, SamplerConfig, cut_at_eos

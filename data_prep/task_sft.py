@@ -1,6 +1,6 @@
 """SFT data from the retrieval-task generators: train/val shards where the prompt is never masked.
 
-    python -m data_prep.task_data --config configs/data/tasks.yaml [n_train=4096 ...]
+    python -m data_prep.task_sft --config configs/data/tasks.yaml [n_train=4096 ...]
     make sft CLUSTER=local          # prepares this, then fine-tunes (configs/train/sft-tasks.yaml)
 
 Each task set (task, context length, difficulty) yields ``n_train`` and ``n_val`` examples from
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from data_prep.retrieval_tasks import generate, load_filler, resolve_filler_path
 from data_prep.sft import write_sft_dataset
-from data_prep.tasks import generate, load_filler, resolve_filler_path
 from pipeline.cli import run_main
 from pipeline.dataset import ConfigError, load_config
 from pipeline.dataset.manifest import DatasetError, Manifest, load_manifest

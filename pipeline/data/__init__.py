@@ -1,1 +1,0 @@
-"""Streaming input: manifest, tokenizer checks, resumable WebDataset batches."""

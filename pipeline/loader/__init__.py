@@ -1,0 +1,1 @@
+"""The training data stream: resumable, rank-balanced WebDataset batches (pipeline/loader/stream.py)."""
