@@ -53,13 +53,14 @@ from pipeline.engine.deepspeed import build_engine
 from pipeline.engine.elastic import ResumePlan, plan_resume, prepare_universal, resume_engine
 from pipeline.engine.export import EXPORT_HINT, export_model
 from pipeline.eval.heldout import evaluate_heldout
+from pipeline.families import family_of
 from pipeline.families.registry import param_count
 from pipeline.loader.stream import TokenBatchLoader
 from pipeline.metrics import MetricsFile, peak_memory_mib
 from pipeline.objectives import Batch, Draws, ObjectiveOutput, build_objective
 from pipeline.outputs import OutputDirError, check_output_dir
 from pipeline.parallel.collective import on_rank0_all
-from pipeline.parallel.dims import destroy_distributed, init_distributed
+from pipeline.parallel.dims import ParallelDims, destroy_distributed, init_distributed, with_expert_groups
 from pipeline.perf.cost import model_cost
 from pipeline.plots import plot_loss_curves
 from pipeline.run_lock import RunLocked
@@ -107,6 +108,15 @@ class StepTotals:
             self.work[k] = self.work.get(k, 0.0) + v.detach().float()
 
 
+def _parallel_dims(cfg: TrainConfig) -> ParallelDims:
+    """The run's process groups; the family's parallel plan checks the sizes first (an error naming
+    the key), and a family with experts gets DeepSpeed's expert groups before its model is built."""
+    dims = init_distributed(cfg.parallel.tp)
+    family = family_of(cfg.model)
+    family.plan.check(cfg.model, replace(dims, ep=cfg.parallel.ep))
+    return with_expert_groups(dims, cfg.parallel.ep) if family.expert_parallel else dims
+
+
 class Trainer:
     """The run's parts (engine, objective, data stream, tracker) and its explicit train state."""
 
@@ -119,7 +129,7 @@ class Trainer:
         export_to: Path | None = None,
     ):
         self.cfg, self.stop = cfg, stop or StopSignal()
-        self.dims = init_distributed(cfg.parallel.tp)
+        self.dims = _parallel_dims(cfg)
         self.rank = self.dims.rank
         self.run_dir = Path(cfg.run_dir)
         self._unlock: weakref.finalize | None = None  # rank 0: releases this Trainer's hold of run.lock
@@ -292,7 +302,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def _layout(self) -> Layout:
         d = self.dims
-        return Layout(d.world, d.tp, d.dp, self.cfg.grad_accum, self.cfg.data.batch_size)
+        return Layout(d.world, d.tp, d.dp, self.cfg.grad_accum, self.cfg.data.batch_size, d.ep)
 
     @property
     def global_batch(self) -> int:
@@ -407,18 +417,22 @@ class Trainer:
             if void:
                 continue
             out = self._micro(raw, micro)
-            finite, skipped_shards = self._agree(bool(torch.isfinite(out.loss.detach())))
+            # The model's own losses (a mixture of experts' balancing), scaled with the loss.
+            aux = self.model.auxiliary_loss()
+            loss = out.loss if aux is None else out.loss + aux
+            finite, skipped_shards = self._agree(bool(torch.isfinite(loss.detach())))
             self._note_skipped_shards(skipped_shards)
             if not finite:
                 void = True  # every rank agrees: drop this step's gradients, no update
                 continue
-            self.engine.backward(out.loss)
+            self.engine.backward(loss)
             totals.add(out)
         if void:
             self._void_step()
         else:
             self.state.nonfinite_run = 0
             self.engine.step()  # the accumulation boundary: reduce, clip, AdamW, LR schedule
+        model_metrics = self.model.end_step(self.dims.dp_group, applied=not void)
         self.state.step += 1
         self.state.consumed_samples += self.global_batch
         seconds = time.perf_counter() - t0
@@ -426,6 +440,7 @@ class Trainer:
         rec = {"step": self.state.step, "seconds": seconds, "tokens_per_s": tokens_per_step / seconds}
         if not void:
             rec.update(self._step_metrics(totals, tokens_per_step, seconds))
+            rec.update(model_metrics)
         rec["nonfinite_total"] = self.state.nonfinite_total
         rec["inner_skipped_total"] = self.state.inner_skipped_total
         rec["data/skipped_shards"] = self.state.skipped_shards_total

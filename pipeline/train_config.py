@@ -17,6 +17,7 @@ from pipeline.adapters.lora import LoraConfig
 from pipeline.atomic_io import atomic_write_text
 from pipeline.config import ConfigError, from_dict, merge, parse_overrides, read_yaml
 from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.families import family_of
 from pipeline.loader.stream import DataConfig
 from pipeline.memory.config import MemoryConfig
 from pipeline.model.config import ModelConfig
@@ -62,6 +63,10 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size; data-parallel size = world / tp
+    # Expert-parallel size (a model with experts): the routed experts are split over groups of
+    # `ep` data-parallel ranks; everything else stays data-parallel. Must divide the data-parallel
+    # size and model.n_experts; changing it keeps the global batch.
+    ep: int = 1
     zero_stage: Literal[0, 1, 2, 3] = (
         3  # DeepSpeed ZeRO stage: 3 partitions weights, gradients and optimizer state over DP
     )
@@ -75,6 +80,7 @@ class ParallelConfig:
     def validate(self) -> None:
         # zero_stage is a Literal: the loader already names it with its allowed values
         _at_least("parallel.tp", self.tp, 1)
+        _at_least("parallel.ep", self.ep, 1)
         _at_least("parallel.param_persistence_threshold", self.param_persistence_threshold, 0)
 
 
@@ -150,6 +156,12 @@ class TrainConfig:
         if not self.peak_tflops >= 0:
             raise ConfigError(f"key 'peak_tflops': got {self.peak_tflops}, expected >= 0 (0: look it up)")
         self.lora.check_fits(self.model)  # needs the model's sizes: checked here, not in lora
+        family = family_of(self.model)
+        if self.parallel.ep > 1 and not family.expert_parallel:
+            raise ConfigError(
+                f"key 'parallel.ep': {self.parallel.ep} needs a model with experts (the '{family.name}' "
+                "family has none); use parallel.ep=1"
+            )
 
     @property
     def method(self) -> str:

@@ -36,7 +36,33 @@ KINDS = {
     ),
     "qwen2-gqa-bias": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen2-tied": ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    # per-head q/k RMSNorms and a head size (24) that is not hidden_size / heads (16)
+    "qwen3-gqa-headdim": ("qwen3", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)),
 }
+# Mixture-of-experts kinds (the MoE family's layouts), built like KINDS; tiny, so each test takes seconds.
+MOE_KINDS = {
+    # 8 experts, top-2, renormalised, GQA, a head size (24) that is not hidden_size / heads, layer 0 dense
+    "qwen3-moe": (
+        "qwen3_moe",
+        dict(num_hidden_layers=3, num_key_value_heads=2, head_dim=24, num_experts=8, num_experts_per_tok=2,
+             moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=False),
+    ),
+    # a gated shared expert (48 wide), Q/K/V biases, every second layer a MoE layer (1 and 3)
+    "qwen2-moe": (
+        "qwen2_moe",
+        dict(num_hidden_layers=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+             moe_intermediate_size=32, shared_expert_intermediate_size=48, decoder_sparse_step=2,
+             norm_topk_prob=False, tie_word_embeddings=False),
+    ),
+    # q/k norms over the whole projections with GQA, experts intermediate_size wide, tied head
+    "olmoe": (
+        "olmoe",
+        dict(num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+             tie_word_embeddings=True),
+    ),
+}  # fmt: skip
+PREFIXES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe",
+            "qwen2_moe": "Qwen2Moe", "olmoe": "Olmoe"}  # fmt: skip
 # LLaDA name -> Llama name, the mapping documented in pipeline/families/dense/hf.py, restated here.
 LLADA_TO_LLAMA = {
     "model.transformer.wte.weight": "model.embed_tokens.weight",
@@ -65,12 +91,14 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
 
 
 def transformers_model(kind: str, seed: int = 0):
-    """A random LlamaForCausalLM / Qwen2ForCausalLM of ``kind`` (fp32, eager attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random transformers model of ``kind`` (a KINDS or MOE_KINDS key; fp32; MoE kinds with eager
+    attention)."""
+    import transformers
 
-    family, extra = KINDS[kind]
-    cls_cfg, cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    cfg = cls_cfg(
+    family, extra = KINDS[kind] if kind in KINDS else MOE_KINDS[kind]
+    prefix = PREFIXES[family]
+    cls_cfg, cls = getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForCausalLM")
+    base = dict(
         vocab_size=VOCAB,
         hidden_size=D,
         intermediate_size=FFN,
@@ -81,8 +109,11 @@ def transformers_model(kind: str, seed: int = 0):
         bos_token_id=2,
         eos_token_id=3,
         pad_token_id=0,
-        **({"rope_parameters": dict(rope_type="default", rope_theta=500000.0)} | extra),
+        rope_parameters=dict(rope_type="default", rope_theta=500000.0),
     )
+    if kind in MOE_KINDS:
+        base["attn_implementation"] = "eager"
+    cfg = cls_cfg(**(base | extra))
     cfg.mask_token_id = MASK_ID
     torch.manual_seed(seed)
     model = cls(cfg).float().eval()
@@ -90,11 +121,13 @@ def transformers_model(kind: str, seed: int = 0):
     return model
 
 
-def hf_checkpoint(kind: str, out: Path, seed: int = 0) -> Path:
-    """Write checkpoint ``kind`` (a KINDS key or ``llada``) to ``out``; returns ``out``."""
+def hf_checkpoint(kind: str, out: Path, seed: int = 0, *, fused_experts: bool = False) -> Path:
+    """Write checkpoint ``kind`` (a KINDS or MOE_KINDS key, or ``llada``) to ``out``; returns ``out``.
+    ``fused_experts``: a MoE kind's experts as transformers holds them (``experts.gate_up_proj``,
+    ``experts.down_proj``) rather than one by one, as ``save_pretrained`` writes them by default."""
     if kind == "llada":
         return _llada_checkpoint(out, seed)
-    transformers_model(kind, seed).save_pretrained(out)
+    transformers_model(kind, seed).save_pretrained(out, save_original_format=not fused_experts)
     return out
 
 

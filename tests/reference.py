@@ -1,7 +1,8 @@
 """An independent plain-PyTorch DLM + MDLM + MemDLM, written from the spec, for the tests to compare against.
 
 Reads the weights of a TP=1 ``DLMTransformer`` but none of its code: RMSNorm, RoPE (as a
-complex rotation), attention (explicit softmax), SwiGLU, LoRA deltas (explicit per-sample
+complex rotation, partial when rotary_dim < head size), attention (grouped-query, explicit
+softmax, optional q/k RMSNorm per head or over the whole projection), SwiGLU, LoRA deltas (explicit per-sample
 loops), the weighted cross-entropy and the two-stage inner loop are all re-derived here.
 """
 
@@ -17,15 +18,20 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """x [B, T, H, hd]: pairs (x[j], x[j + hd/2]) rotated as complex numbers by pos * theta^(-2j/hd)."""
+def rope(x: torch.Tensor, theta: float, rotary_dim: int | None = None) -> torch.Tensor:
+    """x [B, T, H, hd]: with r = rotary_dim (default hd), pairs (x[j], x[j + r/2]) for j < r/2 rotated
+    as complex numbers by pos * theta^(-2j/r); dims r.. pass through. Complex64 arithmetic, complex128
+    for a float64 x."""
     _, T, _, hd = x.shape
-    half = hd // 2
-    freqs = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
+    r = hd if rotary_dim is None else rotary_dim
+    half = r // 2
+    wide = x.dtype == torch.float64
+    real = torch.float64 if wide else torch.float32
+    freqs = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / r)
     angle = torch.arange(T, dtype=torch.float64)[:, None] * freqs[None]
-    rot = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)  # [T, half]
-    z = torch.complex(x[..., :half].float(), x[..., half:].float()) * rot[None, :, None, :]
-    return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
+    rot = torch.polar(torch.ones_like(angle), angle).to(torch.complex128 if wide else torch.complex64)
+    z = torch.complex(x[..., :half].to(real), x[..., half:r].to(real)) * rot[None, :, None, :]
+    return torch.cat([z.real, z.imag, x[..., r:].to(real)], dim=-1).to(x.dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, fast: dict | None, name: str) -> torch.Tensor:
@@ -47,20 +53,53 @@ def linear(x: torch.Tensor, w: torch.Tensor, fast: dict | None, name: str) -> to
     return y + torch.stack(outs)
 
 
-def block(model, i: int, x: torch.Tensor, fast: dict | None) -> torch.Tensor:
+def qk_norm(x: torch.Tensor, w: torch.Tensor, mode: str, eps: float) -> torch.Tensor:
+    """x [B, T, heads, hd]: RMS-normalised over each head ("head", w [hd]) or over all heads of the
+    projection ("full", w [heads * hd]); "none" leaves it."""
+    if mode == "head":
+        return rms(x, w, eps)
+    if mode == "full":
+        return rms(x.flatten(-2), w, eps).view(x.shape)
+    return x
+
+
+def attention(model, i: int, x: torch.Tensor, fast: dict | None) -> torch.Tensor:
+    """x [B, T, D] -> x + Attn(RMSNorm(x)) of layer i: grouped-query attention (query head h reads
+    key/value head h // (H / KV)), optional q/k norm before RoPE, RoPE on the first rotary_dim dims,
+    an explicit softmax over all positions (bidirectional)."""
     blk, cfg = model.layers[i], model.cfg
-    B, T, D = x.shape
-    H, hd = cfg.n_heads, cfg.head_dim
+    B, T, _ = x.shape
+    H, KV, hd = cfg.n_heads, cfg.kv_heads, cfg.head_size
+    g = H // KV
     a = rms(x, blk.attn_norm.weight, cfg.norm_eps)
-    qkv = linear(a, blk.qkv.weight, fast, "qkv").view(B, T, H, 3, hd)
-    q, k, v = rope(qkv[..., 0, :], cfg.rope_theta), rope(qkv[..., 1, :], cfg.rope_theta), qkv[..., 2, :]
+    qkv = linear(a, blk.qkv.weight, fast, "qkv")
+    if blk.qkv.bias is not None:
+        qkv = qkv + blk.qkv.bias
+    # our fused rows: per KV group, its g query heads, then its key head, then its value head
+    qkv = qkv.view(B, T, KV, g + 2, hd)
+    q, k, v = qkv[..., :g, :].reshape(B, T, H, hd), qkv[..., g, :], qkv[..., g + 1, :]
+    if cfg.qk_norm != "none":
+        q = qk_norm(q, blk.q_norm.weight, cfg.qk_norm, cfg.norm_eps)
+        k = qk_norm(k, blk.k_norm.weight, cfg.qk_norm, cfg.norm_eps)
+    q, k = rope(q, cfg.rope_theta, cfg.rotary_dim), rope(k, cfg.rope_theta, cfg.rotary_dim)
+    k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)  # [B, T, H, hd]
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
-    att = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, T, D)
-    x = x + linear(att, blk.out.weight, fast, "out")
-    h = rms(x, blk.ffn_norm.weight, cfg.norm_eps)
-    g = linear(h, blk.gate.weight, fast, "gate")
-    u = linear(h, blk.up.weight, fast, "up")
-    return x + linear(g * torch.sigmoid(g) * u, blk.down.weight, fast, "down")
+    att = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, T, H * hd)
+    return x + linear(att, blk.out.weight, fast, "out")
+
+
+def ffn(model, i: int, h: torch.Tensor, fast: dict | None) -> torch.Tensor:
+    """h [B, T, D] -> h + SwiGLU(RMSNorm(h)) of layer i: down(silu(gate) * up)."""
+    blk, cfg = model.layers[i], model.cfg
+    n = rms(h, blk.ffn_norm.weight, cfg.norm_eps)
+    g = linear(n, blk.gate.weight, fast, "gate")
+    u = linear(n, blk.up.weight, fast, "up")
+    return h + linear(g * torch.sigmoid(g) * u, blk.down.weight, fast, "down")
+
+
+def block(model, i: int, x: torch.Tensor, fast: dict | None) -> torch.Tensor:
+    """Layer i: :func:`attention` then :func:`ffn`, each with its residual."""
+    return ffn(model, i, attention(model, i, x, fast), fast)
 
 
 def hidden(model, tokens=None, *, h=None, start=0, end=None, fast=None) -> torch.Tensor:

@@ -5,6 +5,8 @@ Layout under ``<run_dir>/checkpoints``::
     step-000100/ds/...           engine.save_checkpoint (model, ZeRO optimizer, LR scheduler) per rank
     step-000100/rng/rank-K.pt    torch (and CUDA) RNG state of rank K: tensors only (weights_only load)
     step-000100/rng/rank-K.json  Python and numpy RNG state of rank K
+    step-000100/buffers.pt       the model's persistent buffers (rank 0; tensors only), if it has any:
+                                 a universal load restores parameters only
     step-000100/train_state.json step, data-loader state of every data-parallel rank, resolved
                                  config, dataset manifest hash, world layout, counters
     step-000100/files.json       every other file of the checkpoint with its size and sha256
@@ -55,6 +57,7 @@ from pipeline.train_state import capture_rng, restore_rng
 
 LATEST = "latest"
 FILE_LIST = "files.json"
+BUFFERS = "buffers.pt"  # the model's persistent buffers (rank 0; pipeline/engine/checkpoint.py)
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 _NAME = re.compile(r"^(\.old-)?step-(\d+)$")
@@ -80,13 +83,15 @@ class CheckpointWarning(UserWarning):
 @dataclass
 class Layout:
     """How a run is laid out: processes, tensor- and data-parallel sizes, micro-batches per rank
-    per step and sequences per micro-batch (global batch = dp * grad_accum * micro_batch)."""
+    per step, sequences per micro-batch (global batch = dp * grad_accum * micro_batch), and the
+    expert-parallel size (a model with experts; carved out of the DP ranks)."""
 
     world: int
     tp: int
     dp: int
     grad_accum: int = 1
     micro_batch: int = 0
+    ep: int = 1
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -390,9 +395,40 @@ def _prepare(ckpt_dir: Path) -> None:
     _sweep(ckpt_dir)
 
 
+def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's persistent buffers (state outside the optimizer, e.g. a router's balancing bias),
+    the same on every rank."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf.detach().cpu().clone()
+    return out
+
+
+def restore_buffers(model: torch.nn.Module, checkpoint: Path) -> int:
+    """Copy ``checkpoint``'s saved persistent buffers into ``model`` (DeepSpeed's universal load
+    restores parameters only); returns how many. ``CheckpointError`` naming a missing one."""
+    file = checkpoint / BUFFERS
+    saved = torch.load(file, weights_only=True) if file.is_file() else {}
+    mine = dict(model.named_buffers())
+    wanted = persistent_buffers(model)
+    missing = sorted(set(wanted) - set(saved))
+    if missing:
+        raise CheckpointError(f"{file}: holds no {missing[0]} (written before the model had it)")
+    with torch.no_grad():
+        for name in wanted:
+            mine[name].copy_(saved[name])
+    return len(wanted)
+
+
 def _write_rank_files(engine, tmp: Path, rank: int) -> None:
-    """This rank's part of the checkpoint: DeepSpeed's files and its RNG states."""
+    """This rank's part of the checkpoint: DeepSpeed's files and its RNG states (and, on rank 0,
+    the model's persistent buffers)."""
     engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+    buffers = persistent_buffers(engine.module)
+    if rank == 0 and buffers:
+        torch.save(buffers, tmp / BUFFERS)
     tensors, meta = capture_rng()
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(tensors, tmp / "rng" / f"rank-{rank:05d}.pt")

@@ -21,64 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from pipeline.families import family_of
 from pipeline.hardware.device import training_device
 from pipeline.hardware.precision import Precision, resolve_precision
 from pipeline.parallel.dims import ParallelDims
+from pipeline.parallel.mpu import MegatronMPU
 from pipeline.patches.deepspeed import skip_shm_comm_build
 from pipeline.train_config import TrainConfig
-
-
-class MegatronMPU:
-    """DeepSpeed's ``mpu`` interface over megatron-core's parallel_state (no pipeline stages)."""
-
-    def __init__(self) -> None:
-
-        self.ps = parallel_state
-
-    # tensor (= model) parallel
-    def get_model_parallel_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_rank()
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.ps.get_tensor_model_parallel_world_size()
-
-    def get_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
-
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_src_rank()
-
-    # data parallel
-    def get_data_parallel_rank(self) -> int:
-        return self.ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.ps.get_data_parallel_world_size()
-
-    def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-
-        return dist.get_process_group_ranks(self.get_data_parallel_group())
-
-    # no pipeline parallelism
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_pipeline_model_parallel_group(self):
-        return None
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:

@@ -30,6 +30,7 @@ from pipeline.engine.checkpoint import (
     load_checkpoint,
     load_engine_state,
     on_rank0,
+    restore_buffers,
 )
 from pipeline.engine.universal import convert_to_universal, has_universal, restore_frozen, universal_dir
 from pipeline.patches.deepspeed import universal_load_repairs
@@ -47,14 +48,22 @@ class ResumePlan:
 
     @property
     def resized(self) -> bool:
-        return (self.saved.tp, self.saved.dp) != (self.current.tp, self.current.dp)
+        return (self.saved.tp, self.saved.dp, self.saved.ep) != (
+            self.current.tp,
+            self.current.dp,
+            self.current.ep,
+        )
 
     def describe(self) -> str:
         s, c = self.saved, self.current
         return (
-            f"TP={s.tp} x DP={s.dp} (grad_accum {s.grad_accum}) -> TP={c.tp} x DP={c.dp} (grad_accum "
+            f"{_sizes(s)} (grad_accum {s.grad_accum}) -> {_sizes(c)} (grad_accum "
             f"{c.grad_accum}): global batch {c.dp * c.grad_accum * c.micro_batch} sequences kept"
         )
+
+
+def _sizes(layout: Layout) -> str:
+    return f"TP={layout.tp} x DP={layout.dp}" + (f" (EP={layout.ep})" if layout.ep > 1 else "")
 
 
 def saved_layout(state: dict[str, Any]) -> Layout:
@@ -63,7 +72,8 @@ def saved_layout(state: dict[str, Any]) -> Layout:
     config = (state.get("config") or {}) if isinstance(state.get("config"), dict) else {}
     layout.setdefault("grad_accum", int(config.get("grad_accum", 1)))
     layout.setdefault("micro_batch", int((config.get("data") or {}).get("batch_size", 0)))
-    return Layout(**{k: int(layout[k]) for k in ("world", "tp", "dp", "grad_accum", "micro_batch")})
+    layout.setdefault("ep", 1)  # written before expert parallelism
+    return Layout(**{k: int(layout[k]) for k in ("world", "tp", "dp", "grad_accum", "micro_batch", "ep")})
 
 
 def plan_resume(path: Path, state: dict[str, Any], current: Layout) -> ResumePlan:
@@ -79,7 +89,7 @@ def plan_resume(path: Path, state: dict[str, Any], current: Layout) -> ResumePla
             f"{path / 'train_state.json'}: data-loader states of DP ranks {ranks}, but its layout says DP="
             f"{saved.dp}; the checkpoint is inconsistent (restore it, or resume from an earlier one)"
         )
-    if (saved.tp, saved.dp) == (current.tp, current.dp):
+    if (saved.tp, saved.dp, saved.ep) == (current.tp, current.dp, current.ep):
         return ResumePlan(path, state, saved, current)
     if saved.micro_batch != current.micro_batch:
         raise CheckpointError(
@@ -93,7 +103,9 @@ def plan_resume(path: Path, state: dict[str, Any], current: Layout) -> ResumePla
             f"grad_accum={saved.grad_accum}), which DP={current.dp} cannot split evenly; resume on a number of "
             f"data-parallel ranks that divides {micro_batches}"
         )
-    grown = Layout(current.world, current.tp, current.dp, micro_batches // current.dp, current.micro_batch)
+    grown = Layout(
+        current.world, current.tp, current.dp, micro_batches // current.dp, current.micro_batch, current.ep
+    )
     return ResumePlan(path, state, saved, grown)
 
 
@@ -107,8 +119,8 @@ def prepare_universal(plan: ResumePlan, reshard: Literal["auto", "never"]) -> No
             return
         if reshard == "never":
             raise CheckpointError(
-                f"{plan.path}: written at TP={plan.saved.tp} x DP={plan.saved.dp}, this run is TP="
-                f"{plan.current.tp} x DP={plan.current.dp}, and checkpoint.reshard=never. Run `make "
+                f"{plan.path}: written at {_sizes(plan.saved)}, this run is {_sizes(plan.current)}, and "
+                "checkpoint.reshard=never. Run `make "
                 f"reshard CHECKPOINT={plan.path}` (DeepSpeed's universal checkpoint) and resume again, "
                 "or set checkpoint.reshard=auto"
             )
@@ -134,6 +146,7 @@ def resume_engine(engine, plan: ResumePlan, manifest_sha256: str) -> dict[str, A
     # DeepSpeed's universal load restores the optimizer's parameters only: the frozen ones (the
     # base under outer LoRA) come from the checkpoint's universal copy too
     restore_frozen(engine.module, plan.path)
+    restore_buffers(engine.module, plan.path)  # nor the buffers (a router's balancing bias)
     seed = int((plan.state.get("config") or {}).get("seed", 0))
     reseed_rng(seed, int(plan.state["step"]), dist.get_rank())
     return plan.state

@@ -36,7 +36,8 @@ from pipeline.model.hf_format import HFLayout
 class Projection:
     """One weight matrix of a layer as the cost model, fast weights and LoRA see it.
 
-    ``parallel``: how tensor parallelism splits it (column: output rows; row: input columns).
+    ``parallel``: how tensor parallelism splits it (column: output rows; row: input columns;
+    replicated: not at all; expert: routed experts, whole on the EP rank that holds them).
     ``tokens``: passes per token (1 for a dense projection; a routed expert: top_k / experts of
     the tokens reach each of ``copies`` experts, so ``tokens * copies`` = top_k).
     ``copies``: parameter copies (the experts of one routed projection)."""
@@ -44,7 +45,7 @@ class Projection:
     name: str
     in_features: int
     out_features: int
-    parallel: Literal["column", "row"]
+    parallel: Literal["column", "row", "replicated", "expert"]
     tokens: float = 1.0
     copies: int = 1
 
@@ -108,6 +109,9 @@ class Family:
     hf_layouts: tuple[HFLayout, ...] = ()
     hf_export_layout: Callable[[ModelConfig], HFLayout] | None = None
     description: str = ""
+    # Whether its models have routed experts (``parallel.ep`` > 1 allowed; DeepSpeed's expert
+    # groups are created before the model is built, pipeline/parallel/dims.py).
+    expert_parallel: bool = False
 
 
 def param_count(cfg: ModelConfig) -> int:

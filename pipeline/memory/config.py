@@ -7,7 +7,7 @@ from typing import Literal
 
 from pipeline.config import ConfigError
 from pipeline.families.registry import family_of
-from pipeline.memory.fast_weights import FastWeightSpec
+from pipeline.memory.fast_weights import FastWeightSpec, FastWeightTarget
 from pipeline.model.config import ModelConfig
 
 
@@ -59,8 +59,8 @@ class MemoryConfig:
         return self.checkpoint if self.checkpoint is not None else model_params >= 1_000_000_000
 
     def spec_for(self, model: ModelConfig) -> FastWeightSpec:
-        """The fast-weight layout for a model config: the last ``layer_fraction`` of its layers and
-        the projections ``targets`` names in its family, with their shapes and TP split."""
+        """The fast-weight layout for a model config: the last ``layer_fraction`` of its layers and,
+        in each, the projections ``targets`` names in its family, with their shapes and TP split."""
         family = family_of(model)
         layers = family.layer_shapes(model)
         first = FastWeightSpec.first_memory_layer(len(layers), self.layer_fraction)
@@ -69,14 +69,22 @@ class MemoryConfig:
                 f"key 'memory.targets': '{self.targets}' names no projections of the '{family.name}' family "
                 f"(it has: {', '.join(sorted(family.fast_weight_targets))})"
             )
-        shape = layers[first]
-        shapes = tuple(
-            (p.name, p.out_features, p.in_features, p.parallel)
-            for p in (shape.projection(t) for t in family.fast_weight_targets[self.targets])
-        )
+        names = family.fast_weight_targets[self.targets]
+        targets = []
+        for i in range(first, len(layers)):
+            chosen = [p for p in layers[i].projections if p.name in names]
+            if any(p.parallel == "replicated" for p in chosen):
+                raise ConfigError(f"key 'memory.targets': '{self.targets}' names a projection that no "
+                                  "fast weight can adapt (a replicated one)")  # fmt: skip
+            targets.append(
+                tuple(
+                    FastWeightTarget(p.name, p.out_features, p.in_features, p.parallel, p.copies)
+                    for p in chosen
+                )
+            )
         return FastWeightSpec(
             layers=tuple(range(first, len(layers))),
-            shapes=shapes,
+            targets=tuple(targets),
             adapter=self.adapter,
             rank=self.rank,
             alpha=self.alpha,

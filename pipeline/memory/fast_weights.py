@@ -16,6 +16,10 @@ LoRA ``B``      [out/tp, r]  sharded like W             [out, r]  replicated
 full ``W``      [out/tp, in]  sharded like W            [out, in/tp]  sharded like W
 ==============  =====================================  =====================================
 
+A routed expert projection (``expert``: the E experts of a mixture-of-experts layer, never split
+over TP) has one adapter per expert, stacked: A [E, r, in], B [E, out, r], dW [E, out, in]; the
+inner loop clips each expert's slice as a tensor of its own.
+
 Output: ``W x + (alpha / r) * B A x`` (LoRA) or ``(W + dW) x`` (full). A starts
 Kaiming-uniform (a = sqrt(5), like ``nn.Linear``) and B (or dW) at zero, so a fresh memory
 changes nothing.
@@ -25,22 +29,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 
 @dataclass
 class FastWeights:
-    """One memory: tensors per layer plus which of them are sharded over TP.
+    """One memory: tensors per layer plus which of them are sharded over TP or stacked per expert.
 
     ``by_layer[i]`` maps ``"<target>.<A|B|W>"`` (and ``"scale"``) to tensors; ``leaves()`` lists
     the trainable ones in a fixed order. ``per_sample`` means every tensor has a leading
-    batch dimension.
+    batch dimension; an expert tensor's next dimension is the expert (``experts``).
     """
 
     by_layer: dict[int, dict[str, torch.Tensor]]
     sharded: dict[tuple[int, str], bool]
     per_sample: bool
+    experts: frozenset[tuple[int, str]] = frozenset()
     names: list[tuple[int, str]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -54,43 +60,59 @@ class FastWeights:
         by_layer = {i: {"scale": d["scale"]} for i, d in self.by_layer.items()}
         for (i, k), v in zip(self.names, values, strict=True):
             by_layer[i][k] = v
-        return FastWeights(by_layer, self.sharded, self.per_sample)
+        return FastWeights(by_layer, self.sharded, self.per_sample, self.experts)
 
     def detached(self, requires_grad: bool = False) -> FastWeights:
         return self.with_values([v.detach().requires_grad_(requires_grad) for v in self.leaves()])
 
 
 @dataclass(frozen=True)
+class FastWeightTarget:
+    """One adapted projection: its full (unsharded) ``out x in`` weight, how tensor parallelism
+    splits it (``column`` / ``row``), or ``expert``: ``experts`` routed experts' weights."""
+
+    name: str
+    out: int
+    inp: int
+    kind: Literal["column", "row", "expert"]
+    experts: int = 1
+
+
+@dataclass(frozen=True)
 class FastWeightSpec:
     """Which layers/projections carry fast weights and how to make a fresh memory for them.
 
-    ``shapes`` maps each target projection to its full (unsharded) ``(out, in)`` and how tensor
-    parallelism splits it (``column`` or ``row``), as the model family describes it."""
+    ``targets[j]`` are the adapted projections of layer ``layers[j]`` as the model family
+    describes them (layers of one model may differ: dense and mixture-of-experts layers)."""
 
     layers: tuple[int, ...]
-    shapes: tuple[tuple[str, int, int, str], ...]  # (target, out, in, "column" | "row")
+    targets: tuple[tuple[FastWeightTarget, ...], ...]
     adapter: str  # "lora" | "full"
     rank: int
     alpha: float
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return tuple(t for t, *_ in self.shapes)
 
     @staticmethod
     def first_memory_layer(n_layers: int, fraction: float) -> int:
         """``int(L * (1 - fraction))``: 8 layers -> 7; 24 -> 21 (docs/method.md section 2)."""
         return min(n_layers - 1, max(0, int(n_layers * (1 - fraction))))
 
-    def global_shape(self, target: str) -> tuple[int, int]:
-        """(out, in) of ``target``'s full weight."""
-        for name, out, inp, _ in self.shapes:
-            if name == target:
-                return out, inp
-        raise KeyError(target)
+    def targets_of(self, layer: int) -> tuple[FastWeightTarget, ...]:
+        return self.targets[self.layers.index(layer)]
 
-    def is_column(self, target: str) -> bool:
-        return next(kind for name, _, _, kind in self.shapes if name == target) == "column"
+    def floats_per_rank(self, tp: int) -> float:
+        """Fast-weight elements one memory holds per rank (all memory layers)."""
+        total = 0.0
+        for targets in self.targets:
+            for t in targets:
+                if self.adapter == "full":
+                    total += t.out * t.inp * t.experts / (1 if t.kind == "expert" else tp)
+                elif t.kind == "expert":
+                    total += self.rank * (t.inp + t.out) * t.experts
+                elif t.kind == "column":
+                    total += self.rank * (t.inp + t.out / tp)
+                else:
+                    total += self.rank * (t.inp / tp + t.out)
+        return total
 
     def reset(
         self,
@@ -105,37 +127,50 @@ class FastWeightSpec:
         ``batch_size=None`` gives one memory (``batch`` scope); an int gives one per sample,
         all starting from the same A (the memory's content is what the inner loop writes).
         The full A is drawn on every rank and sliced for TP rank ``tp_rank`` of ``tp``, so values
-        do not depend on the TP size.
+        do not depend on the TP size (nor, for experts, on the EP size: every rank holds all).
         """
         by_layer: dict[int, dict[str, torch.Tensor]] = {}
         sharded: dict[tuple[int, str], bool] = {}
+        experts: set[tuple[int, str]] = set()
 
         def expand(t: torch.Tensor) -> torch.Tensor:
             if batch_size is None:
                 return t.requires_grad_(True)
             return t.unsqueeze(0).expand(batch_size, *t.shape).clone().requires_grad_(True)
 
-        for layer in self.layers:
+        for layer, targets in zip(self.layers, self.targets, strict=True):
             d: dict[str, torch.Tensor] = {"scale": torch.tensor(self.alpha / self.rank, device=device)}
-            for target, out, inp, kind in self.shapes:
-                column = kind == "column"
-                if self.adapter == "full":
-                    shape = (out // tp, inp) if column else (out, inp // tp)
-                    d[f"{target}.W"] = expand(torch.zeros(shape, device=device))
-                    sharded[(layer, f"{target}.W")] = tp > 1
-                    continue
-                bound = 1.0 / math.sqrt(inp)  # kaiming_uniform_(a=sqrt(5)) on fan_in = inp
-                a_full = torch.empty(self.rank, inp, device=device).uniform_(
-                    -bound, bound, generator=generator
-                )
-                if column:
-                    d[f"{target}.A"] = expand(a_full)
-                    d[f"{target}.B"] = expand(torch.zeros(out // tp, self.rank, device=device))
-                    sharded[(layer, f"{target}.A")], sharded[(layer, f"{target}.B")] = False, tp > 1
-                else:
-                    shard = inp // tp
-                    d[f"{target}.A"] = expand(a_full[:, tp_rank * shard : (tp_rank + 1) * shard].contiguous())
-                    d[f"{target}.B"] = expand(torch.zeros(out, self.rank, device=device))
-                    sharded[(layer, f"{target}.A")], sharded[(layer, f"{target}.B")] = tp > 1, False
+            for t in targets:
+                for key, (value, is_sharded) in self._fresh(t, generator, device, tp_rank, tp).items():
+                    d[key] = expand(value)
+                    sharded[(layer, key)] = is_sharded
+                    if t.kind == "expert":
+                        experts.add((layer, key))
             by_layer[layer] = d
-        return FastWeights(by_layer, sharded, per_sample=batch_size is not None)
+        return FastWeights(by_layer, sharded, batch_size is not None, frozenset(experts))
+
+    def _fresh(
+        self, t: FastWeightTarget, generator: torch.Generator, device, tp_rank: int, tp: int
+    ) -> dict[str, tuple[torch.Tensor, bool]]:
+        """One target's fresh tensors and whether each is sharded over TP."""
+        column, expert = t.kind == "column", t.kind == "expert"
+        lead = (t.experts,) if expert else ()
+        if self.adapter == "full":
+            shape = (t.out, t.inp) if expert else (t.out // tp, t.inp) if column else (t.out, t.inp // tp)
+            return {f"{t.name}.W": (torch.zeros(*lead, *shape, device=device), tp > 1 and not expert)}
+        bound = 1.0 / math.sqrt(t.inp)  # kaiming_uniform_(a=sqrt(5)) on fan_in = inp
+        a_full = torch.empty(*lead, self.rank, t.inp, device=device).uniform_(
+            -bound, bound, generator=generator
+        )
+        if expert:
+            b = torch.zeros(t.experts, t.out, self.rank, device=device)
+            return {f"{t.name}.A": (a_full, False), f"{t.name}.B": (b, False)}
+        if column:
+            b = torch.zeros(t.out // tp, self.rank, device=device)
+            return {f"{t.name}.A": (a_full, False), f"{t.name}.B": (b, tp > 1)}
+        shard = t.inp // tp
+        a = a_full[:, tp_rank * shard : (tp_rank + 1) * shard].contiguous()
+        return {
+            f"{t.name}.A": (a, tp > 1),
+            f"{t.name}.B": (torch.zeros(t.out, self.rank, device=device), False),
+        }

@@ -177,6 +177,44 @@ class InnerStats:
     )
 
 
+def _clip_units(
+    fast: FastWeights, grads: list[torch.Tensor], tp_group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Squared gradient norms of every clipped unit: a fast-weight tensor, or one expert's slice of
+    an expert tensor (per sample in sample scope); TP-sharded tensors sum over ``tp_group``.
+    Returns ``sq`` [U] (or [U, B]) and each tensor's rows ``(lo, hi)`` in it."""
+    rows, units, sharded = [], [], []
+    for name, g in zip(fast.names, grads, strict=True):
+        expert = name in fast.experts
+        lead = int(fast.per_sample) + int(expert)  # the sample and expert dimensions are kept
+        wide = g.to(torch.promote_types(g.dtype, torch.float32))  # fp32 at least; float64 stays
+        sq = wide.pow(2).sum(dim=tuple(range(lead, g.dim())))  # [], [B], [E] or [B, E]
+        sq = (sq.t() if expert else sq.unsqueeze(0)) if fast.per_sample else sq.reshape(-1)
+        units.append((len(sharded), len(sharded) + sq.shape[0]))
+        rows.append(sq)
+        sharded += [fast.sharded[name]] * sq.shape[0]
+    sq = torch.cat(rows)
+    mask = torch.tensor(sharded, device=sq.device).view(-1, *([1] * (sq.dim() - 1)))
+    if tp_group is not None and dist.get_world_size(tp_group) > 1 and bool(mask.any()):
+        part = sq * mask
+        dist.all_reduce(part, group=tp_group)
+        sq = torch.where(mask, part, sq)
+    return sq, units
+
+
+def _per_tensor(
+    coef: torch.Tensor, finite: torch.Tensor, g: torch.Tensor, per_sample: bool, expert: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tensor's clip coefficients (``coef``: its rows of the units) and finite flags, shaped to
+    broadcast against ``g`` ([B,] [E,] ...)."""
+    trail = (1,) * (g.dim() - int(per_sample) - int(expert))
+    if per_sample:
+        c = coef.t().reshape(-1, coef.shape[0], *trail) if expert else coef[0].view(-1, *trail)
+        return c, finite.view(-1, *(1,) * (g.dim() - 1))
+    c = coef.view(-1, *trail) if expert else coef[0]
+    return c, finite.reshape(())
+
+
 def inner_step(
     fast: FastWeights,
     per_position: torch.Tensor,
@@ -209,22 +247,13 @@ def inner_step(
         parts = flat.split(sizes)
         grads = [p.view_as(g) for p, g in zip(parts[:-1], grads, strict=True)]
         sample_loss = parts[-1]
-    # Per-tensor squared norms ([B] each in sample scope); sharded tensors sum over TP.
-    dims = (lambda g: tuple(range(1, g.dim()))) if fast.per_sample else (lambda g: tuple(range(g.dim())))
-    sq = torch.stack([g.float().pow(2).sum(dim=dims(g)) for g in grads])  # [n_tensors] or [n_tensors, B]
-    sharded = torch.tensor([fast.sharded[n] for n in fast.names], device=sq.device)
-    if tp_group is not None and dist.get_world_size(tp_group) > 1 and bool(sharded.any()):
-        part = sq * sharded.view(-1, *([1] * (sq.dim() - 1)))
-        dist.all_reduce(part, group=tp_group)
-        sq = torch.where(sharded.view(-1, *([1] * (sq.dim() - 1))), part, sq)
+    sq, units = _clip_units(fast, grads, tp_group)  # [U] or [U, B]: one row per clipped tensor
     norms = sq.sqrt()
     coef = (cfg.clip_norm / (norms + 1e-6)).clamp(max=1.0)
     finite = torch.isfinite(sample_loss) & torch.isfinite(norms).all(0)  # [1] or [B]
     new = []
-    for i, (p, g) in enumerate(zip(leaves, grads, strict=True)):
-        shape = (-1,) + (1,) * (g.dim() - 1) if fast.per_sample else ()
-        c = coef[i].view(shape) if fast.per_sample else coef[i]
-        ok = finite.view(shape) if fast.per_sample else finite.reshape(())
+    for name, p, g, (lo, hi) in zip(fast.names, leaves, grads, units, strict=True):
+        c, ok = _per_tensor(coef[lo:hi], finite, g, fast.per_sample, name in fast.experts)
         stepped = p.detach() - cfg.inner_lr * c * torch.nan_to_num(g.detach())
         new.append(torch.where(ok, stepped, p.detach()).requires_grad_(True))
     stats = InnerStats(

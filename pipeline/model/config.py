@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.config import ConfigError
 
 ROPE_SCALINGS = ("none", "linear", "llama3")
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ModelConfig:
     seq_len: int = 256  # tokens per sequence (the dataset's seq_len); RoPE tables are this long
     d_model: int = 384  # hidden size
     n_layers: int = 8  # transformer blocks
-    n_heads: int = 6  # query heads (head size d_model / n_heads)
+    n_heads: int = 6  # query heads (head size d_model / n_heads unless head_dim is set)
     ffn_hidden: int = 1024  # SwiGLU inner size (gate/up output, down input)
     rope_theta: float = 10000.0  # RoPE base
     norm_eps: float = 1e-6  # RMSNorm epsilon
@@ -46,6 +47,16 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_max_len: int = 8192  # llama3 only: the pre-training context length
+    # An explicit head size (Qwen3, LLaDA2 set one); None = d_model / n_heads. Q/K/V have
+    # heads * head_dim rows and the output projection n_heads * head_dim columns, whatever d_model is.
+    head_dim: int | None = None
+    # RMSNorm of queries and keys after the QKV projection, before RoPE: "head" = over each head's
+    # head_dim, one weight [head_dim] shared by the heads (Qwen3, LLaDA2); "full" = over the whole
+    # query (n_heads * head_dim) and key (n_kv_heads * head_dim) projection (OLMoE).
+    qk_norm: Literal["none", "head", "full"] = "none"
+    # RoPE rotates the first int(head_dim * f) dims of each head (frequencies over that width, as
+    # transformers' partial_rotary_factor); the rest pass through unrotated (LLaDA2: 0.5).
+    partial_rotary_factor: float = 1.0
 
     @classmethod
     def config_class_for(cls, data: Mapping[str, Any], source: str, key: str) -> type[ModelConfig]:
@@ -63,14 +74,6 @@ class ModelConfig:
     def validate(self) -> None:
         if self.family not in _CONFIG_CLASSES or not isinstance(self, _CONFIG_CLASSES[self.family]):
             raise ConfigError(f"key 'model.family': '{self.family}' does not name this config's family")
-        if self.d_model % self.n_heads:
-            raise ConfigError(
-                f"key 'model.d_model': {self.d_model} is not divisible by n_heads={self.n_heads}"
-            )
-        if (self.d_model // self.n_heads) % 2:
-            raise ConfigError(
-                f"key 'model.n_heads': head size {self.d_model // self.n_heads} must be even (RoPE)"
-            )
         for key in (
             "vocab_size",
             "seq_len",
@@ -99,10 +102,40 @@ class ModelConfig:
                 "key 'model.rope_high_freq_factor': must exceed rope_low_freq_factor "
                 f"({self.rope_high_freq_factor} vs {self.rope_low_freq_factor})"
             )
+        self._validate_attention()
+
+    def _validate_attention(self) -> None:
+        """Head size, q/k norm and partial rotary (after n_heads was checked to be >= 1)."""
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ConfigError(f"key 'model.head_dim': got {self.head_dim}, expected >= 1 (or null)")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"key 'model.d_model': {self.d_model} is not divisible by n_heads={self.n_heads} "
+                "(or set model.head_dim)"
+            )
+        if self.head_size % 2:
+            key = "head_dim" if self.head_dim is not None else "n_heads"
+            raise ConfigError(f"key 'model.{key}': head size {self.head_size} must be even (RoPE)")
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"key 'model.qk_norm': '{self.qk_norm}' is not one of {', '.join(QK_NORMS)}")
+        f = self.partial_rotary_factor
+        if not 0 < f <= 1:
+            raise ConfigError(f"key 'model.partial_rotary_factor': got {f}, expected 0 < f <= 1")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ConfigError(
+                f"key 'model.partial_rotary_factor': {f} rotates int({self.head_size} * {f}) = "
+                f"{self.rotary_dim} dims of each head, expected an even number >= 2"
+            )
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """The size of one attention head: ``head_dim``, or d_model / n_heads when it is None."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head RoPE rotates: int(head_size * partial_rotary_factor)."""
+        return int(self.head_size * self.partial_rotary_factor)
 
     @property
     def kv_heads(self) -> int:
@@ -111,7 +144,7 @@ class ModelConfig:
     @property
     def qkv_size(self) -> int:
         """Output size of the fused QKV projection: n_heads query + 2 * kv_heads key/value heads."""
-        return (self.n_heads + 2 * self.kv_heads) * self.head_dim
+        return (self.n_heads + 2 * self.kv_heads) * self.head_size
 
     @property
     def padded_vocab_size(self) -> int:

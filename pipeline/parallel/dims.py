@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,13 +26,21 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from pipeline.hardware.device import dist_backend
+from pipeline.parallel.mpu import MegatronMPU
 from pipeline.parallel.rendezvous import choose_interface, rendezvous_store
 from pipeline.patches import megatron as megatron_patches
+from pipeline.patches.deepspeed import skip_shm_comm_build
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Sizes, this process's ranks, and the process groups of a TP x DP world."""
+    """Sizes, this process's ranks, and the process groups of a TP x DP world.
+
+    Expert parallelism (EP) is carved out of data parallelism, as Megatron and DeepSpeed do: the
+    DP ranks of one TP lane form ``dp / ep`` groups of ``ep`` consecutive ranks, each holding all
+    experts between them (``ep_group``); the ranks holding the same experts form the
+    expert-data-parallel group (``edp_group``). Everything but the experts stays data-parallel
+    over all DP ranks, so changing EP keeps the global batch."""
 
     world: int
     tp: int = 1
@@ -41,13 +49,23 @@ class ParallelDims:
     dp_rank: int = 0
     tp_group: Any = field(default=None, compare=False, repr=False)
     dp_group: Any = field(default=None, compare=False, repr=False)
+    ep: int = 1
+    ep_rank: int = 0
+    ep_group: Any = field(default=None, compare=False, repr=False)
+    edp_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def dp(self) -> int:
         return self.world // self.tp
 
+    @property
+    def ep_group_name(self) -> str:
+        """DeepSpeed's name for the EP and EDP groups of this size."""
+        return f"ep_size_{self.ep}"
+
     def describe(self) -> str:
-        return f"TP={self.tp} x DP={self.dp} ({self.world} process{'es' if self.world > 1 else ''})"
+        ep = f" (EP={self.ep})" if self.ep > 1 else ""
+        return f"TP={self.tp} x DP={self.dp}{ep} ({self.world} process{'es' if self.world > 1 else ''})"
 
 
 def _start_process_group(backend: str | None, timeout_s: int) -> None:
@@ -71,10 +89,14 @@ def _start_process_group(backend: str | None, timeout_s: int) -> None:
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-def init_distributed(tp: int = 1, backend: str | None = None, timeout_s: int = 600) -> ParallelDims:
+def init_distributed(
+    tp: int = 1, ep: int | None = None, backend: str | None = None, timeout_s: int = 600
+) -> ParallelDims:
     """Start torch.distributed (unless started) and megatron's TP/DP groups; returns the dims.
 
-    Idempotent for the same TP size (tests and tools call it again); another TP size in the same
+    ``ep``: also create DeepSpeed's expert-parallel groups of that size (a model with experts
+    needs them before it is built, even at EP=1); None for a model without experts.
+    Idempotent for the same sizes (tests and tools call it again); another TP size in the same
     process is an error (megatron's groups are process-wide)."""
     megatron_patches.apply()
     if not dist.is_initialized():
@@ -87,7 +109,7 @@ def init_distributed(tp: int = 1, backend: str | None = None, timeout_s: int = 6
             raise ValueError("megatron parallel state is already initialised with another TP size")
     else:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    return ParallelDims(
+    dims = ParallelDims(
         world=world,
         tp=tp,
         rank=dist.get_rank(),
@@ -95,6 +117,39 @@ def init_distributed(tp: int = 1, backend: str | None = None, timeout_s: int = 6
         dp_rank=parallel_state.get_data_parallel_rank(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
+    )
+    return dims if ep is None else with_expert_groups(dims, ep)
+
+
+def with_expert_groups(dims: ParallelDims, ep: int) -> ParallelDims:
+    """``dims`` with DeepSpeed's expert-parallel groups of size ``ep`` (created once per size).
+
+    DeepSpeed's ``_create_expert_data_and_model_parallel`` builds EP groups inside each TP lane's
+    DP group (with TP=2, world 8, EP=2: EP [0,2] [4,6] [1,3] [5,7], EDP [0,4] [2,6] [1,5] [3,7]).
+    Its AutoEP engine path would call ``_create_expert_and_data_parallel`` instead, whose EDP
+    groups span TP peers: with experts replicated over TP that double-counts their gradients,
+    silently. Both cache under the same name, so creating ours first makes them the ones used."""
+    if ep < 1 or dims.dp % ep:
+        raise ValueError(f"expert parallel size {ep} does not divide the data-parallel size {dims.dp}")
+    skip_shm_comm_build()  # before DeepSpeed's first import picks its accelerator
+    # heavy: DeepSpeed takes seconds to import
+    import deepspeed
+    from deepspeed.utils import groups
+
+    # Over the torch process group already there, as deepspeed.initialize would.
+    deepspeed.comm.init_distributed(
+        dist_backend=deepspeed.get_accelerator().communication_backend_name(), dist_init_required=False
+    )
+    groups.mpu = MegatronMPU()
+    name = f"ep_size_{ep}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_data_and_model_parallel(ep, groups.mpu)
+    return replace(
+        dims,
+        ep=ep,
+        ep_rank=groups._get_expert_parallel_rank(name),
+        ep_group=groups._get_expert_parallel_group(name),
+        edp_group=groups._get_expert_data_parallel_group(name),
     )
 
 

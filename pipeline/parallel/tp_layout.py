@@ -65,6 +65,7 @@ def describe_tensor_parallel_layout(model: torch.nn.Module, tp: int) -> dict[str
     info = collect_autotp_universal_checkpoint_info(model)
     _fix_replicated_shapes(model, info, tp)
     _describe_frozen_by_geometry_only(model, info)
+    _leave_experts_to_deepspeed(model, info)
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, info)
     return info
 
@@ -100,12 +101,8 @@ def _fix_replicated_shapes(model: torch.nn.Module, info: dict[str, Any], tp: int
             maps[pattern_of(name)] = replicated_map(tuple(getattr(p, "ds_shape", p.shape)), tp).to_dict()
 
 
-def _describe_frozen_by_geometry_only(model: torch.nn.Module, info: dict[str, Any]) -> None:
-    """Drop the frozen parameters from the category lists, keep their affine maps.
-
-    ``ds_to_universal`` converts the optimizer's parameters only, and its strict check fails on a
-    category pattern no converted parameter matched; an affine map is only consulted for the
-    parameters it converts. :func:`_write_frozen` reads the maps to join the frozen TP shards."""
+def _drop_from_categories(info: dict[str, Any], patterns: set[str]) -> None:
+    """Remove ``patterns`` from every TP category list of ``info`` (their affine maps stay)."""
     # heavy: DeepSpeed takes seconds to import and picks its accelerator then
     from deepspeed.checkpoint.constants import (
         PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
@@ -114,15 +111,40 @@ def _describe_frozen_by_geometry_only(model: torch.nn.Module, info: dict[str, An
         VOCABULARY_PARAMETER_PATTERNS,
     )
 
-    frozen = {pattern_of(name) for name, p in model.named_parameters() if not p.requires_grad}
-    if not frozen:
-        return
     for key in (
         PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
         TP_REPLICATED_PARAMETER_PATTERNS,
         VOCABULARY_PARAMETER_PATTERNS,
     ):
-        info[key] = [pattern for pattern in info.get(key, []) if pattern not in frozen]
+        info[key] = [pattern for pattern in info.get(key, []) if pattern not in patterns]
     info[PARAMETER_WITH_SUB_PARAMS] = [
-        entry for entry in info.get(PARAMETER_WITH_SUB_PARAMS, []) if not frozen & set(entry["patterns"])
+        entry for entry in info.get(PARAMETER_WITH_SUB_PARAMS, []) if not patterns & set(entry["patterns"])
     ]
+
+
+def _leave_experts_to_deepspeed(model: torch.nn.Module, info: dict[str, Any]) -> None:
+    """Expert-parallel parameters (DeepSpeed's AutoEP placement) are joined by DeepSpeed's expert
+    path of ``ds_to_universal`` (all E experts from the EP ranks), never by the TP merge: no TP
+    category and no TP affine map, or the converter's strict check fails on unused patterns."""
+    experts = {
+        pattern_of(name)
+        for name, p in model.named_parameters()
+        if getattr(p, "ds_zero_placement_family", None) == "autoep_expert"
+    }
+    if not experts:
+        return
+    _drop_from_categories(info, experts)
+    maps = affine_maps(info)
+    for pattern in experts:
+        maps.pop(pattern, None)
+
+
+def _describe_frozen_by_geometry_only(model: torch.nn.Module, info: dict[str, Any]) -> None:
+    """Drop the frozen parameters from the category lists, keep their affine maps.
+
+    ``ds_to_universal`` converts the optimizer's parameters only, and its strict check fails on a
+    category pattern no converted parameter matched; an affine map is only consulted for the
+    parameters it converts. :func:`_write_frozen` reads the maps to join the frozen TP shards."""
+    frozen = {pattern_of(name) for name, p in model.named_parameters() if not p.requires_grad}
+    if frozen:
+        _drop_from_categories(info, frozen)

@@ -88,7 +88,9 @@ class ModelCost:
         return 2.0 * self.d_model * self.padded_vocab
 
     def projections(self, i: int, names: Sequence[str]) -> list[Projection]:
-        return [self.layers[i].projection(n) for n in names]
+        """Block ``i``'s projections among ``names`` (a layer has the FFN of its kind only: a
+        dense SwiGLU, or experts and shared experts)."""
+        return [p for p in self.layers[i].projections if p.name in names]
 
 
 def model_cost(cfg: ModelConfig, seq_len: int | None = None) -> ModelCost:
@@ -152,10 +154,11 @@ def outer_flops(cost: ModelCost, work: StepWork, lora=None) -> float:
 
 def _lowest_memory_backward(cost: ModelCost, first: int, targets: Sequence[str]) -> float:
     """Input gradients inside the lowest memory layer, per token: only what lies above the first
-    adapted projection. FFN targets: the down projection (the output of gate/up reaches the loss
-    through it); with attention targets, the whole block."""
-    if set(targets) <= {"gate", "up", "down"}:
-        return cost.layers[first].projection("down").flops_per_token
+    adapted projection. FFN targets: the down projections (the output of gate/up reaches the loss
+    through them; a MoE layer's routed and shared ``down``); with attention targets, the whole block."""
+    if all(name.rsplit(".", 1)[-1] in ("gate", "up", "down") for name in targets):
+        downs = [p for p in cost.layers[first].projections if p.name.rsplit(".", 1)[-1] == "down"]
+        return sum(p.flops_per_token for p in downs)
     return cost.layer_input_backward(first)
 
 

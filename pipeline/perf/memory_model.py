@@ -54,18 +54,10 @@ class MemoryEstimate:
 
 def _fast_weight_bytes(cfg: ModelConfig, memory: MemoryConfig, tp: int, micro_batch: int) -> float:
     """fp32 fast weights and their gradients per rank (LoRA: ``r (in + out)`` per target, sharded
-    like the weight: column A [r, in] replicated, B [out/tp, r]; row A [r, in/tp], B [out, r])."""
-    spec = memory.spec_for(cfg)
-    per_layer = 0.0
-    for _, out, inp, kind in spec.shapes:
-        if memory.adapter == "full":
-            per_layer += out * inp / tp
-        elif kind == "column":
-            per_layer += memory.rank * (inp + out / tp)
-        else:
-            per_layer += memory.rank * (inp / tp + out)
+    like the weight: column A [r, in] replicated, B [out/tp, r]; row A [r, in/tp], B [out, r];
+    routed experts: one adapter per expert, on every rank)."""
     copies = micro_batch if memory.scope == "sample" else 1
-    return 4 * 2 * per_layer * len(spec.layers) * copies
+    return 4 * 2 * memory.spec_for(cfg).floats_per_rank(tp) * copies
 
 
 def estimate_memory(

@@ -1,10 +1,11 @@
 """Worker for test_hf_tp: imported checkpoints and the architecture options at TP=2.
 
-argv: <dir> holding imports/<kind>/ (our export format), arch/ (an export with GQA, Q/K/V biases,
-a tied head and a padded vocabulary) and tokens.pt. Rank 0 writes <dir>/results.pt:
+argv: <dir> holding imports/<kind>/ (our export format), archs/<arch>/ (exports with architecture
+options: GQA, Q/K/V biases, a tied head, a padded vocabulary, q/k norms, partial RoPE) and
+tokens.pt. Rank 0 writes <dir>/results.pt:
   kinds[<kind>]   full logits at TP=2, each rank having read only its slices (load_initial_weights)
-  arch["tp2"/"tp1"]  logits and gradients of a cross-entropy loss at TP=2 and TP=1
-  init["tp2"/"tp1"]  the random initialisation of the arch config at both sizes
+  arch[<arch>]["tp2"/"tp1"]  logits and gradients of a cross-entropy loss at TP=2 and TP=1
+  init[<arch>]["tp2"/"tp1"]  the random initialisation of the arch config at both sizes
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ def main(root: str) -> None:
     for path in sorted((root / "imports").iterdir()):
         with torch.no_grad():
             res["kinds"][path.name] = gather(loaded(path)(tokens=tokens), -1)
-    res["arch"]["tp2"] = arch_run(root / "arch", tokens)
-    res["init"]["tp2"] = arch_init(root / "arch")
-    at_tp(1)  # the reference: each rank alone (TP=1 x DP=2)
-    res["arch"]["tp1"] = arch_run(root / "arch", tokens)
-    res["init"]["tp1"] = arch_init(root / "arch")
+    archs = sorted((root / "archs").iterdir())
+    for tp in (2, 1):  # TP=1: the reference, each rank alone (TP=1 x DP=2)
+        at_tp(tp)
+        for path in archs:
+            res["arch"].setdefault(path.name, {})[f"tp{tp}"] = arch_run(path, tokens)
+            res["init"].setdefault(path.name, {})[f"tp{tp}"] = arch_init(path)
     finish(res, root / "results.pt")
 
 

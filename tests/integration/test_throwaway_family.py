@@ -64,7 +64,7 @@ def toy_shapes(cfg: ToyConfig) -> list[LayerShape]:
         Projection("up", d, f, "column"),
         Projection("down", f, d, "row"),
     )
-    return [LayerShape(projections, cfg.n_heads, cfg.head_dim, other_params=2 * d)] * cfg.n_layers
+    return [LayerShape(projections, cfg.n_heads, cfg.head_size, other_params=2 * d)] * cfg.n_layers
 
 
 def toy_hf_names(cfg: ToyConfig) -> dict[str, str]:

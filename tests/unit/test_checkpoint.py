@@ -36,6 +36,7 @@ class FakeEngine:
     def __init__(self, value: float = 0.0):
         self.value = value
         self.loaded: float | None = None
+        self.module = torch.nn.Linear(2, 2)  # a model without persistent buffers
 
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool) -> None:
         out = Path(save_dir) / tag

@@ -29,10 +29,25 @@ def test_defaults_keep_the_original_parameter_layout(world1):
         ({"rope_scaling": "yarn"}, "key 'model.rope_scaling': 'yarn' is not one of none, linear, llama3"),
         ({"norm_eps": 0.0}, "key 'model.norm_eps': got 0.0, expected > 0"),
         ({"n_kv_head": 2}, "n_kv_head"),  # an unknown key names itself
+        ({"head_dim": 0}, r"key 'model.head_dim': got 0, expected >= 1 \(or null\)"),
+        ({"head_dim": 23}, r"key 'model.head_dim': head size 23 must be even \(RoPE\)"),
+        ({"n_heads": 3}, r"key 'model.d_model': 64 is not divisible by n_heads=3 \(or set model.head_dim\)"),
+        ({"n_heads": 3, "head_dim": 20}, None),  # an explicit head size need not divide d_model
+        ({"qk_norm": "layer"}, r"key 'qk_norm': got 'layer', expected one of 'none', 'head', 'full'"),
+        ({"partial_rotary_factor": 0.0}, r"key 'model.partial_rotary_factor': got 0.0, expected 0 < f <= 1"),
+        ({"partial_rotary_factor": 1.5}, r"key 'model.partial_rotary_factor': got 1.5, expected 0 < f <= 1"),
+        (
+            {"partial_rotary_factor": 0.3125},
+            r"key 'model.partial_rotary_factor': 0.3125 rotates int\(16 \* 0.3125\) = 5 dims of each head, "
+            "expected an even number >= 2",
+        ),
     ],
 )
 def test_invalid_architecture_options_fail_naming_the_key(override, message):
     base = dict(vocab_size=300, d_model=64, n_heads=4, ffn_hidden=96)
+    if message is None:
+        from_dict(ModelConfig, base | override, "model").validate()
+        return
     with pytest.raises(ConfigError, match=message):
         from_dict(ModelConfig, base | override, "model")
 

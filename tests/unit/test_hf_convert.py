@@ -40,7 +40,9 @@ def test_imported_model_logits_equal_transformers_with_bidirectional_mask(world1
     _assert_rel_close(logits[..., :VOCAB], ref)
     # the padded vocabulary (300 -> 384) is never a candidate
     assert (logits[..., VOCAB:] < -1e29).all()
-    assert info["special_ids"]["mask"] == MASK_ID and info["source"]["layout"] in ("llama", "qwen2", "llada")
+    assert (
+        info["special_ids"]["mask"] == MASK_ID and info["source"]["layout"] == KINDS.get(kind, ("llada",))[0]
+    )
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -160,9 +162,21 @@ def test_mask_id_comes_from_config_or_option_and_is_checked_against_the_tokenize
     assert "sentencepiece" in info["source"]["tokenizer"]["note"]
 
 
-def test_llama_attention_bias_on_the_output_projection_is_refused(world1, tmp_path):
-    src = hf_checkpoint("llama-gqa", tmp_path / "src")
+@pytest.mark.parametrize("kind, name", [("llama-gqa", "Llama"), ("qwen3-gqa-headdim", "Qwen3")])
+def test_attention_bias_on_the_output_projection_is_refused(world1, tmp_path, kind, name):
+    src = hf_checkpoint(kind, tmp_path / "src")
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
-    with pytest.raises(HFFormatError, match=r"attention_bias=true.*only Q/K/V biases"):
+    with pytest.raises(HFFormatError, match=rf"attention_bias=true \({name} puts .*only Q/K/V biases"):
+        import_hf(src, tmp_path / "ours")
+
+
+def test_sliding_window_layers_are_refused(world1, tmp_path):
+    src = hf_checkpoint("qwen3-gqa-headdim", tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    layers = ["full_attention", "sliding_attention"]
+    (src / "config.json").write_text(json.dumps({**config, "layer_types": layers}))
+    with pytest.raises(
+        HFFormatError, match=r"layer_types has 'sliding_attention' layers: only full attention"
+    ):
         import_hf(src, tmp_path / "ours")

@@ -14,8 +14,9 @@ FAST_WEIGHT_TARGETS = {"ffn": ("gate", "up", "down"), "ffn+attn": ("qkv", "out",
 
 
 def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
-    """Every block: fused QKV (GQA rows), output, SwiGLU gate/up/down; two RMSNorms (+ QKV bias)."""
-    d, f, attn = cfg.d_model, cfg.ffn_hidden, cfg.n_heads * cfg.head_dim
+    """Every block: fused QKV (GQA rows), output, SwiGLU gate/up/down; two RMSNorms (+ QKV bias,
+    + q/k norm weights)."""
+    d, f, attn = cfg.d_model, cfg.ffn_hidden, cfg.n_heads * cfg.head_size
     shape = LayerShape(
         projections=(
             Projection("qkv", d, cfg.qkv_size, "column"),
@@ -25,10 +26,19 @@ def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
             Projection("down", f, d, "row"),
         ),
         query_heads=cfg.n_heads,
-        head_dim=cfg.head_dim,
-        other_params=2 * d + (cfg.qkv_size if cfg.qkv_bias else 0),
+        head_dim=cfg.head_size,
+        other_params=2 * d + (cfg.qkv_size if cfg.qkv_bias else 0) + qk_norm_params(cfg),
     )
     return [shape] * cfg.n_layers
+
+
+def qk_norm_params(cfg: ModelConfig) -> int:
+    """The q_norm and k_norm weights of one block: [hd] each per head, or the whole projections'."""
+    if cfg.qk_norm == "head":
+        return 2 * cfg.head_size
+    if cfg.qk_norm == "full":
+        return (cfg.n_heads + cfg.kv_heads) * cfg.head_size
+    return 0
 
 
 def activation_bytes(cfg: ModelConfig, tp: int) -> float:

@@ -1,10 +1,13 @@
-"""The dense family's Hugging Face layouts: LLaMA, Qwen2 (and Dream), LLaDA.
+"""The dense family's Hugging Face layouts: LLaMA, Qwen2 (and Dream), Qwen3, LLaDA.
 
-Per layer, our name <- the layout's (LLaMA and Qwen2 share names; Qwen2 adds Q/K/V biases)::
+Per layer, our name <- the layout's (LLaMA, Qwen2 and Qwen3 share names; Qwen2 adds Q/K/V biases,
+Qwen3 per-head q/k RMSNorms and an explicit head_dim)::
 
     embedding.weight        <- model.embed_tokens.weight        | model.transformer.wte.weight
     layers.{i}.attn_norm    <- model.layers.{i}.input_layernorm | ...blocks.{i}.attn_norm
     layers.{i}.qkv          <- self_attn.q_proj, k_proj, v_proj  | q_proj, k_proj, v_proj (fused per KV group)
+    layers.{i}.q_norm       <- self_attn.q_norm (Qwen3: [head_dim], applied per head before RoPE)
+    layers.{i}.k_norm       <- self_attn.k_norm
     layers.{i}.out          <- self_attn.o_proj                  | attn_out
     layers.{i}.ffn_norm     <- post_attention_layernorm          | ff_norm
     layers.{i}.gate         <- mlp.gate_proj                     | ff_proj (SiLU applies to it)
@@ -26,6 +29,7 @@ bidirectional mask.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 import torch
@@ -47,7 +51,9 @@ from pipeline.model.hf_format import (
     special_ids,
 )
 
-LLAMA_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "dream": "qwen2"}
+LLAMA_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "dream": "qwen2", "qwen3": "qwen3"}
+# transformers' Qwen3Config default when config.json has no head_dim (not hidden_size / heads)
+QWEN3_DEFAULT_HEAD_DIM = 128
 
 
 # ---------------------------------------------------------------- names and shapes
@@ -72,6 +78,7 @@ def layer_names(layout: str, i: int) -> dict[str, str]:
     }
     for x in "qkv":
         names[x], names[x + "_bias"] = b + f"self_attn.{x}_proj.weight", b + f"self_attn.{x}_proj.bias"
+    names["q_norm"], names["k_norm"] = b + "self_attn.q_norm.weight", b + "self_attn.k_norm.weight"
     return names
 
 
@@ -86,28 +93,42 @@ def global_names(layout: str) -> dict[str, str]:
     return {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"}
 
 
-def hf_shapes(layout: str, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a ``layout`` checkpoint of ``cfg`` holds (the head only when untied), with its shape."""
-    d, f, hd, v = cfg.d_model, cfg.ffn_hidden, cfg.head_dim, cfg.vocab_size
+def hf_shapes(
+    layout: str, cfg: ModelConfig, ffn_layers: Container[int] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor a ``layout`` checkpoint of ``cfg`` holds (the head only when untied), with its shape;
+    ``ffn_layers``: the layers with the dense FFN (None: all; a MoE model's others have experts)."""
+    d, v = cfg.d_model, cfg.vocab_size
     g = global_names(layout)
     out = {g["embed"]: (v, d), g["norm"]: (d,)}
     if not cfg.tie_embeddings:
         out[g["head"]] = (v, d)
-    q, kv = cfg.n_heads * hd, cfg.kv_heads * hd
     for i in range(cfg.n_layers):
-        ln = layer_names(layout, i)
-        out.update({ln["attn_norm"]: (d,), ln["ffn_norm"]: (d,), ln["q"]: (q, d), ln["k"]: (kv, d)})
-        out.update(
-            {ln["v"]: (kv, d), ln["out"]: (d, q), ln["gate"]: (f, d), ln["up"]: (f, d), ln["down"]: (d, f)}
-        )
-        if cfg.qkv_bias:
-            out.update({ln["q_bias"]: (q,), ln["k_bias"]: (kv,), ln["v_bias"]: (kv,)})
+        out.update(block_shapes(layer_names(layout, i), cfg, ffn_layers is None or i in ffn_layers))
+    return out
+
+
+def block_shapes(ln: dict[str, str], cfg: ModelConfig, ffn: bool = True) -> dict[str, tuple[int, ...]]:
+    """The tensors of one block named by ``ln`` (:func:`layer_names`): attention, its two norms and
+    (``ffn``) the dense SwiGLU FFN ``cfg.ffn_hidden`` wide, with their shapes."""
+    d, f, hd = cfg.d_model, cfg.ffn_hidden, cfg.head_size
+    q, kv = cfg.n_heads * hd, cfg.kv_heads * hd
+    out = {ln["attn_norm"]: (d,), ln["ffn_norm"]: (d,), ln["q"]: (q, d), ln["k"]: (kv, d), ln["v"]: (kv, d)}
+    out[ln["out"]] = (d, q)
+    if ffn:
+        out.update({ln["gate"]: (f, d), ln["up"]: (f, d), ln["down"]: (d, f)})
+    if cfg.qkv_bias:
+        out.update({ln["q_bias"]: (q,), ln["k_bias"]: (kv,), ln["v_bias"]: (kv,)})
+    if cfg.qk_norm == "head":
+        out.update({ln["q_norm"]: (hd,), ln["k_norm"]: (hd,)})
+    elif cfg.qk_norm == "full":  # over the whole projection (OLMoE)
+        out.update({ln["q_norm"]: (q,), ln["k_norm"]: (kv,)})
     return out
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """q [H*hd(, D)], k/v [KV*hd(, D)] -> our fused [(H + 2 KV) * hd(, D)], per kv group [q..q|k|v]."""
-    kv, g, hd = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_dim
+    kv, g, hd = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
     tail = q.shape[1:]
     parts = (q.reshape(kv, g * hd, *tail), k.reshape(kv, hd, *tail), v.reshape(kv, hd, *tail))
     return torch.cat(parts, dim=1).reshape(cfg.qkv_size, *tail)
@@ -115,7 +136,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig
 
 def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inverse of :func:`fuse_qkv`."""
-    kv, g, hd = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_dim
+    kv, g, hd = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
     tail = qkv.shape[1:]
     grouped = qkv.reshape(kv, (g + 2) * hd, *tail)
     q, k, v = grouped.split([g * hd, hd, hd], dim=1)
@@ -127,8 +148,11 @@ def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.
 
 
 # ---------------------------------------------------------------- weights both ways
-def to_ours(layout: str, read: Read, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Source tensors (``read(name)``) -> our full fp32 TP=1 state dict (names of DLMTransformer)."""
+def to_ours(
+    layout: str, read: Read, cfg: ModelConfig, ffn_layers: Container[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Source tensors (``read(name)``) -> our full fp32 TP=1 state dict (names of DLMTransformer);
+    ``ffn_layers`` as for :func:`hf_shapes`."""
     g = global_names(layout)
     V = cfg.padded_vocab_size
     state = {
@@ -138,30 +162,57 @@ def to_ours(layout: str, read: Read, cfg: ModelConfig) -> dict[str, torch.Tensor
     if not cfg.tie_embeddings:
         state["head.weight"] = pad_rows(read(g["head"]).float(), V)
     for i in range(cfg.n_layers):
-        ln, p = layer_names(layout, i), f"layers.{i}."
-        state[p + "qkv.weight"] = fuse_qkv(*(read(ln[x]).float() for x in "qkv"), cfg)
-        if cfg.qkv_bias:
-            state[p + "qkv.bias"] = fuse_qkv(*(read(ln[x + "_bias"]).float() for x in "qkv"), cfg)
-        for name in ("attn_norm", "ffn_norm", "out", "gate", "up", "down"):
-            state[p + name + ".weight"] = read(ln[name]).float()
+        ffn = ffn_layers is None or i in ffn_layers
+        state.update(block_to_ours(layer_names(layout, i), read, cfg, f"layers.{i}.", ffn))
     return state
 
 
-def from_ours(layout: str, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our full state dict -> the layout's tensor names (padded vocabulary rows dropped)."""
+def block_to_ours(
+    ln: dict[str, str], read: Read, cfg: ModelConfig, prefix: str, ffn: bool = True
+) -> dict[str, torch.Tensor]:
+    """One block's source tensors (named by ``ln``) -> ours under ``prefix`` (``layers.{i}.``), fp32:
+    fused QKV (and bias), norms, output, q/k norms and (``ffn``) the dense FFN."""
+    state = {prefix + "qkv.weight": fuse_qkv(*(read(ln[x]).float() for x in "qkv"), cfg)}
+    if cfg.qkv_bias:
+        state[prefix + "qkv.bias"] = fuse_qkv(*(read(ln[x + "_bias"]).float() for x in "qkv"), cfg)
+    for name in _plain(cfg, ffn):
+        state[prefix + name + ".weight"] = read(ln[name]).float()
+    return state
+
+
+def _plain(cfg: ModelConfig, ffn: bool) -> tuple[str, ...]:
+    """The block weights named alike on both sides and copied as they are: norms, output, the q/k
+    norms (per head or over the whole projection) and, with ``ffn``, the dense FFN."""
+    qk = ("q_norm", "k_norm") if cfg.qk_norm != "none" else ()
+    return ("attn_norm", "ffn_norm", "out", *qk, *(("gate", "up", "down") if ffn else ()))
+
+
+def from_ours(
+    layout: str, state: dict[str, torch.Tensor], cfg: ModelConfig, ffn_layers: Container[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Our full state dict -> the layout's tensor names (padded vocabulary rows dropped);
+    ``ffn_layers`` as for :func:`hf_shapes`."""
     g = global_names(layout)
     v = cfg.vocab_size
     out = {g["embed"]: state["embedding.weight"][:v], g["norm"]: state["final_norm.weight"]}
     if not cfg.tie_embeddings:
         out[g["head"]] = state["head.weight"][:v]
     for i in range(cfg.n_layers):
-        ln, p = layer_names(layout, i), f"layers.{i}."
-        out.update(zip((ln["q"], ln["k"], ln["v"]), split_qkv(state[p + "qkv.weight"], cfg), strict=True))
-        if cfg.qkv_bias:
-            names = (ln["q_bias"], ln["k_bias"], ln["v_bias"])
-            out.update(zip(names, split_qkv(state[p + "qkv.bias"], cfg), strict=True))
-        for ours in ("attn_norm", "ffn_norm", "out", "gate", "up", "down"):
-            out[ln[ours]] = state[p + ours + ".weight"]
+        ffn = ffn_layers is None or i in ffn_layers
+        out.update(block_from_ours(layer_names(layout, i), state, cfg, f"layers.{i}.", ffn))
+    return out
+
+
+def block_from_ours(
+    ln: dict[str, str], state: dict[str, torch.Tensor], cfg: ModelConfig, prefix: str, ffn: bool = True
+) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`block_to_ours`: our block ``prefix`` -> the source names ``ln``."""
+    out = dict(zip((ln["q"], ln["k"], ln["v"]), split_qkv(state[prefix + "qkv.weight"], cfg), strict=True))
+    if cfg.qkv_bias:
+        names = (ln["q_bias"], ln["k_bias"], ln["v_bias"])
+        out.update(zip(names, split_qkv(state[prefix + "qkv.bias"], cfg), strict=True))
+    for ours in _plain(cfg, ffn):
+        out[ln[ours]] = state[prefix + ours + ".weight"]
     return out
 
 
@@ -205,18 +256,33 @@ def _llada_fields(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
     return fields, number(config, "max_sequence_length", int, 4096)
 
 
-def _llama_qwen2_fields(config: dict[str, Any], layout: str) -> tuple[dict[str, Any], int]:
-    """ModelConfig fields and the context length of a Llama / Qwen2 ``config.json``."""
-    refuse(config, {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False})
-    if layout == "llama" and config.get("attention_bias"):
+def _llama_like_fields(config: dict[str, Any], layout: str) -> tuple[dict[str, Any], int]:
+    """ModelConfig fields and the context length of a Llama / Qwen2 / Qwen3 ``config.json``."""
+    if layout in ("llama", "qwen3") and config.get("attention_bias"):
         raise HFFormatError(
-            "attention_bias=true (LLaMA puts a bias on q, k, v and o_proj): only Q/K/V biases are supported"
+            f"attention_bias=true ({ARCHITECTURES[layout].removesuffix('ForCausalLM')} puts a bias on q, k, v "
+            "and o_proj): only Q/K/V biases are supported"
         )
+    fields, max_len = llama_like_fields(config, QWEN3_DEFAULT_HEAD_DIM if layout == "qwen3" else None)
+    fields.update(qkv_bias=layout == "qwen2", qk_norm="head" if layout == "qwen3" else "none")
+    return fields, max_len
+
+
+def llama_like_fields(
+    config: dict[str, Any], default_head_dim: int | None = None
+) -> tuple[dict[str, Any], int]:
+    """The ModelConfig fields every Llama-like ``config.json`` states alike (sizes, heads, head_dim,
+    norm eps, tying, RoPE; ``ffn_hidden`` from ``intermediate_size``) and its context length; the
+    MoE family's layouts read them too. Refuses a non-SiLU or biased MLP and sliding-window layers.
+    ``default_head_dim``: the head size when config.json has no head_dim (None: hidden / heads)."""
+    refuse(config, {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False})
+    sliding = [t for t in config.get("layer_types") or () if t != "full_attention"]
+    if sliding:
+        raise HFFormatError(f"layer_types has {sliding[0]!r} layers: only full attention is supported")
     d, heads = number(config, "hidden_size", int), number(config, "num_attention_heads", int)
     if heads < 1:
         raise KeyProblem(f"'num_attention_heads' is {heads}, expected >= 1")
-    if config.get("head_dim") not in (None, d // heads):
-        raise HFFormatError(f"head_dim={config['head_dim']} differs from hidden_size / num_attention_heads")
+    head_dim = number(config, "head_dim", int, default_head_dim or d // heads)
     fields = dict(
         vocab_size=number(config, "vocab_size", int),
         d_model=d,
@@ -225,8 +291,9 @@ def _llama_qwen2_fields(config: dict[str, Any], layout: str) -> tuple[dict[str, 
         n_kv_heads=number(config, "num_key_value_heads", int, None) or heads,
         ffn_hidden=number(config, "intermediate_size", int),
         norm_eps=number(config, "rms_norm_eps", float, 1e-6),
-        qkv_bias=layout == "qwen2",
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        # d_model / heads is the default: None then, so configs compare equal
+        head_dim=None if head_dim * heads == d else head_dim,
         **rope_options(config),
     )
     return fields, number(config, "max_position_embeddings", int, 4096)
@@ -237,32 +304,44 @@ def read_config(layout: str, config: dict[str, Any], seq_len: int | None, vocab_
     if layout == "llada":
         fields, max_len = _llada_fields(config)
     else:
-        fields, max_len = _llama_qwen2_fields(config, layout)
-    if fields["n_kv_heads"] == fields["n_heads"]:
-        fields["n_kv_heads"] = None  # plain multi-head: the default, so configs compare equal
-    try:
-        model = ModelConfig(
-            seq_len=seq_len if seq_len is not None else max_len, vocab_multiple=vocab_multiple, **fields
-        )
-        model.validate()
-    except ConfigError as exc:  # sizes that build no model (zero heads, a head count not dividing d_model)
-        raise HFFormatError(f"describes a model we cannot build: {exc}") from None
+        fields, max_len = _llama_like_fields(config, layout)
+    model = build_config(ModelConfig, fields, seq_len if seq_len is not None else max_len, vocab_multiple)
     ids = special_ids(config)
     return Source(layout, model, ids["mask"], ids, str(config.get("model_type", "")))
 
 
-def hf_config(cfg: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
-    """``config.json`` of the Llama (or, with Q/K/V biases, Qwen2) model equal to ``cfg``."""
-    qwen = cfg.qkv_bias
+def build_config(cls: type[ModelConfig], fields: dict[str, Any], seq_len: int, vocab_multiple: int) -> Any:
+    """``cls(**fields)`` (a ModelConfig or a family's subclass), validated; sizes that build no model
+    are an HFFormatError. n_kv_heads equal to n_heads is stored as None (the default), so configs
+    compare equal."""
+    if fields["n_kv_heads"] == fields["n_heads"]:
+        fields = {**fields, "n_kv_heads": None}
+    try:
+        model = cls(seq_len=seq_len, vocab_multiple=vocab_multiple, **fields)
+        model.validate()
+    except ConfigError as exc:  # sizes that build no model (zero heads, a head count not dividing d_model)
+        raise HFFormatError(f"describes a model we cannot build: {exc}") from None
+    return model
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def hf_config(layout: str, cfg: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` of the ``layout`` (llama, qwen2, qwen3) model equal to ``cfg``; LLaDA's loader is
+    not in transformers, so its layout writes the equal Llama (Q/K/V biases: Qwen2) config."""
+    if layout not in ARCHITECTURES:
+        layout = "qwen2" if cfg.qkv_bias else "llama"
     out: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
+        "architectures": [ARCHITECTURES[layout]],
+        "model_type": layout,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_hidden,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_size,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.seq_len,
         "rms_norm_eps": cfg.norm_eps,
@@ -278,10 +357,12 @@ def hf_config(cfg: ModelConfig, ids: dict[str, Any]) -> dict[str, Any]:
         "pad_token_id": ids.get("pad"),
         "mask_token_id": ids.get("mask"),
     }
-    if qwen:
-        out.update(use_sliding_window=False, max_window_layers=cfg.n_layers)
+    if layout == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
     else:
-        out.update(attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
+        out.update(use_sliding_window=False, max_window_layers=cfg.n_layers)
+    if layout == "qwen3":
+        out.update(attention_bias=False)
     return out
 
 
@@ -312,7 +393,7 @@ def _layout(name: str, detects, model_types: tuple[str, ...]) -> HFLayout:
         hf_shapes=lambda cfg: hf_shapes(name, cfg),
         to_ours=lambda read, cfg: to_ours(name, read, cfg),
         from_ours=lambda state, cfg: from_ours(name, state, cfg),
-        hf_config=hf_config,
+        hf_config=lambda cfg, ids: hf_config(name, cfg, ids),
         tied_head=lambda cfg: (
             (global_names(name)["head"], global_names(name)["embed"]) if cfg.tie_embeddings else None
         ),
@@ -322,11 +403,26 @@ def _layout(name: str, detects, model_types: tuple[str, ...]) -> HFLayout:
 
 LLAMA = _layout("llama", _detects_llama_like("llama"), ("llama",))
 QWEN2 = _layout("qwen2", _detects_llama_like("qwen2"), ("qwen2", "dream"))
+QWEN3 = _layout("qwen3", _detects_llama_like("qwen3"), ("qwen3",))
 LLADA = _layout("llada", _detects_llada, ("llada",))
-LAYOUTS = (LLAMA, QWEN2, LLADA)
+LAYOUTS = (LLAMA, QWEN2, QWEN3, LLADA)
 
 
 def export_layout(cfg: ModelConfig) -> HFLayout:
-    """Exports go to Qwen2 when the model has Q/K/V biases, else to LLaMA (LLaDA's own loader is not
-    in transformers)."""
+    """Exports go to Qwen3 when the model has per-head q/k norms, to Qwen2 when it has Q/K/V biases,
+    else to LLaMA (LLaDA's own loader is not in transformers). HFFormatError for options no dense
+    transformers model has."""
+    if cfg.partial_rotary_factor != 1.0:
+        raise HFFormatError(
+            f"partial_rotary_factor={cfg.partial_rotary_factor}: no dense transformers layout we export "
+            "(LLaMA, Qwen2, Qwen3) rotates only part of each head"
+        )
+    if cfg.qk_norm == "full":
+        raise HFFormatError("qk_norm='full': no dense transformers layout we export normalises the whole q/k")
+    if cfg.qk_norm == "head" and cfg.qkv_bias:
+        raise HFFormatError(
+            "qk_norm='head' with qkv_bias: Qwen3 (the layout with per-head q/k norms) has no Q/K/V-only biases"
+        )
+    if cfg.qk_norm == "head":
+        return QWEN3
     return QWEN2 if cfg.qkv_bias else LLAMA

@@ -10,8 +10,9 @@ column-parallel, output row-parallel), SwiGLU FFN (gate/up column-parallel, down
 row-parallel), final RMSNorm and a column-parallel LM head. The same code runs at TP=1 and
 TP=N; with ``use_cpu_initialization`` the weights are identical across TP sizes.
 
-Options (pipeline/model/config.py): grouped-query attention, Q/K/V biases, RoPE scaling, a head
-tied to the embedding.
+Options (pipeline/model/config.py): grouped-query attention, Q/K/V biases, an explicit head size,
+q/k RMSNorm (per head or over the whole projection), partial RoPE, RoPE scaling, a head tied to
+the embedding.
 
 Weight deltas (MemDLM's fast weights) are forward *arguments* (a mapping ``target -> tensors``
 per layer, applied by pipeline/model/delta.py), never parameters: ZeRO-3 would partition them.
@@ -33,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.config import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.model.delta import delta_linear
-from pipeline.model.layers import LayerFast, RMSNorm, VocabHead, apply_rope, model_rope_tables
+from pipeline.model.layers import LayerFast, QKNorm, RMSNorm, VocabHead, apply_rope, model_rope_tables
 from pipeline.parallel.dims import ParallelDims
 
 
@@ -61,7 +62,7 @@ class Block(nn.Module):
         self.n_local_heads = cfg.n_heads // tp
         self.n_local_kv = cfg.kv_heads // tp
         self.group = cfg.n_heads // cfg.kv_heads  # query heads per key/value head
-        self.head_dim = cfg.head_dim
+        self.head_dim = cfg.head_size
         self.init = functools.partial(nn.init.normal_, mean=0.0, std=cfg.init_std)
         # Residual-branch outputs are scaled down with depth (GPT-2 / Megatron convention).
         self.init_out = functools.partial(
@@ -69,8 +70,8 @@ class Block(nn.Module):
         )
         d, group = cfg.d_model, dims.tp_group
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
-        # QKV rows are laid out [kv group][q_1..q_group|k|v][head_dim] so a contiguous TP shard holds
-        # whole groups (with n_kv_heads = n_heads: [head][q|k|v][head_dim]). The bias, when
+        # QKV rows are laid out [kv group][q_1..q_group|k|v][head_size] so a contiguous TP shard holds
+        # whole groups (with n_kv_heads = n_heads: [head][q|k|v][head_size]). The bias, when
         # present, has the same layout and is sharded with the rows.
         self.qkv = ColumnParallelLinear(
             d,
@@ -81,7 +82,13 @@ class Block(nn.Module):
             gather_output=False,
             tp_group=group,
         )
-        self.out = row_linear(d, d, mp, self.init_out, group)
+        self.out = row_linear(cfg.n_heads * cfg.head_size, d, mp, self.init_out, group)
+        self.q_norm: QKNorm | None = None  # RMSNorm of q and k before RoPE (qk_norm)
+        self.k_norm: QKNorm | None = None
+        if cfg.qk_norm != "none":
+            args = (cfg.head_size, cfg.norm_eps, group, tp)
+            self.q_norm = QKNorm(cfg.qk_norm, self.n_local_heads, *args)
+            self.k_norm = QKNorm(cfg.qk_norm, self.n_local_kv, *args)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
         self.build_ffn(cfg, mp, dims)
         # Outer LoRA adapters by projection name (pipeline/adapters/lora.py:add_lora), or None.
@@ -118,8 +125,11 @@ class Block(nn.Module):
         g = self.group
         qkv = self._linear("qkv", h, fast).view(B, T, self.n_local_kv, g + 2, self.head_dim)
         # Query head j of group i is head i * group + j: the order transformers' repeat_kv assumes.
-        q = qkv[:, :, :, :g].reshape(B, T, self.n_local_heads, self.head_dim).transpose(1, 2)
-        k, v = (qkv[:, :, :, g + i].transpose(1, 2) for i in range(2))  # [B, KV_local, T, hd]
+        q = qkv[:, :, :, :g].reshape(B, T, self.n_local_heads, self.head_dim)
+        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, KV_local, hd]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # Bidirectional: no causal mask; only padding keys (batched inference) are hidden.
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=g > 1)
@@ -166,8 +176,8 @@ def row_linear(d_in: int, d_out: int, mp: ModelParallelConfig, init, group) -> R
 class DLMTransformer(nn.Module):
     """Bidirectional transformer for masked diffusion; see the module docstring for the API.
 
-    ``block_class`` builds each layer: a family whose layers differ only inside the block
-    subclasses this model and names its own block class."""
+    ``block_class`` builds each layer (:meth:`make_block`): a family whose layers differ only
+    inside the block subclasses this model and names its own block class."""
 
     block_class: type[Block] = Block
 
@@ -186,7 +196,7 @@ class DLMTransformer(nn.Module):
         self.embedding = VocabParallelEmbedding(
             V, cfg.d_model, init_method=init, config=mp, tp_group=dims.tp_group
         )
-        self.layers = nn.ModuleList(self.block_class(cfg, mp, dims) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(self.make_block(cfg, mp, dims, i) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = VocabHead(
             cfg.vocab_size,
@@ -205,9 +215,15 @@ class DLMTransformer(nn.Module):
             # One Parameter registered in both modules: the embedding's vocab shard [V/tp, D] is
             # exactly the head's column shard, and named_parameters() lists it once.
             self.head.weight = self.embedding.weight
-        cos, sin = model_rope_tables(cfg)
+        # fp32 tables (float64 for a float64 model: the reference tests compare at 1e-10)
+        cos, sin = model_rope_tables(cfg, torch.float64 if params_dtype == torch.float64 else torch.float32)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def make_block(self, cfg: ModelConfig, mp: ModelParallelConfig, dims: ParallelDims, index: int) -> Block:
+        """Layer ``index``: a ``block_class``; a family whose layers differ by depth (dense layers
+        before mixture-of-experts ones) overrides it."""
+        return self.block_class(cfg, mp, dims)
 
     def load_full_state(self, state: dict[str, torch.Tensor], device: torch.device | str) -> None:
         """Take a full TP=1 state dict (an export's) as this model's weights; the model may have been
@@ -219,6 +235,16 @@ class DLMTransformer(nn.Module):
         if self.cfg.tie_embeddings:  # assign=True replaced the embedding's Parameter: share it again
             self.head.weight = self.embedding.weight
         self.rope_cos, self.rope_sin = (t.to(device) for t in model_rope_tables(self.cfg))
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Losses the model adds to the training loss of the forward passes since the last call
+        (a mixture of experts' balancing losses); None: none (this family)."""
+        return None
+
+    def end_step(self, dp_group, applied: bool) -> dict[str, float]:
+        """After each optimizer step (``applied``: not voided): the model's own updates outside
+        the gradient and metrics; nothing for this family."""
+        return {}
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] int64 -> hidden [B, T, D]."""
