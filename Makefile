@@ -23,7 +23,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast lint format docs data sample-corpus pretrain sft task-data sample import-hf export-hf eval compare mlflow-ui bench bench-data bench-step bench-scale bench-sample clean bench-gpu-check reshard
+.PHONY: help venv test test-fast lint format docs data sample-corpus pretrain sft task-data sample import-hf export-hf eval compare mlflow-ui bench bench-data bench-step bench-scale bench-sample bench-moe clean bench-gpu-check reshard
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -96,7 +96,7 @@ mlflow-ui: venv ## the MLflow dashboard of runs/mlflow.db on http://127.0.0.1:50
 	@$(PY) -m launch.compare --url --root runs --port $(PORT)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port $(PORT)
 
-bench: bench-data bench-step bench-scale bench-sample ## all benchmarks (results in bench/results/)
+bench: bench-data bench-step bench-scale bench-sample bench-moe ## all benchmarks (results in bench/results/)
 
 bench-data: venv ## tokeniser + loader throughput vs training consumption -> bench/results/data.json
 	$(PY) -m bench.data $(ARGS)
@@ -106,6 +106,9 @@ bench-scale: venv ## per-rank memory + step time at world 1/2 (DP, TP), memory m
 
 bench-sample: venv ## sampler tokens/s, memory off vs adapted to each prompt (small preset) -> bench/results/sample.json
 	$(PY) -m bench.sample $(ARGS)
+
+bench-moe: venv ## MoE vs dense of equal active FLOPs, MemDLM/MDLM on MoE, EP=2 vs EP=1 (small-moe) -> bench/results/moe.json
+	$(PY) -m bench.moe $(ARGS)
 
 bench-step: venv ## MemDLM vs MDLM step time, FLOP ratio, MFU (small preset) -> bench/results/step.json
 	$(PY) -m bench.step $(ARGS)

@@ -1,7 +1,8 @@
 """One configuration of bench-scale (started by bench/scale.py through torchrun): MemDLM steps of the
 trainer's own ``train_step`` at a TP x DP layout, with this rank's peak memory.
 
-    python -m torch.distributed.run --nproc_per_node 2 bench/_scale_worker.py TP STEPS OUT PRESET GLOBAL_BATCH DATA
+    python -m torch.distributed.run --nproc_per_node 2 bench/_scale_worker.py TP STEPS OUT PRESET GLOBAL_BATCH DATA [KEY=VALUE ...]
+(trailing arguments: more training overrides, e.g. parallel.ep=2)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def device_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
 
-def main(tp: int, steps: int, out: str, preset: str, global_batch: int, data: str) -> None:
+def main(tp: int, steps: int, out: str, preset: str, global_batch: int, data: str, *extra: str) -> None:
     per_rank = global_batch // (int(os.environ.get("WORLD_SIZE", "1")) // tp)
     baseline = rss_mib()  # interpreter, torch, DeepSpeed, megatron: not part of the memory model
     # the run directory is beside the result file: the same path on every rank
@@ -47,6 +48,7 @@ def main(tp: int, steps: int, out: str, preset: str, global_batch: int, data: st
             "checkpoint.resume=false",
             "log_every=1000000",
             "steps=1000000",
+            *extra,
         ],
     )
     trainer = Trainer(cfg)
@@ -69,4 +71,12 @@ def main(tp: int, steps: int, out: str, preset: str, global_batch: int, data: st
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
+    main(
+        int(sys.argv[1]),
+        int(sys.argv[2]),
+        sys.argv[3],
+        sys.argv[4],
+        int(sys.argv[5]),
+        sys.argv[6],
+        *sys.argv[7:],
+    )

@@ -25,6 +25,9 @@ the tail of its log) or ``skipped: ...``, and writes ``bench/results/gpu_check.j
 7. ``eval``: ``make eval`` (a small config: 3 tasks x 8 examples, exposure bias) on that export.
 8. ``bench_step_<preset>``: ``make bench-step`` per ``--bench-presets`` preset: MFU against the
    trainer's peak (the table's dense bf16 peak on known GPUs), MemDLM/MDLM step and FLOP ratios.
+9. ``bench_moe``: ``make bench-moe``: the mixture-of-experts family on CUDA (routing, dispatch,
+   per-expert fast weights) against a dense model of equal active FLOPs, MemDLM/MDLM on it; with
+   ``--gpus 2`` or more also EP=2 vs EP=1 on two ranks.
 
 A global time budget (``--budget-s``) bounds the whole run: a stage starts only if its minimum
 time still fits (else ``skipped: time budget``), and its commands are killed when the budget runs
@@ -83,6 +86,9 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--bench-batch", default="125m=8,1b=4", help="preset=batch,...")
     p.add_argument("--bench-extra", default="", help="more bench.step flags, e.g. '--peak-tflops 989'")
     p.add_argument("--bench-min-s", default="125m=30,1b=70", help="preset=seconds,...: skipped below")
+    p.add_argument(
+        "--gpus", type=int, default=1, help="GPUs here: bench_moe adds EP=1 vs EP=2 with 2 or more"
+    )
     p.add_argument("--stages", default="", help="comma-separated stage-name prefixes to run (default: all)")
     a = p.parse_args(argv)
     a.bench_presets = [x for x in a.bench_presets.split(",") if x]

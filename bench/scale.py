@@ -32,8 +32,15 @@ GPU_COUNTS = [8, 16, 32, 64, 128, 256]
 
 
 def measure(
-    world: int, tp: int, steps: int, data: str, preset: str = "small", global_batch: int = 8
+    world: int,
+    tp: int,
+    steps: int,
+    data: str,
+    preset: str = "small",
+    global_batch: int = 8,
+    extra: tuple[str, ...] = (),
 ) -> list[dict]:
+    """Per-rank records of one torchrun launch of bench/_scale_worker.py (``extra``: more overrides)."""
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "scale.json"
@@ -52,6 +59,7 @@ def measure(
             preset,
             str(global_batch),
             data,
+            *extra,
         ]
         proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
         if proc.returncode:

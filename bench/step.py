@@ -72,18 +72,25 @@ def run(preset: str, batch: int, steps: int, data: str, extra: list[str]) -> dic
         trainers = {
             m: _trainer(preset, batch, data, m == "memdlm", Path(tmp) / m, extra) for m in ("mdlm", "memdlm")
         }
-        try:
-            for _ in range(2):  # warm-up (allocator, autocast caches, ZeRO buffers)
-                for t in trainers.values():
-                    t.train_step()
-            recs: dict[str, list[dict[str, float]]] = {"mdlm": [], "memdlm": []}
-            for _ in range(steps):
-                for m, t in trainers.items():  # alternate so drift hits both equally
-                    recs[m].append(t.train_step())
-        finally:
-            for t in trainers.values():
-                t.close()
+        recs = alternate(trainers, steps)
     return summarize(preset, batch, steps, trainers, recs)
+
+
+def alternate(trainers: dict[str, Trainer], steps: int) -> dict[str, list[dict[str, float]]]:
+    """Two warm-up steps each, then ``steps`` timed steps of each trainer in turn (so the machine's
+    drift hits all alike); the trainers' step records by name. Closes the trainers."""
+    try:
+        for _ in range(2):  # warm-up (allocator, autocast caches, ZeRO buffers)
+            for t in trainers.values():
+                t.train_step()
+        recs: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
+        for _ in range(steps):
+            for name, t in trainers.items():
+                recs[name].append(t.train_step())
+    finally:
+        for t in trainers.values():
+            t.close()
+    return recs
 
 
 def summarize(

@@ -38,6 +38,7 @@ from launch.clusters import ClusterConfig, load_cluster
 from launch.pretrain import prepare_data
 from pipeline.build import export_tracking_credentials
 from pipeline.cli import run_main
+from pipeline.families import family_of
 from pipeline.plots import COLORS, GAIN, plot_compare
 from pipeline.tracking import LOCAL_UI, Tracker, ema, flatten, redact_config, redact_uri, ui_url
 from pipeline.train import Trainer
@@ -50,6 +51,8 @@ CHARTS = (  # (metric, title): the first section of the saved view, in this orde
     ("eval/loss", "held-out loss (memory off)"),
     (GAIN, "memory gain: loss(phi0) - loss(phi2), same anchor"),
 )
+# A mixture of experts adds its routing health: how unevenly the experts are loaded.
+MOE_CHARTS = (("moe/imbalance", "expert load imbalance: max / mean tokens per expert"),)
 SECTION_ID = "mdlm-vs-memdlm"
 # The run's colour in MLflow's UI (its charts and runs table read this tag; the colour picker
 # writes it): each method keeps the colour it has in loss_curves.png.
@@ -219,7 +222,13 @@ def _line_chart(metric: str, title: str) -> dict[str, Any]:
     }
 
 
-def view_state(run_ids: dict[str, str]) -> dict[str, Any]:
+def charts_for(model_cfg) -> tuple[tuple[str, str], ...]:
+    """The comparison's charts for this model: the three of every run, and MoE routing for a
+    mixture-of-experts family."""
+    return CHARTS + (MOE_CHARTS if family_of(model_cfg).expert_parallel else ())
+
+
+def view_state(run_ids: dict[str, str], charts: tuple[tuple[str, str], ...] = CHARTS) -> dict[str, Any]:
     """The runs view: exactly the two children, our charts first (other metrics follow in
     MLflow's generated sections)."""
     ids = ", ".join(f"'{r}'" for r in run_ids.values())
@@ -228,7 +237,7 @@ def view_state(run_ids: dict[str, str]) -> dict[str, Any]:
         # Any order but start time lists the children flat (not folded under the parent).
         "orderByKey": "tags.`mlflow.runName`",
         "orderByAsc": True,
-        "compareRunCharts": [_line_chart(m, t) for m, t in CHARTS],
+        "compareRunCharts": [_line_chart(m, t) for m, t in charts],
         "compareRunSections": [
             {
                 "uuid": SECTION_ID,
@@ -245,10 +254,18 @@ def view_state(run_ids: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def save_view(client, experiment_id: str, key: str, name: str, run_ids: dict[str, str]) -> str:
+def save_view(
+    client,
+    experiment_id: str,
+    key: str,
+    name: str,
+    run_ids: dict[str, str],
+    charts: tuple[tuple[str, str], ...] = CHARTS,
+) -> str:
     """Store the comparison as a saved view of the experiment; returns its UI route."""
     now = int(time.time() * 1000)
-    envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(view_state(run_ids))}
+    state = json.dumps(view_state(run_ids, charts))
+    envelope = {"name": name, "createdAt": now, "updatedAt": now, "state": state}
     client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(envelope))
     # workflowType: the UI's "Model training" side (its sidebar), whatever it showed last
     query = f"viewStateShareKey={quote(key)}&compareRunsMode=CHART&workflowType=machine_learning"
@@ -264,6 +281,20 @@ def _with_cadence(base, overrides: list[str], log_every: int | None, eval_every:
         every = auto_eval_every(base.steps) if eval_every is None else eval_every
         base = replace(base, eval=replace(base.eval, every=every))
     return base
+
+
+def _train_both(base, out: Path, parent: Tracker) -> dict[str, str | None]:
+    """MDLM then MemDLM from ``base`` (memory off / on), children of ``parent``; their run ids."""
+    run_ids = {}
+    for method in METHODS:
+        memory = replace(base.memory, enabled=method == "memdlm")
+        cfg = replace(base, run_dir=str(out / method), memory=memory)
+        trainer = Trainer(cfg, parent_run_id=parent.run_id)
+        if trainer.tracker:  # the method's fixed colour, in the UI from the first point on
+            parent.client.set_tag(trainer.tracker.run_id, RUN_COLOR_TAG, COLORS[method])
+        trainer.run()
+        run_ids[method] = trainer.tracker.run_id if trainer.tracker else None
+    return run_ids
 
 
 def compare(
@@ -291,19 +322,10 @@ def compare(
     print(f"comparison directory: {out.resolve()}")
     parent = Tracker(base.tracking, f"compare-{stamp}")
     parent.start(flatten(redact_config(asdict(base))), {"kind": "compare"})
-    run_ids = {}
-    for method in METHODS:
-        memory = replace(base.memory, enabled=method == "memdlm")
-        cfg = replace(base, run_dir=str(out / method), memory=memory)
-        trainer = Trainer(cfg, parent_run_id=parent.run_id)
-        if trainer.tracker:  # the method's fixed colour, in the UI from the first point on
-            parent.client.set_tag(trainer.tracker.run_id, RUN_COLOR_TAG, COLORS[method])
-        trainer.run()
-        run_ids[method] = trainer.tracker.run_id if trainer.tracker else None
+    run_ids = _train_both(base, out, parent)
     summary = summarise(parent.client, run_ids)
-    route = save_view(
-        parent.client, parent.experiment_id, f"compare-{stamp}", f"MDLM vs MemDLM {stamp}", run_ids
-    )
+    view = (f"compare-{stamp}", f"MDLM vs MemDLM {stamp}")
+    route = save_view(parent.client, parent.experiment_id, *view, run_ids, charts_for(base.model))
     url = ui_url(parent.uri, route)
     summary["dashboard_route"] = route
     summary["dashboard_url"] = url

@@ -35,8 +35,9 @@ from pipeline.build import export_tracking_credentials
 from pipeline.cli import print_error, run_main
 from pipeline.config import ConfigError
 from pipeline.dataset.manifest import verify_manifest
-from pipeline.families.registry import param_count
 from pipeline.loader.stream import TokenBatchLoader
+from pipeline.perf.cost import model_cost
+from pipeline.perf.memory_model import estimate_memory
 from pipeline.run_lock import RunLocked, check_free
 from pipeline.stop import STOPPED_EXIT
 from pipeline.tracking import redact_config
@@ -79,18 +80,37 @@ def parser(
     return parser
 
 
+def _count(n: int) -> str:
+    """A parameter count for people: 8.02B, 49.3M, 210K."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
 def _dry_run(cluster: ClusterConfig, cfg: TrainConfig, run_dir: Path) -> None:
     print("# cluster:", json.dumps(asdict(cluster), indent=2))
     print("# training config (resolved):", json.dumps(redact_config(asdict(cfg)), indent=2))
     if cluster.executor == "slurm":
         print("# the sbatch script submitit would submit:")
         print(sbatch_preview(cluster, run_dir / "submitit"))
-    dp = cluster.world_size // cfg.parallel.tp
+    par = cfg.parallel
+    dp = cluster.world_size // par.tp
+    cost = model_cost(cfg.model)
+    layout = f"TP={par.tp} x DP={dp}" + (f" (EP={par.ep} within DP)" if par.ep > 1 else "")
+    params = f"{_count(cost.params_total)} parameters"
+    if cost.params_active != cost.params_total:
+        params += f" ({_count(cost.params_active)} active per token)"
     print(
-        f"# plan: {cluster.world_size} task(s) = TP={cfg.parallel.tp} x DP={dp}, ZeRO-{cfg.parallel.zero_stage}, "
-        f"{cfg.method}, {param_count(cfg.model) / 1e9:.2f}B parameters, {cfg.steps} steps "
+        f"# plan: {cluster.world_size} task(s) = {layout}, ZeRO-{par.zero_stage}, "
+        f"{cfg.method}, {params}, {cfg.steps} steps "
         f"(warm-up {cfg.optim.warmup_for(cfg.steps)}, lr {cfg.optim.lr:g})"
     )
+    est = estimate_memory(
+        cfg.model, cfg.memory, micro_batch=cfg.data.batch_size, tp=par.tp, dp=dp,
+        zero_stage=par.zero_stage, lora=cfg.lora, ep=par.ep,
+    )  # fmt: skip
+    parts = ", ".join(f"{k} {v:g}" for k, v in est.as_gib().items() if k != "total")
+    print(f"# memory per rank (memory model, bf16): {est.total_gib:.2f} GiB ({parts} GiB)")
     if cfg.lora.enabled:
         print(f"# {lora_summary(cfg.model, cfg.lora)}")
     if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():

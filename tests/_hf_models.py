@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 VOCAB, D, FFN, LAYERS, HEADS = 300, 64, 96, 2, 4
 MASK_ID = 7
@@ -243,3 +243,16 @@ def reference_model(kind: str, src: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+
+
+def round_trip(src: Path, tmp: Path) -> tuple[Path, dict]:
+    """``make import-hf`` then ``make export-hf`` of the checkpoint at ``src`` (under ``tmp``);
+    asserts every tensor comes back with its dtype and bits. Returns the export and its config.json."""
+    from pipeline.hf.convert import export_hf, import_hf  # heavy: DeepSpeed and megatron behind it
+
+    hf = export_hf(import_hf(src, tmp / "ours"), tmp / "hf")
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(hf / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for name, t in before.items():
+        assert after[name].dtype == t.dtype and torch.equal(after[name], t), name
+    return hf, json.loads((hf / "config.json").read_text())

@@ -1,6 +1,6 @@
 """An independent plain-PyTorch DLM + MDLM + MemDLM, written from the spec, for the tests to compare against.
 
-Reads the weights of a TP=1 ``DLMTransformer`` but none of its code: RMSNorm, RoPE (as a
+Reads the weights of a TP=1 ``DLMTransformer`` (or MoE transformer) but none of its code: RMSNorm, RoPE (as a
 complex rotation, partial when rotary_dim < head size), attention (grouped-query, explicit
 softmax, optional q/k RMSNorm per head or over the whole projection), SwiGLU, LoRA deltas (explicit per-sample
 loops), the weighted cross-entropy and the two-stage inner loop are all re-derived here.
@@ -12,6 +12,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from tests import reference_moe
 
 
 def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,9 +91,12 @@ def attention(model, i: int, x: torch.Tensor, fast: dict | None) -> torch.Tensor
 
 
 def ffn(model, i: int, h: torch.Tensor, fast: dict | None) -> torch.Tensor:
-    """h [B, T, D] -> h + SwiGLU(RMSNorm(h)) of layer i: down(silu(gate) * up)."""
+    """h [B, T, D] -> h + SwiGLU(RMSNorm(h)) of layer i: down(silu(gate) * up); in a
+    mixture-of-experts layer, h + the dense-masked MoE of tests/reference_moe.py."""
     blk, cfg = model.layers[i], model.cfg
     n = rms(h, blk.ffn_norm.weight, cfg.norm_eps)
+    if hasattr(blk, "moe"):
+        return h + reference_moe.moe_ffn(n, reference_moe.weights_of(blk.moe), cfg, fast)[0]
     g = linear(n, blk.gate.weight, fast, "gate")
     u = linear(n, blk.up.weight, fast, "up")
     return h + linear(g * torch.sigmoid(g) * u, blk.down.weight, fast, "down")

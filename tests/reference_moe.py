@@ -190,6 +190,18 @@ def moe_ffn(h: torch.Tensor, weights: dict, cfg, fast: dict | None = None) -> tu
     return y, routing_stats(idx, logits, scores, cfg)
 
 
+def weights_of(moe) -> dict:
+    """The plain weight dict of a TP=1, EP=1 MoE layer (its tensors by attribute name; none of its code)."""
+    w = {"router": moe.router.weight, "score_bias": moe.router.score_bias,
+         "w1": moe.experts.w1, "w2": moe.experts.w2, "w3": moe.experts.w3}  # fmt: skip
+    if moe.shared is not None:
+        w |= {"shared_gate": moe.shared.gate.weight, "shared_up": moe.shared.up.weight,
+              "shared_down": moe.shared.down.weight}  # fmt: skip
+    if moe.shared_gate is not None:
+        w["shared_expert_gate"] = moe.shared_gate.weight
+    return w
+
+
 def merge_fast(weights: dict, fast: dict) -> dict:
     """Weights with the (batch-scope) fast deltas folded in: W_e + scale * B_e A_e, or W_e + W_fast_e."""
     out = dict(weights)

@@ -239,6 +239,19 @@ class GpuCheck:
         r = json.loads(out.with_suffix(".json").read_text())
         return {k: r.get(k) for k in _BENCH_KEYS}
 
+    def stage_bench_moe(self) -> dict[str, Any]:
+        """make bench-moe on this GPU, one process: the MoE family's routing, dispatch and expert
+        fast weights on CUDA (bf16), against the dense model of equal active FLOPs. Expert
+        parallelism needs two GPUs (NCCL puts one rank per device): skipped on one."""
+        out = self.work / "bench_moe"
+        spec = {**data_config(self.a, self.work), "out_dir": str(self.work / "bench_data")}
+        cfg = write_json_yaml(self.work / "bench_data.yaml", spec)
+        ep_steps = 4 if self.a.gpus >= 2 else 0
+        args = f"--steps {self.a.bench_steps} --ep-steps {ep_steps} --config-data {cfg} --out {out}"
+        self.make("bench-moe", f"ARGS={args}", log="bench_moe")
+        r = json.loads(out.with_suffix(".json").read_text())
+        return {k: v for k, v in r.items() if k not in ("machine", "expert_parallel")}
+
     def stages(self) -> list[Stage]:
         a = self.a
         all_stages = [
@@ -259,6 +272,7 @@ class GpuCheck:
                     requires=("environment",),
                 )
             )
+        all_stages.append(Stage("bench_moe", self.stage_bench_moe, min_s=60, requires=("environment",)))
         if a.stages:
             all_stages = [s for s in all_stages if any(s.name.startswith(w) for w in a.stages)]
         return all_stages

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch.distributed as dist
 
+from pipeline.config import ConfigError
 from pipeline.engine.checkpoint import (
     CheckpointError,
     Layout,
@@ -33,6 +34,7 @@ from pipeline.engine.checkpoint import (
     restore_buffers,
 )
 from pipeline.engine.universal import convert_to_universal, has_universal, restore_frozen, universal_dir
+from pipeline.families.registry import get_family
 from pipeline.patches.deepspeed import universal_load_repairs
 from pipeline.train_state import reseed_rng
 
@@ -76,6 +78,15 @@ def saved_layout(state: dict[str, Any]) -> Layout:
     return Layout(**{k: int(layout[k]) for k in ("world", "tp", "dp", "grad_accum", "micro_batch", "ep")})
 
 
+def _has_experts(state: dict[str, Any]) -> bool:
+    """Whether the checkpointed model's family splits experts over ranks (from its saved config)."""
+    model = ((state.get("config") or {}).get("model") or {}) if isinstance(state.get("config"), dict) else {}
+    try:
+        return get_family(str(model.get("family", "dense"))).expert_parallel
+    except ConfigError:  # a family this installation does not know: the engine build will say so
+        return False
+
+
 def plan_resume(path: Path, state: dict[str, Any], current: Layout) -> ResumePlan:
     """The resume of ``path`` at ``current`` (whose ``grad_accum`` is the config's).
 
@@ -91,6 +102,12 @@ def plan_resume(path: Path, state: dict[str, Any], current: Layout) -> ResumePla
         )
     if (saved.tp, saved.dp, saved.ep) == (current.tp, current.dp, current.ep):
         return ResumePlan(path, state, saved, current)
+    if saved.tp > 1 and _has_experts(state):
+        raise CheckpointError(
+            f"{path}: a mixture-of-experts checkpoint written at {_sizes(saved)}; DeepSpeed 0.19.8 cannot convert "
+            f"one written at TP > 1 to another layout (its converter refuses 'AutoEP + AutoTP'). Resume it at "
+            f"{_sizes(saved)} (this run is {_sizes(current)})"
+        )
     if saved.micro_batch != current.micro_batch:
         raise CheckpointError(
             f"{path}: written with data.batch_size={saved.micro_batch}, this run has {current.micro_batch}; a "

@@ -4,7 +4,8 @@
     model, info = load_exported("runs/local/export")     # anywhere, one process, no DeepSpeed
 
 ``out_dir/model.safetensors`` holds full (unsharded) fp32 weights under the module's parameter
-names (outer LoRA adapters merged into their weights); ``config.json`` the model config, the
+names (outer LoRA adapters merged into their weights) and its persistent buffers (a router's
+balancing bias); ``config.json`` the model config, the
 method and memory config, and the special ids;
 ``tokenizer.model`` the tokenizer. Written into a temporary folder and renamed
 (:func:`pipeline.outputs.write_output_dir`): an earlier export there is replaced (put aside, deleted
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.adapters.lora import merge_lora
 from pipeline.config import ConfigError, from_dict
 from pipeline.dataset.tokenizer import load_tokenizer
+from pipeline.engine.checkpoint import persistent_buffers
 from pipeline.families import family_of
 from pipeline.model.config import ModelConfig
 from pipeline.outputs import OutputDirError, write_output_dir
@@ -38,22 +40,52 @@ from pipeline.parallel.dims import ParallelDims, init_distributed
 EXPORT_HINT = "the trainer's export never replaces it: move it away (or choose another run_dir)"
 
 
-def _gather_tp(param: torch.Tensor, full: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False) or dims.tp == 1:
+def _is_expert(param: torch.Tensor) -> bool:
+    """A routed-expert parameter [local experts, ...]: split over the EP group along dim 0."""
+    return bool(getattr(param, "is_expert_group", False))
+
+
+def _gather_model_parallel(param: torch.Tensor, full: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """One parameter's full tensor: TP shards concatenated along ``partition_dim``, an expert
+    parameter's EP shards (contiguous blocks of experts) along the expert dimension."""
+    if _is_expert(param) and dims.ep > 1:
+        group, size, dim = dims.ep_group, dims.ep, 0
+    elif getattr(param, "tensor_model_parallel", False) and dims.tp > 1:
+        group, size, dim = dims.tp_group, dims.tp, param.partition_dim
+    else:
         return full.detach().float().cpu().clone()
-    parts = [torch.empty_like(full) for _ in range(dims.tp)]
-    dist.all_gather(parts, full.detach().contiguous(), group=dims.tp_group)
-    return torch.cat(parts, dim=param.partition_dim).float().cpu()
+    parts = [torch.empty_like(full) for _ in range(size)]
+    dist.all_gather(parts, full.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim).float().cpu()
+
+
+def _local_slice(f, name: str, param: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """This rank's part of stored tensor ``name``: its TP shard, or its EP block of experts;
+    safetensors reads only that slice from the memory map."""
+    if _is_expert(param) and dims.ep > 1:
+        dim, size, rank = 0, dims.ep, dims.ep_rank
+    elif getattr(param, "tensor_model_parallel", False) and dims.tp > 1:
+        dim, size, rank = param.partition_dim, dims.tp, dims.tp_rank
+    else:
+        return f.get_tensor(name)
+    sl = f.get_slice(name)
+    shape = sl.get_shape()
+    part = shape[dim] // size
+    index = [slice(None)] * len(shape)
+    index[dim] = slice(rank * part, (rank + 1) * part)
+    return sl[tuple(index)]
 
 
 def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on every rank: ZeRO-3 partitions gathered, TP shards concatenated."""
+    """Full fp32 weights on every rank: ZeRO-3 partitions gathered, TP and EP shards concatenated."""
     import deepspeed  # heavy: only when exporting
 
     out = {}
     for name, p in module.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            out[name] = _gather_tp(p, p.data, module.dims)
+            out[name] = _gather_model_parallel(p, p.data, module.dims)
+    # state outside the optimizer that shapes the outputs (a router's balancing bias), equal on all ranks
+    out.update({name: buf.float() for name, buf in persistent_buffers(module).items()})
     return out
 
 
@@ -123,7 +155,7 @@ def load_initial_weights(module: torch.nn.Module, path: str | Path, model_cfg: M
     """Copy an export's weights into a (possibly ZeRO-3 partitioned, TP-sharded) module.
 
     Collective under ZeRO-3 (every rank gathers each parameter in turn). Each rank reads only its
-    tensor-parallel slice of each weight from the file (safetensors slices a memory map), one
+    tensor-parallel slice of each weight (and its expert-parallel block of experts) from the file (safetensors slices a memory map), one
     parameter at a time, so no rank ever holds the full model; the data-parallel rank 0 copy is
     broadcast. Raises ConfigError naming what differs when the export's model config is not
     ``model_cfg`` (``seq_len`` and ``init_std`` may differ).
@@ -141,26 +173,22 @@ def load_initial_weights(module: torch.nn.Module, path: str | Path, model_cfg: M
     if diff:
         detail = ", ".join(f"{k}: export {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ConfigError(f"init_from={path}: model config differs ({detail})")
+    buffers = dict(module.named_buffers())
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         stored = set(f.keys())
-        names = {n for n, _ in module.named_parameters()}
+        names = {n for n, _ in module.named_parameters()} | set(persistent_buffers(module))
         if names != stored:
             raise ConfigError(
                 f"init_from={path}: parameter names differ (missing {sorted(names - stored)[:5]}, "
                 f"unexpected {sorted(stored - names)[:5]})"
             )
-        tp, tp_rank = module.dims.tp, module.dims.tp_rank
         for name, p in module.named_parameters():
-            if getattr(p, "tensor_model_parallel", False) and tp > 1:
-                sl = f.get_slice(name)
-                size = sl.get_shape()[p.partition_dim] // tp
-                index = [slice(None)] * len(sl.get_shape())
-                index[p.partition_dim] = slice(tp_rank * size, (tp_rank + 1) * size)
-                part = sl[tuple(index)]
-            else:
-                part = f.get_tensor(name)
+            part = _local_slice(f, name, p, module.dims)
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
                 p.data.copy_(part.to(p.dtype))
+        with torch.no_grad():
+            for name in persistent_buffers(module):
+                buffers[name].copy_(f.get_tensor(name))
 
 
 def load_exported(path: str | Path, device: str = "cpu"):

@@ -18,7 +18,10 @@ full ``W``      [out/tp, in]  sharded like W            [out, in/tp]  sharded li
 
 A routed expert projection (``expert``: the E experts of a mixture-of-experts layer, never split
 over TP) has one adapter per expert, stacked: A [E, r, in], B [E, out, r], dW [E, out, in]; the
-inner loop clips each expert's slice as a tensor of its own.
+inner loop clips each expert's slice as a tensor of its own. A memory shared by the whole global
+batch (``batch`` scope synced over DP) under expert parallelism is sharded with the experts: EP
+rank r holds only its experts' adapters, [E/ep, ...] (``experts_sharded``); otherwise every rank
+holds all E (each of its tokens may reach any expert with its own rank's memory).
 
 Output: ``W x + (alpha / r) * B A x`` (LoRA) or ``(W + dW) x`` (full). A starts
 Kaiming-uniform (a = sqrt(5), like ``nn.Linear``) and B (or dW) at zero, so a fresh memory
@@ -47,6 +50,7 @@ class FastWeights:
     sharded: dict[tuple[int, str], bool]
     per_sample: bool
     experts: frozenset[tuple[int, str]] = frozenset()
+    experts_sharded: bool = False  # expert tensors hold this EP rank's experts only
     names: list[tuple[int, str]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -60,7 +64,7 @@ class FastWeights:
         by_layer = {i: {"scale": d["scale"]} for i, d in self.by_layer.items()}
         for (i, k), v in zip(self.names, values, strict=True):
             by_layer[i][k] = v
-        return FastWeights(by_layer, self.sharded, self.per_sample, self.experts)
+        return FastWeights(by_layer, self.sharded, self.per_sample, self.experts, self.experts_sharded)
 
     def detached(self, requires_grad: bool = False) -> FastWeights:
         return self.with_values([v.detach().requires_grad_(requires_grad) for v in self.leaves()])
@@ -99,11 +103,14 @@ class FastWeightSpec:
     def targets_of(self, layer: int) -> tuple[FastWeightTarget, ...]:
         return self.targets[self.layers.index(layer)]
 
-    def floats_per_rank(self, tp: int) -> float:
-        """Fast-weight elements one memory holds per rank (all memory layers)."""
+    def floats_per_rank(self, tp: int, ep: int = 1) -> float:
+        """Fast-weight elements one memory holds per rank (all memory layers); ``ep``: the EP size
+        its expert adapters are sharded over (1: all on every rank)."""
         total = 0.0
         for targets in self.targets:
             for t in targets:
+                if t.kind == "expert" and ep > 1:
+                    t = FastWeightTarget(t.name, t.out, t.inp, t.kind, t.experts // ep)
                 if self.adapter == "full":
                     total += t.out * t.inp * t.experts / (1 if t.kind == "expert" else tp)
                 elif t.kind == "expert":
@@ -121,6 +128,9 @@ class FastWeightSpec:
         device: torch.device | str = "cpu",
         tp_rank: int = 0,
         tp: int = 1,
+        dtype: torch.dtype = torch.float32,
+        ep_rank: int = 0,
+        ep: int = 1,
     ) -> FastWeights:
         """A fresh memory: A ~ Kaiming-uniform (drawn from ``generator``, on ``device``), B / dW = 0.
 
@@ -128,12 +138,16 @@ class FastWeightSpec:
         all starting from the same A (the memory's content is what the inner loop writes).
         The full A is drawn on every rank and sliced for TP rank ``tp_rank`` of ``tp``, so values
         do not depend on the TP size (nor, for experts, on the EP size: every rank holds all).
+        Values are drawn in float32 and held in ``dtype`` (float64 for a float64 model), so the
+        draw is the same in every precision. With ``ep`` > 1 expert adapters are sharded: EP rank
+        ``ep_rank`` keeps its block of experts (of the full draw).
         """
         by_layer: dict[int, dict[str, torch.Tensor]] = {}
         sharded: dict[tuple[int, str], bool] = {}
         experts: set[tuple[int, str]] = set()
 
         def expand(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(dtype)
             if batch_size is None:
                 return t.requires_grad_(True)
             return t.unsqueeze(0).expand(batch_size, *t.shape).clone().requires_grad_(True)
@@ -142,12 +156,17 @@ class FastWeightSpec:
             d: dict[str, torch.Tensor] = {"scale": torch.tensor(self.alpha / self.rank, device=device)}
             for t in targets:
                 for key, (value, is_sharded) in self._fresh(t, generator, device, tp_rank, tp).items():
+                    if t.kind == "expert" and ep > 1:
+                        local = t.experts // ep
+                        value = value[ep_rank * local : (ep_rank + 1) * local].clone()
                     d[key] = expand(value)
                     sharded[(layer, key)] = is_sharded
                     if t.kind == "expert":
                         experts.add((layer, key))
             by_layer[layer] = d
-        return FastWeights(by_layer, sharded, batch_size is not None, frozenset(experts))
+        return FastWeights(
+            by_layer, sharded, batch_size is not None, frozenset(experts), ep > 1 and bool(experts)
+        )
 
     def _fresh(
         self, t: FastWeightTarget, generator: torch.Generator, device, tp_rank: int, tp: int

@@ -223,8 +223,11 @@ def inner_step(
     cfg: MemoryConfig,
     dp_group: dist.ProcessGroup | None,
     tp_group: dist.ProcessGroup | None = None,
+    expert_groups: ExpertGroups | None = None,
 ) -> tuple[FastWeights, InnerStats]:
-    """One clipped SGD step on the fast weights (new detached leaves); ``tp_group`` sums sharded norms."""
+    """One clipped SGD step on the fast weights (new detached leaves); ``tp_group`` sums sharded
+    norms; ``expert_groups``: where a memory sharded with its experts (``fast.experts_sharded``)
+    reduces its expert adapters' gradients and statistics."""
     B = positions.shape[0]
     weighted, seq_of = weight_by_sequence(per_position, positions, seq_weight)
     sync = cfg.scope == "batch" and cfg.sync_dp and dp_group is not None and dist.get_world_size(dp_group) > 1
@@ -239,17 +242,14 @@ def inner_step(
         sample_loss = sample_loss_grad.detach()
     leaves = fast.leaves()
     grads = list(torch.autograd.grad(loss, leaves, allow_unused=False))
+    sharded = expert_groups if fast.experts_sharded else None
     if sync:
-        # One all-reduce for every gradient and the loss: one memory per global batch.
-        flat = torch.cat([g.reshape(-1) for g in grads] + [sample_loss.reshape(-1)])
-        dist.all_reduce(flat, group=dp_group)
-        sizes = [g.numel() for g in grads] + [sample_loss.numel()]
-        parts = flat.split(sizes)
-        grads = [p.view_as(g) for p, g in zip(parts[:-1], grads, strict=True)]
-        sample_loss = parts[-1]
+        grads, sample_loss = _sum_over_data_parallel(fast, grads, sample_loss, dp_group, sharded)
     sq, units = _clip_units(fast, grads, tp_group)  # [U] or [U, B]: one row per clipped tensor
     norms = sq.sqrt()
     coef = (cfg.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+    if sharded is not None:
+        return _step_sharded(fast, leaves, grads, units, norms, coef, sample_loss, positions, cfg, sharded)
     finite = torch.isfinite(sample_loss) & torch.isfinite(norms).all(0)  # [1] or [B]
     new = []
     for name, p, g, (lo, hi) in zip(fast.names, leaves, grads, units, strict=True):
@@ -263,6 +263,96 @@ def inner_step(
         # |phi_k - phi_{k-1}| per tensor is inner_lr * coef * |g| (0 where skipped): no pass over the weights
         update_norm=torch.where(finite, (cfg.inner_lr * coef * norms).pow(2).sum(0).sqrt(), 0.0).mean(),
         clipped=((norms + 1e-6 > cfg.clip_norm) & finite).float().mean().detach(),
+        positions=positions.sum(),
+    )
+    return fast.with_values(new), stats
+
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """The groups of a memory sharded with its experts: ``ep`` splits the experts; ``edp`` holds
+    the ranks with the same experts (None when there is one)."""
+
+    ep: dist.ProcessGroup
+    edp: dist.ProcessGroup | None
+
+
+def _expert_mask(fast: FastWeights) -> list[bool]:
+    return [name in fast.experts for name in fast.names]
+
+
+def _sum_over_data_parallel(
+    fast: FastWeights,
+    grads: list[torch.Tensor],
+    sample_loss: torch.Tensor,
+    dp_group: dist.ProcessGroup,
+    sharded: ExpertGroups | None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Inner gradients and loss summed over the data-parallel ranks: one memory per global batch.
+    A sharded memory's expert adapters sum over the ranks holding the same experts (their EP
+    peers' tokens reached them already, through the MoE layer's all-to-all)."""
+    experts = _expert_mask(fast) if sharded is not None else [False] * len(grads)
+    dense = [g for g, e in zip(grads, experts, strict=True) if not e]
+    out = _all_reduce_flat([*dense, sample_loss], dp_group)
+    sample_loss = out.pop()
+    if any(experts):
+        routed = [g for g, e in zip(grads, experts, strict=True) if e]
+        edp = sharded.edp if sharded is not None else None
+        routed = _all_reduce_flat(routed, edp) if edp is not None and dist.get_world_size(edp) > 1 else routed
+        it_dense, it_routed = iter(out), iter(routed)
+        out = [next(it_routed) if e else next(it_dense) for e in experts]
+    return out, sample_loss
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """``tensors`` summed over ``group`` in one all-reduce."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    return [p.view_as(t) for p, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+
+def _step_sharded(
+    fast: FastWeights,
+    leaves: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    units: list[tuple[int, int]],
+    norms: torch.Tensor,
+    coef: torch.Tensor,
+    sample_loss: torch.Tensor,
+    positions: torch.Tensor,
+    cfg: MemoryConfig,
+    groups: ExpertGroups,
+) -> tuple[FastWeights, InnerStats]:
+    """:func:`inner_step`'s update and statistics for a batch-scope memory sharded with its
+    experts: every EP rank clips its experts' slices itself, but skips (non-finite) and reports
+    (norms, clipped share) over all experts, summed over the EP group, so every rank agrees."""
+    rows = torch.zeros(norms.shape[0], dtype=torch.bool, device=norms.device)
+    for (lo, hi), expert in zip(units, _expert_mask(fast), strict=True):
+        rows[lo:hi] = expert
+    per_unit = torch.stack(
+        [
+            norms.pow(2),
+            (norms + 1e-6 > cfg.clip_norm).to(norms.dtype),
+            (cfg.inner_lr * coef * norms).pow(2),
+            torch.ones_like(norms),
+            (~torch.isfinite(norms)).to(norms.dtype),
+        ]
+    )  # [5, U]
+    routed = per_unit[:, rows].sum(1)
+    dist.all_reduce(routed, group=groups.ep)
+    sums = per_unit[:, ~rows].sum(1) + routed
+    finite = torch.isfinite(sample_loss) & (sums[4] == 0)  # [1]
+    new = []
+    for name, p, g, (lo, hi) in zip(fast.names, leaves, grads, units, strict=True):
+        c, ok = _per_tensor(coef[lo:hi], finite, g, False, name in fast.experts)
+        stepped = p.detach() - cfg.inner_lr * c * torch.nan_to_num(g.detach())
+        new.append(torch.where(ok, stepped, p.detach()).requires_grad_(True))
+    stats = InnerStats(
+        loss=torch.where(finite, sample_loss, torch.zeros_like(sample_loss)).sum().detach(),
+        grad_norm=sums[0].sqrt().detach(),
+        skipped=(~finite).sum().float(),
+        update_norm=torch.where(finite, sums[2].sqrt(), 0.0).mean(),
+        clipped=(sums[1] * finite).sum().detach() / sums[3],
         positions=positions.sum(),
     )
     return fast.with_values(new), stats
@@ -292,18 +382,39 @@ class MemoryLayout:
     checkpoint: bool
     tp_rank: int = 0
     tp: int = 1
+    dtype: torch.dtype = torch.float32  # the memory's: fp32 at least, float64 under a float64 model
+    ep_rank: int = 0
+    ep: int = 1  # > 1: expert adapters of a batch-scope memory are sharded with the experts
 
     @classmethod
     def of(cls, model, mem: MemoryConfig) -> MemoryLayout:
         """The layout in ``model`` (its config and parallel dims)."""
         spec = mem.spec_for(model.cfg)
         dims = model.dims
-        return cls(spec, spec.layers[0], mem.use_checkpoint(param_count(model.cfg)), dims.tp_rank, dims.tp)
+        dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+        checkpoint = mem.use_checkpoint(param_count(model.cfg))
+        ep = getattr(dims, "ep", 1)
+        # One memory for the global batch: each EP rank keeps its experts' part (the tokens that
+        # reach an expert are all on its rank during the MoE layer). Otherwise every rank's tokens
+        # need their own memory of every expert, so each rank holds all of them.
+        shard = ep > 1 and mem.scope == "batch" and mem.sync_dp
+        ep_rank, ep = (dims.ep_rank, ep) if shard else (0, 1)
+        return cls(spec, spec.layers[0], checkpoint, dims.tp_rank, dims.tp, dtype, ep_rank, ep)
 
     def reset(self, mem: MemoryConfig, batch: int, generator: torch.Generator, device) -> FastWeights:
         """A fresh memory: one per batch, or one per sequence in ``sample`` scope."""
         scope_batch = batch if mem.scope == "sample" else None
-        return self.spec.reset(scope_batch, generator, device, self.tp_rank, self.tp)
+        return self.spec.reset(
+            scope_batch, generator, device, self.tp_rank, self.tp, self.dtype, self.ep_rank, self.ep
+        )
+
+
+def _expert_groups(model) -> ExpertGroups | None:
+    """The model's EP and expert-data-parallel groups (None without expert parallelism)."""
+    dims = model.dims
+    if getattr(dims, "ep", 1) <= 1:
+        return None
+    return ExpertGroups(dims.ep_group, dims.edp_group)
 
 
 def _teacher(
@@ -353,7 +464,9 @@ def _stage(
             layout.checkpoint,
             key_mask,
         )
-        return inner_step(fast, losses, mask, weight, mem, dp_group, model.dims.tp_group)
+        return inner_step(
+            fast, losses, mask, weight, mem, dp_group, model.dims.tp_group, _expert_groups(model)
+        )
 
 
 def inner_loop(

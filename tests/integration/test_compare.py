@@ -81,7 +81,11 @@ def test_compare_reads_both_runs_back_and_writes_json_png_and_parent_run(
     assert query["compareRunsMode"] == ["CHART"]
     envelope = json.loads(exp.tags[SHARED_VIEW_TAG + query["viewStateShareKey"][0]])
     state = json.loads(envelope["state"])
-    assert [c["metricKey"] for c in state["compareRunCharts"]] == ["loss", "eval/loss", "memory/gain"]
+    assert [c["metricKey"] for c in state["compareRunCharts"]] == [
+        "loss",
+        "eval/loss",
+        "memory/gain",
+    ]  # dense: no MoE chart
     found = client.search_runs([exp.experiment_id], filter_string=state["searchFilter"])
     assert {r.info.run_id for r in found} == set(summary["run_ids"].values())
     md = (out / "compare.md").read_text()

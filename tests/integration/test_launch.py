@@ -30,6 +30,7 @@ def test_local_executor_runs_two_tasks_to_a_finished_checkpoint(tiny_dataset, tm
         "dp": 2,
         "grad_accum": 1,
         "micro_batch": 4,
+        "ep": 1,
     }  # the two tasks formed one process group
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
         1,

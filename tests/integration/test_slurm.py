@@ -85,7 +85,7 @@ def test_make_pretrain_on_the_ci_slurm_cluster_runs_to_the_end(slurm, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"run directory: {run_dir}" in proc.stdout
     state = json.loads((run_dir / "checkpoints" / "step-000004" / "train_state.json").read_text())
-    assert state["layout"] == {"world": 2, "tp": 1, "dp": 2, "grad_accum": 1, "micro_batch": 4}
+    assert state["layout"] == {"world": 2, "tp": 1, "dp": 2, "grad_accum": 1, "micro_batch": 4, "ep": 1}
     client = MlflowClient(tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}")
     run = client.get_run(state["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"

@@ -154,7 +154,7 @@ def test_make_pretrain_trains_dp2_across_two_hosts_like_two_local_processes(slur
     logs = _task_logs(run_dir, job_id)
     assert "task 0/2 on memdlm-n1" in logs[0] and "task 1/2 on memdlm-n2" in logs[1]
     state = json.loads((run_dir / "checkpoints" / "step-000004" / "train_state.json").read_text())
-    assert state["layout"] == {"world": 2, "tp": 1, "dp": 2, "grad_accum": 1, "micro_batch": 4}
+    assert state["layout"] == {"world": 2, "tp": 1, "dp": 2, "grad_accum": 1, "micro_batch": 4, "ep": 1}
     client = MlflowClient(tracking_uri=f"sqlite:///{mlruns / 'mlflow.db'}")
     run = client.get_run(state["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"

@@ -36,6 +36,27 @@ def test_grad_accum_absorbs_the_data_parallel_change_and_keeps_the_global_batch(
     assert not same.resized and same.current.grad_accum == 3  # the same layout: the config's value stands
 
 
+def test_a_moe_checkpoint_written_at_tp_2_is_refused_at_another_layout_naming_both_sizes():
+    state = {**_state(2, 2, 1, 8), "config": {"model": {"family": "moe"}}}
+    state["layout"]["ep"] = 2
+    with pytest.raises(CheckpointError) as err:
+        plan_resume(Path("c"), state, Layout(world=4, tp=2, dp=2, grad_accum=1, micro_batch=8, ep=1))
+    assert "written at TP=2 x DP=2 (EP=2)" in str(err.value) and "Resume it at TP=2 x DP=2 (EP=2)" in str(
+        err.value
+    )
+    assert "this run is TP=2 x DP=2)" in str(err.value)
+    # the same layout resumes; a dense model at TP=2 converts as before; a MoE at TP=1 too
+    assert not plan_resume(
+        Path("c"), state, Layout(world=4, tp=2, dp=2, grad_accum=1, micro_batch=8, ep=2)
+    ).resized
+    dense = {**_state(2, 2, 1, 8), "config": {"model": {"family": "dense"}}}
+    assert plan_resume(Path("c"), dense, Layout(world=2, tp=1, dp=2, grad_accum=1, micro_batch=8)).resized
+    moe_tp1 = {**_state(1, 2, 1, 8), "config": {"model": {"family": "moe"}}}
+    assert plan_resume(
+        Path("c"), moe_tp1, Layout(world=2, tp=1, dp=2, grad_accum=1, micro_batch=8, ep=2)
+    ).resized
+
+
 def test_a_global_batch_that_the_new_layout_cannot_split_is_refused_with_the_numbers():
     with pytest.raises(
         CheckpointError, match=r"global batch is 3 micro-batches of 8 \(DP=3 x grad_accum=1\)"

@@ -9,14 +9,25 @@ import dataclasses
 import pytest
 import torch
 
+from launch.pretrain import main as pretrain_main
 from pipeline.config import ConfigError
+from pipeline.diffusion.config import ObjectiveConfig
+from pipeline.diffusion.loss import mdlm_loss
+from pipeline.diffusion.noise import draw_noise, maskable_positions
 from pipeline.families import family_of
 from pipeline.families.moe.config import MoEConfig
 from pipeline.families.moe.model import MoEBlock, MoETransformer
+from pipeline.families.registry import param_count
 from pipeline.memory.config import MemoryConfig
+from pipeline.memory.inner_loop import inner_step, memdlm_loss, pre_anchor_masks
 from pipeline.parallel.dims import init_distributed
 from pipeline.perf.cost import model_cost
-from tests import reference_moe
+from pipeline.perf.memory_model import estimate_memory
+from pipeline.sampler import DiffusionSampler, SamplerConfig
+from pipeline.train_config import load_train_config
+from tests import reference, reference_moe
+
+MASK = reference.model_mask_id(None)
 
 # LLaDA2's router (sigmoid, score bias, groups, normalised, scaled), Qwen3-MoE's (softmax top-k),
 # Qwen2-MoE's (softmax, gated shared expert, not normalised)
@@ -51,16 +62,7 @@ def float64_model(cfg: MoEConfig, dims) -> MoETransformer:
 
 
 def weights_of(block: MoEBlock) -> dict:
-    """The reference's plain weight dict, read from a TP=1, EP=1 layer."""
-    moe = block.moe
-    w = {"router": moe.router.weight, "score_bias": moe.router.score_bias,
-         "w1": moe.experts.w1, "w2": moe.experts.w2, "w3": moe.experts.w3}  # fmt: skip
-    if moe.shared is not None:
-        w |= {"shared_gate": moe.shared.gate.weight, "shared_up": moe.shared.up.weight,
-              "shared_down": moe.shared.down.weight}  # fmt: skip
-    if moe.shared_gate is not None:
-        w["shared_expert_gate"] = moe.shared_gate.weight
-    return w
+    return reference_moe.weights_of(block.moe)
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))
@@ -107,8 +109,6 @@ def test_expert_fast_weights_equal_the_reference_per_expert_deltas(dims1, scope,
 
 
 def test_inner_step_clips_every_expert_with_its_own_norm(dims1):
-    from pipeline.memory.inner_loop import inner_step
-
     cfg = moe_config(**ROUTERS["qwen3"])
     model = float64_model(cfg, dims1)
     mem = MemoryConfig(enabled=True, layer_fraction=0.2, clip_norm=0.05, inner_lr=0.5)  # layer 2 only
@@ -179,3 +179,158 @@ def test_cost_model_counts_top_k_experts_as_active():
     moe_layer = cost.layer_forward(1) - cost.layers[1].attention_flops_per_token(cfg.seq_len)
     attention = 2 * d * cfg.qkv_size + 2 * d * d
     assert moe_layer == pytest.approx(attention + 2 * d * E + 2 * k * experts + 2 * 3 * d * s)
+
+
+def _anchor(cfg: MoEConfig, seed: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(6, cfg.vocab_size, (3, cfg.seq_len), generator=g)
+    return tokens, draw_noise(tokens, maskable_positions(tokens, 0), ObjectiveConfig(), MASK, g)
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_moe_model_logits_and_mdlm_loss_equal_the_float64_reference(dims1, router):
+    model = float64_model(moe_config(**ROUTERS[router]), dims1)
+    tokens, noise = _anchor(model.cfg)
+    ours = model(tokens=noise.noisy)
+    torch.testing.assert_close(ours, reference.logits(model, reference.hidden(model, noise.noisy)),
+                               rtol=0, atol=1e-10)  # fmt: skip
+    loss = mdlm_loss(model, tokens, noise, ObjectiveConfig())
+    expected = reference.mdlm_loss(model, tokens, noise.t, noise.mask, noise.maskable)
+    assert abs(float(loss.detach()) - float(expected)) <= 1e-6 * abs(float(expected))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_moe_memdlm_loss_and_memory_equal_the_float64_reference_inner_loop(dims1, adapter):
+    """Both inner steps (stage 1 on a pre-anchor mask, stage 2 on the anchor), each expert clipped
+    with its own norm, then the outer loss with the final memory: the reference's to 1e-6."""
+    cfg = moe_config(**ROUTERS["llada2"])
+    model = float64_model(cfg, dims1)
+    tokens, noise = _anchor(cfg)
+    mem = MemoryConfig(enabled=True, adapter=adapter, layer_fraction=0.5, inner_lr=2.0, clip_norm=0.05)
+    (pre,) = pre_anchor_masks(noise.mask, noise.maskable, 1.5, 1, torch.Generator().manual_seed(9))
+    out = memdlm_loss(model, model, tokens, noise, ObjectiveConfig(), mem, MASK,
+                      torch.Generator().manual_seed(5), pre_masks=[pre])  # fmt: skip
+    spec = mem.spec_for(cfg)
+    fresh = spec.reset(None, torch.Generator().manual_seed(5))
+    phi = {i: {k: v.double().detach().requires_grad_(k != "scale") if torch.is_tensor(v) else v
+               for k, v in fresh.by_layer[i].items()} for i in spec.layers}  # fmt: skip
+    first = spec.layers[0]
+    k, n = noise.mask.sum(1), noise.maskable.sum(1)
+    for mask, weight in (
+        (pre, 1.0 / (1.5 * k / n).clamp(max=1.0).double()),
+        (noise.mask, 1.0 / noise.t.double()),
+    ):
+        loss = reference.stage_loss(model, tokens, mask, weight, phi, first)
+        grads = torch.autograd.grad(loss, [t for d in phi.values() for key, t in d.items() if key != "scale"])
+        assert max(float(g.norm()) for g in grads) > mem.clip_norm  # the clip is exercised
+        stepped = {}
+        for i in spec.layers:  # one inner step per layer's dict, the same loss for all of them
+            loss = reference.stage_loss(model, tokens, mask, weight, phi, first)
+            stepped[i] = reference_moe.inner_sgd_per_expert(
+                loss,
+                phi[i],
+                mem.inner_lr,
+                mem.clip_norm,
+                {key for key in phi[i] if key.startswith("experts.")},
+            )
+        phi = stepped
+    for i in spec.layers:
+        for key, value in out.fast.by_layer[i].items():
+            if key != "scale":
+                torch.testing.assert_close(
+                    value,
+                    phi[i][key].detach(),
+                    rtol=0,
+                    atol=1e-8,
+                    msg=lambda m, i=i, key=key: f"{i} {key}: {m}",
+                )
+    final = {
+        i: {key: v.detach() if torch.is_tensor(v) else v for key, v in d.items()} for i, d in phi.items()
+    }
+    expected = reference.mdlm_loss(model, tokens, noise.t, noise.mask, noise.maskable, fast=final)
+    assert abs(float(out.loss) - float(expected)) <= 1e-6 * abs(float(expected))
+    assert (
+        abs(float(out.loss) - float(mdlm_loss(model, tokens, noise, ObjectiveConfig()))) > 1e-4
+    )  # memory acts
+
+
+def test_an_experts_fast_weights_learn_only_from_the_tokens_routed_to_it(dims1):
+    cfg = moe_config(**ROUTERS["qwen3"])
+    model = float64_model(cfg, dims1)
+    mem = MemoryConfig(enabled=True, layer_fraction=0.2, inner_lr=0.5)  # layer 2 only
+    layer = mem.spec_for(cfg).layers[0]
+    fast = mem.spec_for(cfg).reset(None, torch.Generator().manual_seed(4), dtype=torch.float64)
+    h = torch.randn(1, 2, cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    routed = set(
+        reference_moe.route(h[0], model.layers[layer].moe.router.weight, None, cfg)[0].flatten().tolist()
+    )
+    assert 0 < len(routed) <= 4 < cfg.n_experts  # 2 tokens x top-2: some experts see none
+    per_position = model.layers[layer].moe(h, fast.by_layer[layer]).pow(2).sum(-1).reshape(-1)
+    new, _ = inner_step(fast, per_position, torch.ones(1, 2, dtype=torch.bool), torch.ones(1), mem, None)
+    for key in ("experts.gate.B", "experts.up.B", "experts.down.B"):
+        written = {e for e in range(cfg.n_experts) if new.by_layer[layer][key][e].abs().max() > 0}
+        assert written == routed, key
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_sampler_on_a_moe_model_gives_the_same_outputs_in_a_batch_as_one_by_one(dims1, adapt):
+    cfg = moe_config(**ROUTERS["llada2"], seq_len=24)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg, dims1).eval()
+    sampler = DiffusionSampler(model, vocab_size=60, mask_id=MASK, pad_id=0,
+                               memory=MemoryConfig(enabled=True, layer_fraction=0.5))  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(6, 60, (n,), generator=g).tolist() for n in (3, 7, 5)]
+    sc = SamplerConfig(gen_length=8, steps=4, block_length=4, temperature=0.7, adapt=adapt)
+    batch = sampler.generate(prompts, sc)
+    assert not (batch.tokens == MASK).any()
+    for i, p in enumerate(prompts):
+        assert torch.equal(sampler.generate([p], sc).tokens[0], batch.tokens[i]), f"prompt {i}"
+    if adapt:  # the inner loop wrote into the experts' and the shared experts' memories
+        for name in ("experts.down.B", "shared.down.B"):
+            assert all(float(batch.fast.by_layer[i][name].norm()) > 0 for i in (1, 2)), name
+
+
+def test_memory_model_splits_experts_over_ep_and_their_zero_partition_over_dp_over_ep():
+    cfg = moe_config(**ROUTERS["llada2"])
+    P, P_e = param_count(cfg), 3 * cfg.d_model * cfg.moe_ffn_hidden * cfg.n_experts * len(cfg.moe_layers())
+    replicated = {
+        ep: estimate_memory(cfg, None, micro_batch=1, tp=2, dp=4, zero_stage=0, ep=ep) for ep in (1, 2)
+    }
+    assert replicated[1].params == pytest.approx(2 * ((P - P_e) / 2 + P_e))  # experts are not TP-split
+    assert replicated[2].params == pytest.approx(2 * ((P - P_e) / 2 + P_e / 2))
+    assert replicated[2].optimizer == pytest.approx(12 * ((P - P_e) / 2 + P_e / 2))
+    zero3 = {ep: estimate_memory(cfg, None, micro_batch=1, tp=1, dp=4, zero_stage=3, ep=ep) for ep in (1, 4)}
+    # persistent partitions are 1/dp of everything either way; EP shrinks the gathered MoE layer
+    assert zero3[1].optimizer == zero3[4].optimizer == pytest.approx(12 * P / 4)
+    assert zero3[4].params < zero3[1].params
+
+
+def test_dry_run_prints_the_expert_parallel_layout_total_and_active_parameters(capsys):
+    argv = ["--cluster", "slurm-example", "--dry-run", "model_preset=small-moe", "parallel.ep=4"]
+    assert pretrain_main(argv) == 0
+    out = capsys.readouterr().out
+    cost = model_cost(load_train_config(None, ["model_preset=small-moe"]).model)
+    assert cost.params_total > 2 * cost.params_active  # 8 experts, top-2
+    total, active = f"{cost.params_total / 1e6:.1f}M", f"{cost.params_active / 1e6:.1f}M"
+    assert (
+        f"= TP=1 x DP=32 (EP=4 within DP), ZeRO-3, memdlm, {total} parameters ({active} active per token)"
+        in out
+    )
+    assert "# memory per rank (memory model, bf16): " in out
+
+
+def test_a_global_batch_memory_is_sharded_with_the_experts_and_keeps_the_unsharded_draw():
+    cfg = moe_config(**ROUTERS["llada2"])
+    spec = MemoryConfig(enabled=True, layer_fraction=0.5).spec_for(cfg)
+    full = spec.reset(None, torch.Generator().manual_seed(7))
+    halves = [spec.reset(None, torch.Generator().manual_seed(7), ep_rank=r, ep=2) for r in (0, 1)]
+    assert not full.experts_sharded and all(h.experts_sharded for h in halves)
+    for layer, key in full.names:
+        parts = [h.by_layer[layer][key] for h in halves]
+        if (layer, key) in full.experts:
+            assert parts[0].shape[0] == cfg.n_experts // 2
+            assert torch.equal(torch.cat(parts), full.by_layer[layer][key])
+        else:  # shared experts: whole on every rank
+            assert torch.equal(parts[0], full.by_layer[layer][key]) and torch.equal(parts[1], parts[0])
+    assert spec.floats_per_rank(1, ep=2) < spec.floats_per_rank(1)

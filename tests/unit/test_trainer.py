@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from launch.compare import charts_for, view_state
 from pipeline.diffusion.loss import mdlm_loss
 from pipeline.diffusion.noise import Noise, draw_noise, maskable_positions
 from pipeline.engine.checkpoint import CheckpointError, write_file_list
@@ -245,3 +246,25 @@ def test_skipped_corrupt_shards_are_agreed_across_ranks_and_logged(world1, tiny_
     assert max(m.value for m in history) >= 1
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000008" / "train_state.json").read_text())
     assert state["counters"]["skipped_shards_total"] == records[-1]["data/skipped_shards"]
+
+
+def test_moe_routing_metrics_reach_metrics_jsonl_mlflow_and_the_comparison_view(
+    world1, tiny_dataset, tmp_path
+):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_dataset, run, "model_preset=tiny-moe", "model.vocab_size=400", "model.seq_len=32",
+               "steps=2", "checkpoint.every=0")  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.run()
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    layers = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
+    for key in ("imbalance", "min_load", "aux_loss", "z_loss", "entropy"):
+        assert all(f"moe/layer{i}/{key}" in last for i in layers), key
+    assert last["moe/imbalance"] >= 1.0 and last["moe/dropped_tokens"] == 0
+    client, run_id = trainer.tracker.client, trainer.tracker.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "moe/imbalance")] == [1, 2]
+    trainer.close()
+    charts = [c["metricKey"] for c in view_state({"a": "1"}, charts_for(cfg.model))["compareRunCharts"]]
+    assert charts == ["loss", "eval/loss", "memory/gain", "moe/imbalance"]
+    dense = load_train_config(None, ["model_preset=tiny"]).model
+    assert "moe/imbalance" not in [m for m, _ in charts_for(dense)]

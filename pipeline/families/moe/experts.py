@@ -58,31 +58,45 @@ class GroupedExperts(nn.Module):
         memory_of_row: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """rows [M, D] grouped by local expert (``counts[e]`` rows each) -> outputs [M, D]."""
+        # One unbind per tensor, not an index per expert: the backward of E selects would add E
+        # full-size zero-padded gradients; unbind's stacks the E slices once.
+        weights = {name: getattr(self, w).unbind(0) for name, w in EXPERT_WEIGHTS.items()}
+        deltas = _per_expert(fast)
         outs, start = [], 0
         for e, xe in enumerate(rows.split(counts)):
             mem = None if memory_of_row is None else memory_of_row[start : start + counts[e]]
             start += counts[e]
-            g = self._project("gate", xe, e, fast, mem)
-            u = self._project("up", xe, e, fast, mem)
-            outs.append(self._project("down", F.silu(g) * u, e, fast, mem))
+            g = self._project("gate", xe, weights, e, deltas, mem)
+            u = self._project("up", xe, weights, e, deltas, mem)
+            outs.append(self._project("down", F.silu(g) * u, weights, e, deltas, mem))
         return torch.cat(outs) if outs else rows
 
     def _project(
         self,
         name: str,
         x: torch.Tensor,
+        weights: dict[str, tuple[torch.Tensor, ...]],
         e: int,
-        fast: Mapping[str, torch.Tensor] | None,
+        deltas: dict[str, tuple[torch.Tensor, ...] | torch.Tensor],
         mem: torch.Tensor | None,
     ) -> torch.Tensor:
         """x [m, in] through expert e's projection ``name``, plus its fast-weight delta."""
-        y = x @ getattr(self, EXPERT_WEIGHTS[name])[e].t()
-        if fast is None or (name + ".A" not in fast and name + ".W" not in fast):
+        y = x @ weights[name][e].t()
+        if name + ".W" in deltas:
+            return y + _rows_matmul(x, deltas[name + ".W"][e], mem)
+        if name + ".A" not in deltas:
             return y
-        if name + ".W" in fast:
-            return y + _rows_matmul(x, fast[name + ".W"][:, e], mem)
-        u = _rows_matmul(x, fast[name + ".A"][:, e], mem)  # [m, r]
-        return y + fast["scale"].to(x.dtype) * _rows_matmul(u, fast[name + ".B"][:, e], mem)
+        u = _rows_matmul(x, deltas[name + ".A"][e], mem)  # [m, r]
+        return y + deltas["scale"].to(x.dtype) * _rows_matmul(u, deltas[name + ".B"][e], mem)
+
+
+def _per_expert(
+    fast: Mapping[str, torch.Tensor] | None,
+) -> dict[str, tuple[torch.Tensor, ...] | torch.Tensor]:
+    """Fast weights [S, E_local, ...] -> per expert [S, ...] (one unbind each); ``scale`` as is."""
+    if fast is None:
+        return {}
+    return {k: v if k == "scale" else v.unbind(1) for k, v in fast.items()}
 
 
 def _rows_matmul(x: torch.Tensor, m: torch.Tensor, mem: torch.Tensor | None) -> torch.Tensor:

@@ -180,14 +180,18 @@ class MoELayer(nn.Module):
     ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:
         """This rank's experts' fast weights [S', E_local, ...] and the memory each received row
         uses (None: every row uses the one memory). ``fast`` holds per-sample memories [B, E, ...]
-        or one per batch [E, ...]; ``sample_of_copy`` [N*k] is the sample of each sent row. With
-        EP > 1 every source rank's memories of this rank's experts are received (source-major)."""
+        or one per batch [E, ...] (or [E_local, ...]: sharded with the experts, used as it is);
+        ``sample_of_copy`` [N*k] is the sample of each sent row. With EP > 1 every source rank's
+        memories of this rank's experts are received (source-major)."""
         if fast is None:
             return None, None
         per_sample = next(v for k, v in fast.items() if k != "scale").dim() == 4
         lead = {k: v if k == "scale" or per_sample else v.unsqueeze(0) for k, v in fast.items()}
         if plan.group is None:
             return lead, sample_of_copy if per_sample else None
+        if next(v for k, v in lead.items() if k != "scale").shape[1] == self.num_local_experts:
+            # a global-batch memory sharded with the experts: this rank holds its experts' part
+            return lead, None
         S = next(v for k, v in lead.items() if k != "scale").shape[0]
         received = {
             k: v if k == "scale" else exchange_expert_tensor(v, plan.group, self.num_local_experts)
