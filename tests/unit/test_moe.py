@@ -334,3 +334,18 @@ def test_a_global_batch_memory_is_sharded_with_the_experts_and_keeps_the_unshard
         else:  # shared experts: whole on every rank
             assert torch.equal(parts[0], full.by_layer[layer][key]) and torch.equal(parts[1], parts[0])
     assert spec.floats_per_rank(1, ep=2) < spec.floats_per_rank(1)
+
+
+@pytest.mark.parametrize(
+    ("preset", "total", "active"), [("llada2-mini", 16.26e9, 1.43e9), ("llada2-flash", 102.9e9, 6.15e9)]
+)
+def test_llada2_presets_build_on_meta_with_the_published_total_and_active_sizes(dims1, preset, total, active):
+    cfg = load_train_config(None, [f"model_preset={preset}"]).model
+    cost = model_cost(cfg)
+    assert cost.params_total == pytest.approx(total, rel=1e-3)
+    assert cost.params_active == pytest.approx(active, rel=5e-3)
+    if preset == "llada2-mini":  # the model itself (on the meta device) has exactly the counted parameters
+        with torch.device("meta"):
+            model = MoETransformer(cfg, dims1)
+        assert sum(p.numel() for p in model.parameters()) == cost.params_total
+        assert cfg.moe_layers() == list(range(1, 20)) and cfg.rotary_dim == 64
