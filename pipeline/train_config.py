@@ -162,14 +162,6 @@ class TrainConfig:
                 f"key 'parallel.ep': {self.parallel.ep} needs a model with experts (the '{family.name}' "
                 "family has none); use parallel.ep=1"
             )
-        if self.lora.enabled and family.expert_parallel:
-            # DeepSpeed 0.19.8's ZeRO-3 expert checkpoint refuses frozen experts: such a run would
-            # stop at its first checkpoint
-            raise ConfigError(
-                f"key 'lora.enabled': outer LoRA on a frozen '{family.name}' model is not supported yet "
-                "(DeepSpeed 0.19.8 cannot checkpoint frozen expert parameters under ZeRO-3); "
-                "fine-tune every weight (lora.enabled=false)"
-            )
 
     @property
     def method(self) -> str:

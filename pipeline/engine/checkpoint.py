@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.atomic_io import atomic_write_text
+from pipeline.patches.deepspeed import frozen_experts_saveable
 from pipeline.train_state import capture_rng, restore_rng
 
 LATEST = "latest"
@@ -425,7 +426,8 @@ def restore_buffers(model: torch.nn.Module, checkpoint: Path) -> int:
 def _write_rank_files(engine, tmp: Path, rank: int) -> None:
     """This rank's part of the checkpoint: DeepSpeed's files and its RNG states (and, on rank 0,
     the model's persistent buffers)."""
-    engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+    with frozen_experts_saveable(engine):  # outer LoRA on a MoE base: experts frozen
+        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
     buffers = persistent_buffers(engine.module)
     if rank == 0 and buffers:
         torch.save(buffers, tmp / BUFFERS)

@@ -78,13 +78,23 @@ def saved_layout(state: dict[str, Any]) -> Layout:
     return Layout(**{k: int(layout[k]) for k in ("world", "tp", "dp", "grad_accum", "micro_batch", "ep")})
 
 
-def _has_experts(state: dict[str, Any]) -> bool:
-    """Whether the checkpointed model's family splits experts over ranks (from its saved config)."""
-    model = ((state.get("config") or {}).get("model") or {}) if isinstance(state.get("config"), dict) else {}
+def _unconvertible_experts(state: dict[str, Any], saved: Layout) -> str | None:
+    """Why DeepSpeed's converter cannot take this checkpoint's experts to another layout (None:
+    it can, or the model has none): written at TP > 1 ('AutoEP + AutoTP' is refused), or with
+    frozen experts (outer LoRA: they are not in the optimizer shards the converter reads)."""
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    model = config.get("model") or {}
     try:
-        return get_family(str(model.get("family", "dense"))).expert_parallel
+        experts = get_family(str(model.get("family", "dense"))).expert_parallel
     except ConfigError:  # a family this installation does not know: the engine build will say so
-        return False
+        return None
+    if not experts:
+        return None
+    if saved.tp > 1:
+        return "written at TP > 1 (its converter refuses 'AutoEP + AutoTP')"
+    if (config.get("lora") or {}).get("enabled"):
+        return "with frozen experts (outer LoRA: they are not in the optimizer shards its converter reads)"
+    return None
 
 
 def plan_resume(path: Path, state: dict[str, Any], current: Layout) -> ResumePlan:
@@ -102,11 +112,11 @@ def plan_resume(path: Path, state: dict[str, Any], current: Layout) -> ResumePla
         )
     if (saved.tp, saved.dp, saved.ep) == (current.tp, current.dp, current.ep):
         return ResumePlan(path, state, saved, current)
-    if saved.tp > 1 and _has_experts(state):
+    unconvertible = _unconvertible_experts(state, saved)
+    if unconvertible:
         raise CheckpointError(
             f"{path}: a mixture-of-experts checkpoint written at {_sizes(saved)}; DeepSpeed 0.19.8 cannot convert "
-            f"one written at TP > 1 to another layout (its converter refuses 'AutoEP + AutoTP'). Resume it at "
-            f"{_sizes(saved)} (this run is {_sizes(current)})"
+            f"one {unconvertible} to another layout. Resume it at {_sizes(saved)} (this run is {_sizes(current)})"
         )
     if saved.micro_batch != current.micro_batch:
         raise CheckpointError(

@@ -17,6 +17,14 @@ checkpoint, pipeline/engine/elastic.py): ZeRO-3's universal load
   in place: with two sub-groups each step counted twice in Adam's bias correction (losses drifted
   2e-5 to 9e-4 relative within 4 steps). Every sub-group gets its own counter.
 
+``frozen_experts_saveable`` (a context manager around ``engine.save_checkpoint``): ZeRO-3's
+AutoEP checkpoint refuses frozen expert parameters ("frozen fragments are not stored in ZeRO
+optimizer shards"), and then requires every expert parameter among the optimizer's
+``param_shapes``: outer LoRA on a mixture of experts (a frozen base) died at its first checkpoint.
+For the save only, the refusal sees them as trainable, the shape check skips them, and they are
+saved with the other frozen parameters (each rank's ZeRO fragment), where the loader restores
+them from. Converting such a checkpoint to another layout stays refused by DeepSpeed's converter.
+
 ``wrap_bare_universal_tensors``: ``ds_to_universal`` writes a state as ``{"param": tensor}`` for a
 TP>1 source but as a bare tensor for a TP=1 one, and the loader applies a parameter's TP layout to
 the dict form only: a TP=1 checkpoint resumed at TP=2 would load every full tensor into a
@@ -51,6 +59,13 @@ UNIVERSAL_LOAD_REPAIRS = Patch(
     why="its ZeRO-3 universal load ignores the mpu's TP group, copies group 0's weight decay to every "
     "group and shares one Adam step counter among sub-groups",
     test="tests/unit/test_patches.py::test_unpatched_universal_load_shares_adam_step_and_weight_decay",
+)
+FROZEN_EXPERTS_SAVEABLE = Patch(
+    name="deepspeed.frozen_experts_saveable",
+    distribution="deepspeed",
+    written_for=WRITTEN_FOR,
+    why="its ZeRO-3 AutoEP checkpoint refuses frozen expert parameters (outer LoRA on a MoE base)",
+    test="tests/unit/test_patches.py::test_unpatched_deepspeed_refuses_to_checkpoint_frozen_experts",
 )
 WRAP_BARE_UNIVERSAL_TENSORS = Patch(
     name="deepspeed.wrap_bare_universal_tensors",
@@ -90,6 +105,51 @@ def universal_load_repairs(engine, tp_group) -> Iterator[None]:
     for state in inner.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+
+
+@contextlib.contextmanager
+def frozen_experts_saveable(engine) -> Iterator[None]:
+    """Around ``engine.save_checkpoint``: its frozen expert parameters pass DeepSpeed's two
+    save-time checks and are saved with the other frozen parameters (module docstring); a no-op
+    without them."""
+    module = engine.module
+    frozen = {
+        n: p
+        for n, p in module.named_parameters()
+        if getattr(p, "is_expert_group", False) and not p.requires_grad
+    }
+    if not frozen:
+        yield
+        return
+    require(FROZEN_EXPERTS_SAVEABLE)
+    from deepspeed.runtime.engine import DeepSpeedEngine  # heavy: only where an engine exists
+
+    def set_trainable(value: bool) -> None:
+        for p in frozen.values():
+            p.requires_grad_(value)
+
+    names = DeepSpeedEngine.__dict__["_autoep_expert_parameter_names"]
+    common_state = engine._common_checkpoint_state
+
+    def trainable_expert_names(autoep_layers, model):
+        return names.__func__(autoep_layers, model) - set(frozen)
+
+    def state_with_frozen_experts(*args, **kwargs):
+        set_trainable(False)  # frozen again while the frozen parameters' fragments are collected
+        try:
+            return common_state(*args, **kwargs)
+        finally:
+            set_trainable(True)
+
+    set_trainable(True)  # the refusal of frozen experts reads requires_grad
+    DeepSpeedEngine._autoep_expert_parameter_names = staticmethod(trainable_expert_names)
+    engine._common_checkpoint_state = state_with_frozen_experts
+    try:
+        yield
+    finally:
+        del engine._common_checkpoint_state
+        DeepSpeedEngine._autoep_expert_parameter_names = names
+        set_trainable(False)
 
 
 def wrap_bare_universal_tensors(zero: Path) -> None:

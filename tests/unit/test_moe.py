@@ -349,10 +349,3 @@ def test_llada2_presets_build_on_meta_with_the_published_total_and_active_sizes(
             model = MoETransformer(cfg, dims1)
         assert sum(p.numel() for p in model.parameters()) == cost.params_total
         assert cfg.moe_layers() == list(range(1, 20)) and cfg.rotary_dim == 64
-
-
-def test_outer_lora_on_a_moe_model_is_refused_at_start_naming_the_key():
-    with pytest.raises(
-        ConfigError, match=r"key 'lora.enabled': outer LoRA on a frozen 'moe' model is not supported"
-    ):
-        load_train_config(None, ["model_preset=tiny-moe", "lora.enabled=true"])

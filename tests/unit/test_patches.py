@@ -36,6 +36,7 @@ def test_every_patch_names_its_pinned_version_and_it_is_the_installed_one():
         ds_patches.SKIP_SHM_COMM_BUILD,
         ds_patches.UNIVERSAL_LOAD_REPAIRS,
         ds_patches.WRAP_BARE_UNIVERSAL_TENSORS,
+        ds_patches.FROZEN_EXPERTS_SAVEABLE,
     ]
     for patch in patches:
         assert installed_version(patch.distribution) == patch.written_for, patch.name
@@ -157,3 +158,26 @@ def test_unpatched_universal_load_shares_adam_step_and_weight_decay(
     assert shared and copied, (
         "DeepSpeed's universal load no longer shares Adam's step or copies group 0's weight decay"
     )
+
+
+def test_unpatched_deepspeed_refuses_to_checkpoint_frozen_experts(tiny_dataset, tmp_path, world1):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from pipeline.train import Trainer
+
+    moe_lora = ("model_preset=tiny-moe", "model.vocab_size=400", "model.seq_len=32", "lora.enabled=true")
+    trainer = Trainer(tiny_trainer_config(tiny_dataset, tmp_path / "run", "steps=1", *moe_lora))
+    engine = trainer.engine
+    experts = [p for p in engine.module.parameters() if getattr(p, "is_expert_group", False)]
+    assert experts and not any(p.requires_grad for p in experts)  # the frozen base's experts
+    with pytest.raises(RuntimeError, match="does not support frozen expert parameters"):
+        engine.save_checkpoint(str(tmp_path / "bare"), tag="ds", save_latest=False)
+    names = DeepSpeedEngine.__dict__["_autoep_expert_parameter_names"]
+    with ds_patches.frozen_experts_saveable(engine):
+        engine.save_checkpoint(str(tmp_path / "patched"), tag="ds", save_latest=False)
+    saved = torch.load(next((tmp_path / "patched" / "ds").glob("*model_states.pt")), weights_only=False)
+    assert any(".experts.w1" in name for name in saved["frozen_param_fragments"])  # saved with the frozen
+    # everything the patch touched is as it was
+    assert DeepSpeedEngine.__dict__["_autoep_expert_parameter_names"] is names
+    assert "_common_checkpoint_state" not in vars(engine) and not any(p.requires_grad for p in experts)
+    trainer.close()

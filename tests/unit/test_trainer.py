@@ -268,3 +268,20 @@ def test_moe_routing_metrics_reach_metrics_jsonl_mlflow_and_the_comparison_view(
     assert charts == ["loss", "eval/loss", "memory/gain", "moe/imbalance"]
     dense = load_train_config(None, ["model_preset=tiny"]).model
     assert "moe/imbalance" not in [m for m, _ in charts_for(dense)]
+
+
+def test_outer_lora_on_a_moe_model_checkpoints_and_resumes_exactly(world1, tiny_dataset, tmp_path):
+    moe_lora = ("model_preset=tiny-moe", "model.vocab_size=400", "model.seq_len=32", "lora.enabled=true",
+                "lora.targets=[qkv,out]", "checkpoint.every=2")  # fmt: skip
+    full = Trainer(_cfg(tiny_dataset, tmp_path / "full", *moe_lora))
+    want = full.run()
+    full.close()
+    first = Trainer(_cfg(tiny_dataset, tmp_path / "part", *moe_lora))
+    first.run(stop_after=2)
+    first.close()
+    again = Trainer(_cfg(tiny_dataset, tmp_path / "part", *moe_lora))
+    assert again.state.step == 2
+    got = again.run()
+    again.close()
+    assert [r["step"] for r in got] == [3, 4]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want[2:]]  # frozen experts restored exactly
