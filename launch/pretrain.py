@@ -35,8 +35,9 @@ from pipeline.build import export_tracking_credentials
 from pipeline.cli import print_error, run_main
 from pipeline.config import ConfigError
 from pipeline.dataset.manifest import verify_manifest
+from pipeline.hardware.peak import known_peak_tflops
 from pipeline.loader.stream import TokenBatchLoader
-from pipeline.perf.cost import model_cost
+from pipeline.perf.cost import expected_step_work, model_cost, step_flops
 from pipeline.perf.memory_model import estimate_memory
 from pipeline.run_lock import RunLocked, check_free
 from pipeline.stop import STOPPED_EXIT
@@ -87,6 +88,27 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
+ASSUMED_MFU = 0.4  # for the dry run's step time: what a tuned bf16 run of this size reaches
+
+
+def _step_time(cluster: ClusterConfig, cfg: TrainConfig, cost, dp: int) -> str:
+    """The cost model's FLOPs per optimizer step, and the step time they take on the cluster's GPUs
+    (by its ``constraint``, from the table of known bf16 peaks) at an assumed MFU."""
+    tokens = dp * cfg.grad_accum * cfg.data.batch_size * cfg.model.seq_len
+    work = expected_step_work(tokens, cfg.memory)
+    flops = step_flops(cost, work, cfg.memory, cfg.lora)
+    line = f"compute per step (cost model, {tokens} tokens): {flops / 1e15:.3g} PFLOP"
+    gpu = (cluster.constraint or "").upper()
+    peak = known_peak_tflops(gpu) if gpu and cluster.gpus_per_node else None
+    if peak is None:
+        return line + " (no known GPU in the cluster's constraint: no step time estimated)"
+    seconds = flops / (cluster.world_size * peak * 1e12 * ASSUMED_MFU)
+    return (
+        line
+        + f"; {seconds:.2f} s per step on {cluster.world_size} x {gpu} at {ASSUMED_MFU:.0%} MFU of {peak:g} TFLOP/s"
+    )
+
+
 def _dry_run(cluster: ClusterConfig, cfg: TrainConfig, run_dir: Path) -> None:
     print("# cluster:", json.dumps(asdict(cluster), indent=2))
     print("# training config (resolved):", json.dumps(redact_config(asdict(cfg)), indent=2))
@@ -111,6 +133,7 @@ def _dry_run(cluster: ClusterConfig, cfg: TrainConfig, run_dir: Path) -> None:
     )  # fmt: skip
     parts = ", ".join(f"{k} {v:g}" for k, v in est.as_gib().items() if k != "total")
     print(f"# memory per rank (memory model, bf16): {est.total_gib:.2f} GiB ({parts} GiB)")
+    print(f"# {_step_time(cluster, cfg, cost, dp)}")
     if cfg.lora.enabled:
         print(f"# {lora_summary(cfg.model, cfg.lora)}")
     if cfg.init_from and not (Path(cfg.init_from) / "model.safetensors").is_file():

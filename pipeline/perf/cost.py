@@ -198,6 +198,20 @@ def step_flops(cost: ModelCost, work: StepWork, memory=None, lora=None) -> float
     return flops
 
 
+def expected_step_work(tokens: float, memory=None, mask_fraction: float = 0.5) -> StepWork:
+    """The work of a step over ``tokens`` before it runs: ``mask_fraction`` of them masked (0.5:
+    the mean of the linear schedule), each pre-anchor stage ``pre_anchor_scale`` times more
+    (capped at all), the anchor stage at the anchor's positions."""
+    loss = tokens * mask_fraction
+    if memory is None or not memory.enabled:
+        return StepWork(tokens, loss)
+    k = memory.pre_anchor_steps
+    stages = tuple(
+        tokens * min(1.0, mask_fraction * memory.pre_anchor_scale ** (k - j)) for j in range(k)
+    )  # most noisy first
+    return StepWork(tokens, loss, stages, loss if memory.anchor_step else None)
+
+
 def estimate_mfu(flops_per_s: float, peak_flops_per_s: float) -> float:
     """Model FLOPs utilisation: achieved / peak (the caller guarantees a peak that is not stale;
     pipeline/hardware/peak.py)."""

@@ -11,7 +11,7 @@ from pipeline.diffusion.config import ObjectiveConfig
 from pipeline.families import get_family
 from pipeline.memory.config import MemoryConfig
 from pipeline.objectives import Batch, Draws, build_objective
-from pipeline.perf.cost import model_cost
+from pipeline.perf.cost import StepWork, expected_step_work, model_cost
 from tests.conftest import tiny_model_config
 
 aten = torch.ops.aten
@@ -118,3 +118,11 @@ def test_params_total_and_active_of_the_dense_presets():
     layer = 4 * 384 * 384 + 3 * 384 * 1024 + 2 * 384
     assert cost.params_total == 8 * layer + 2 * 8064 * 384 + 384
     assert cost.params_active == cost.params_total  # dense: every parameter is active
+
+
+def test_expected_step_work_masks_half_and_scales_each_pre_anchor_stage():
+    assert expected_step_work(1000) == StepWork(1000, 500.0)
+    mem = MemoryConfig(enabled=True, pre_anchor_steps=2, pre_anchor_scale=1.5)
+    # most noisy first: 0.5 x 1.5^2 capped at 1, then 0.5 x 1.5; the anchor stage at the anchor's 500
+    assert expected_step_work(1000, mem) == StepWork(1000, 500.0, (1000.0, 750.0), 500.0)
+    assert expected_step_work(1000, MemoryConfig(enabled=True, anchor_step=False)).anchor_positions is None

@@ -23,6 +23,7 @@ from pipeline.config import ConfigError
 from pipeline.engine.export import consolidated_state_dict, export_model, load_exported
 from pipeline.families.registry import param_count
 from pipeline.model.config import ModelConfig
+from pipeline.perf.cost import expected_step_work, model_cost, step_flops
 from pipeline.train_config import load_train_config
 from tests._models import dense_model
 from tests.conftest import export_random_model, tiny_model_config, tiny_trainer_config
@@ -185,6 +186,12 @@ def test_the_8b_recipe_dry_run_names_the_plan_and_the_lora_trainable_count(capsy
         '"zero_init": true',
     ):
         assert line in out, line
+    # the cost model's FLOPs for 32 sequences of 4096 tokens, and their time on 16 H100s at 40 % MFU
+    cost, work = model_cost(m), expected_step_work(32 * 4096, cfg.memory)
+    flops = step_flops(cost, work, cfg.memory, cfg.lora)
+    assert 5e15 < flops < 12e15  # ~6 x 8B x 131k tokens, less the frozen base's weight gradients, plus MemDLM
+    seconds = flops / (16 * 989e12 * 0.4)
+    assert f"{flops / 1e15:.3g} PFLOP; {seconds:.2f} s per step on 16 x H100 at 40% MFU of 989 TFLOP/s" in out
     assert (
         ModelConfig(**json.loads(out.split("# training config (resolved): ")[1].split("\n# ")[0])["model"])
         == m
