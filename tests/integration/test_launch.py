@@ -62,7 +62,7 @@ def test_slurm_dry_run_prints_the_sbatch_script(capsys):
 def test_cluster_config_errors_name_what_is_allowed(tmp_path, capsys):
     assert pretrain_main(["--cluster", "moon"]) == 2
     assert (
-        "unknown cluster 'moon': no configs/cluster/moon.yaml; available: ci-slurm, ci-slurm-2node, local, slurm-2node-h100, slurm-example"
+        "unknown cluster 'moon': no configs/cluster/moon.yaml; available: ci-slurm, ci-slurm-2node, local, slurm-2node-h100, slurm-example, slurm-llada21-mini"
         in capsys.readouterr().err
     )
     bad = tmp_path / "bad.yaml"

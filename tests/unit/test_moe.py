@@ -349,3 +349,16 @@ def test_llada2_presets_build_on_meta_with_the_published_total_and_active_sizes(
             model = MoETransformer(cfg, dims1)
         assert sum(p.numel() for p in model.parameters()) == cost.params_total
         assert cfg.moe_layers() == list(range(1, 20)) and cfg.rotary_dim == 64
+
+
+def test_the_llada21_mini_recipes_differ_only_in_the_memory_and_dry_run_with_ep_and_active_params(capsys):
+    memdlm = dataclasses.asdict(load_train_config("configs/train/llada21-mini-memdlm.yaml"))
+    mdlm = dataclasses.asdict(load_train_config("configs/train/llada21-mini-mdlm.yaml"))
+    differ = {k for k in memdlm if memdlm[k] != mdlm[k]}
+    assert differ == {"run_dir", "memory"} and memdlm["memory"] | {"enabled": False} == mdlm["memory"]
+    assert pretrain_main(["--cluster", "slurm-llada21-mini", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=1", "#SBATCH --gpus-per-node=8",
+                 "8 task(s) = TP=1 x DP=8 (EP=8 within DP), ZeRO-3, memdlm, 16.26B parameters (1.43B active per token)",
+                 "# memory per rank (memory model, bf16): ", "s per step on 8 x H100 at 40% MFU"):  # fmt: skip
+        assert line in out, line
