@@ -3,6 +3,7 @@
     make sample CHECKPOINT=runs/local/export PROMPT="In the beginning"
     python -m launch.sample --checkpoint runs/local/export --prompt "In the beginning" \
         --gen-length 64 --steps 64 --block-length 16 --temperature 0 --adapt both
+    make sample CHECKPOINT=... PROMPT="..." ARGS='--block-length 32 --threshold 0.9 --hide-later-blocks'
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-length", type=int, default=0)
     ap.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="LLaDA2 decoding: commit every masked position of the block whose confidence is above\n"
+        "this (at least the schedule's share); steps / blocks is then a cap per block.\n"
+        "default: the fixed schedule",
+    )
+    ap.add_argument(
+        "--hide-later-blocks",
+        action="store_true",
+        help="the current block sees only the prompt, the finished blocks and itself (LLaDA2)",
+    )
     ap.add_argument(
         "--adapt",
         choices=["off", "on", "both"],
@@ -75,6 +89,8 @@ def _main(argv: list[str]) -> int:
             block_length=args.block_length,
             remasking=args.remasking,
             temperature=args.temperature,
+            threshold=args.threshold,
+            hide_later_blocks=args.hide_later_blocks,
             adapt=on,
             seed=args.seed,
             bf16=bf16,
@@ -86,6 +102,8 @@ def _main(argv: list[str]) -> int:
             print(
                 f"--- memory {'on (adapted to the prompt)' if on else 'off'} ---\n{text}{bold}{resp}{plain}"
             )
+        if cfg.threshold is not None:  # what the threshold saved
+            print(f"denoising steps per prompt: {out.steps.tolist()} (at most {cfg.steps})")
     return 0
 
 

@@ -12,7 +12,9 @@
 * ``loglikelihood_rolling``: the text in windows of half the model's ``seq_len``, each scored
   given the half window of text before it; the window estimates are summed.
 * ``generate_until``: the denoising sampler (greedy by default, one token per step) for
-  ``max_gen_toks`` tokens, cut at the first EOS and at the first ``until`` string.
+  ``max_gen_toks`` tokens, cut at the first EOS and at the first ``until`` string;
+  ``threshold=0.9`` (and ``hide_later_blocks=true``) decode as LLaDA2 does, one step per token
+  at most (pipeline/sampler.py).
 * ``adapt=true``: inference-time memory; every distinct context is first written into its own
   memory, which the scores and generations for that context then use.
 
@@ -46,6 +48,8 @@ class MemDLMEvalModel(LM):
         adapt: bool = False,
         temperature: float = 0.0,
         block_length: int = 0,
+        threshold: float | str | None = None,
+        hide_later_blocks: bool = False,
         seed: int = 0,
         bf16: bool = False,
         batch_size: int | str | None = None,
@@ -64,6 +68,10 @@ class MemDLMEvalModel(LM):
             bool(bf16),
         )
         self.temperature, self.block_length = float(temperature), int(block_length)
+        # lm-eval hands model_args over as parsed literals; "none" (or absent) = the fixed schedule
+        self.threshold = None if threshold in (None, "", "none", "None") else float(threshold)
+        self.hide_later_blocks = bool(hide_later_blocks)
+        SamplerConfig(gen_length=1, steps=1, threshold=self.threshold).validate()  # a bad one fails now
         self.batch = (
             int(batch_size) if isinstance(batch_size, int | float) or str(batch_size).isdigit() else 16
         )
@@ -171,6 +179,8 @@ class MemDLMEvalModel(LM):
                 steps=G,
                 block_length=self.block_length,
                 temperature=float(kw.get("temperature", self.temperature) or 0.0),
+                threshold=self.threshold,
+                hide_later_blocks=self.hide_later_blocks,
                 adapt=self.adapt,
                 seed=self.seed,
                 bf16=self.bf16,

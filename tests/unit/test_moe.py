@@ -272,15 +272,20 @@ def test_an_experts_fast_weights_learn_only_from_the_tokens_routed_to_it(dims1):
         assert written == routed, key
 
 
-@pytest.mark.parametrize("adapt", [False, True])
-def test_sampler_on_a_moe_model_gives_the_same_outputs_in_a_batch_as_one_by_one(dims1, adapt):
+def _moe_sampler(dims) -> tuple[DiffusionSampler, list[list[int]]]:
+    """A sampler (memory on layers 1-2) on a tiny LLaDA2-router MoE, and three prompts of 3, 7, 5 tokens."""
     cfg = moe_config(**ROUTERS["llada2"], seq_len=24)
     torch.manual_seed(0)
-    model = MoETransformer(cfg, dims1).eval()
+    model = MoETransformer(cfg, dims).eval()
     sampler = DiffusionSampler(model, vocab_size=60, mask_id=MASK, pad_id=0,
                                memory=MemoryConfig(enabled=True, layer_fraction=0.5))  # fmt: skip
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(6, 60, (n,), generator=g).tolist() for n in (3, 7, 5)]
+    return sampler, [torch.randint(6, 60, (n,), generator=g).tolist() for n in (3, 7, 5)]
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_sampler_on_a_moe_model_gives_the_same_outputs_in_a_batch_as_one_by_one(dims1, adapt):
+    sampler, prompts = _moe_sampler(dims1)
     sc = SamplerConfig(gen_length=8, steps=4, block_length=4, temperature=0.7, adapt=adapt)
     batch = sampler.generate(prompts, sc)
     assert not (batch.tokens == MASK).any()
@@ -362,3 +367,17 @@ def test_the_llada21_mini_recipes_differ_only_in_the_memory_and_dry_run_with_ep_
                  "8 task(s) = TP=1 x DP=8 (EP=8 within DP), ZeRO-3, memdlm, 16.26B parameters (1.43B active per token)",
                  "# memory per rank (memory model, bf16): ", "s per step on 8 x H100 at 40% MFU"):  # fmt: skip
         assert line in out, line
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_sampler_with_a_threshold_on_a_moe_model_commits_every_position_within_the_cap(dims1, adapt):
+    sampler, prompts = _moe_sampler(dims1)
+    sc = SamplerConfig(gen_length=8, steps=8, block_length=4, temperature=0.7, threshold=0.1,
+                       hide_later_blocks=True, adapt=adapt)  # fmt: skip
+    batch = sampler.generate(prompts, sc)
+    assert not (batch.tokens == MASK).any() and bool((batch.commit_step >= 0).all())
+    assert int(batch.steps.max()) <= 8 and int(batch.steps.min()) < 8  # capped, and the threshold saved steps
+    assert batch.steps.tolist() == (batch.commit_step.max(1).values + 1).tolist()
+    for i, p in enumerate(prompts):
+        alone = sampler.generate([p], sc)
+        assert torch.equal(alone.tokens[0], batch.tokens[i]) and int(alone.steps[0]) == int(batch.steps[i])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,6 +21,17 @@ MASK, PAD, VOCAB = 4, 0, 280  # tokenizer vocab below the model's (padded) 300/3
 def sampler(world1):
     torch.manual_seed(0)
     model = dense_model(tiny_model_config(seq_len=40)).eval()
+    return DiffusionSampler(
+        model, vocab_size=VOCAB, mask_id=MASK, pad_id=PAD, memory=MemoryConfig(enabled=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def sharp(world1):
+    """A random model with large weights: its confidences spread over (0, 1), so thresholds split them
+    (the ``sampler`` fixture's are all about 1 / vocab, the same at every masked position)."""
+    torch.manual_seed(0)
+    model = dense_model(tiny_model_config(seq_len=40, init_std=0.5)).eval()
     return DiffusionSampler(
         model, vocab_size=VOCAB, mask_id=MASK, pad_id=PAD, memory=MemoryConfig(enabled=True)
     )
@@ -45,6 +58,9 @@ def test_commit_schedule_splits_a_block_evenly_remainder_first():
         (dict(gen_length=12, block_length=4, steps=4), "multiple of the 3 block"),
         (dict(gen_length=8, steps=16), "exceed the block"),
         (dict(temperature=-1.0), "temperature"),
+        (dict(threshold=1.5), r"key 'threshold': got 1.5, expected a probability in \[0, 1\]"),
+        (dict(threshold=float("nan")), "key 'threshold': got nan"),
+        (dict(threshold=0.9, remasking="random"), "key 'threshold': needs remasking 'low_confidence'"),
     ],
 )
 def test_bad_sampler_config_names_the_key(kw, needle):
@@ -197,3 +213,109 @@ def test_make_sample_prints_memory_off_and_adapted_responses(tiny_export, capsys
         == 2
     )
     assert "block_length" in capsys.readouterr().err
+
+
+# LLaDA2's confidence-threshold decoding (``threshold``) and its attention layout (``hide_later_blocks``)
+
+
+def _first_step_confidence(sampler, prompt: list[int], gen_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy token and its probability at each response position before any is committed."""
+    x = torch.tensor([prompt + [MASK] * gen_length])
+    with torch.no_grad():
+        logits = sampler.model(tokens=x)[0, len(prompt) :].double()
+    logits[:, VOCAB:] = float("-inf")
+    logits[:, [MASK, PAD]] = float("-inf")
+    p, tok = torch.softmax(logits, -1).max(-1)
+    return p, tok
+
+
+@pytest.mark.parametrize("steps", [12, 6])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_a_threshold_never_met_commits_the_schedule_and_equals_the_fixed_schedule(sharp, steps, temperature):
+    prompts = _prompts(3)
+    cfg = SamplerConfig(gen_length=12, steps=steps, block_length=4, temperature=temperature)
+    fixed = sharp.generate(prompts, cfg, trace=True)
+    capped = sharp.generate(prompts, dataclasses.replace(cfg, threshold=1.0), trace=True)
+    assert torch.equal(capped.tokens, fixed.tokens) and torch.equal(capped.commit_step, fixed.commit_step)
+    assert capped.steps.tolist() == fixed.steps.tolist() == [steps] * 3
+    per_step = 12 // steps
+    for k, state in enumerate(capped.trace):  # one token per step (two with 6 steps), every row
+        assert (state != MASK).sum(1).tolist() == [per_step * (k + 1)] * 3
+
+
+def test_threshold_zero_commits_every_masked_position_of_a_block_in_its_first_step(sharp):
+    cfg = SamplerConfig(gen_length=12, steps=12, block_length=4, threshold=0.0)
+    out = sharp.generate(_prompts(3), cfg, trace=True)
+    assert out.steps.tolist() == [3, 3, 3] and len(out.trace) == 3  # one step per block
+    assert out.commit_step.tolist() == [(torch.arange(12) // 4).tolist()] * 3
+    assert not (out.tokens == MASK).any()
+
+
+def test_a_threshold_commits_exactly_the_positions_above_it(sharp):
+    prompt = _prompts(1)[0]
+    p, tok = _first_step_confidence(sharp, prompt, 8)
+    top = p.sort(descending=True)
+    threshold = float(top.values[2] + top.values[3]) / 2  # three positions above it
+    out = sharp.generate([prompt], SamplerConfig(gen_length=8, steps=8, threshold=threshold))
+    first = (out.commit_step[0] == 0).nonzero()[:, 0]
+    assert sorted(first.tolist()) == sorted(top.indices[:3].tolist())
+    assert torch.equal(out.tokens[0, first], tok[first])
+    assert int(out.steps[0]) < 8
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_a_batch_gives_the_same_outputs_as_one_by_one_with_a_threshold(sharp, adapt):
+    prompts = _prompts(4)
+    cfg = SamplerConfig(
+        gen_length=12,
+        steps=12,
+        block_length=4,
+        temperature=0.7,
+        threshold=0.5,
+        hide_later_blocks=True,
+        adapt=adapt,
+    )
+    batch = sharp.generate(prompts, cfg)
+    assert len(set(batch.steps.tolist())) > 1  # rows finish their blocks at different steps
+    for i, p in enumerate(prompts):
+        alone = sharp.generate([p], cfg)
+        assert torch.equal(alone.tokens[0], batch.tokens[i]), f"prompt {i}"
+        assert torch.equal(alone.commit_step[0], batch.commit_step[i]), f"prompt {i}"
+        assert int(alone.steps[0]) == int(batch.steps[i])
+
+
+def test_the_steps_a_threshold_uses_are_reported_and_capped_per_block(sharp):
+    cfg = SamplerConfig(gen_length=12, steps=6, block_length=4, threshold=0.5)  # at most 2 steps per block
+    out = sharp.generate(_prompts(4), cfg, trace=True)
+    assert out.steps.tolist() == (out.commit_step.max(1).values + 1).tolist()
+    assert len(out.trace) == int(out.steps.max()) <= 6 and int(out.steps.min()) < 6  # the cap, and a saving
+    for row in out.commit_step:
+        used = sorted(set(row.tolist()))
+        assert used == list(range(len(used)))  # a row takes consecutive steps, never idles
+        for b in range(3):
+            assert len(set(row[4 * b : 4 * b + 4].tolist())) <= 2, row
+
+
+def test_hidden_later_blocks_make_each_block_independent_of_the_ones_after_it(sharp):
+    prompts = _prompts(3)
+    cfg = SamplerConfig(gen_length=12, steps=12, block_length=4, temperature=0.7, threshold=0.5)
+    for hide in (True, False):
+        full = sharp.generate(prompts, dataclasses.replace(cfg, hide_later_blocks=hide))
+        same = []
+        for n in (4, 8):  # the response cut after its first one, two blocks
+            short = sharp.generate(
+                prompts, dataclasses.replace(cfg, gen_length=n, steps=n, hide_later_blocks=hide)
+            )
+            same.append(torch.equal(full.tokens[:, :n], short.tokens))
+        assert all(same) if hide else not all(same)  # visible later masks change the earlier blocks
+
+
+def test_make_sample_takes_a_threshold_and_reports_the_steps(tiny_export, capsys):
+    from launch.sample import main
+
+    base = ["--checkpoint", str(tiny_export), "--prompt", "the river", "--gen-length", "8", "--adapt", "off"]
+    assert main([*base, "--block-length", "4", "--threshold", "0.9", "--hide-later-blocks"]) == 0
+    out = capsys.readouterr().out
+    assert "memory off" in out and "denoising steps per prompt: [" in out and "(at most 8)" in out
+    assert main([*base, "--threshold", "2"]) == 2
+    assert "key 'threshold': got 2.0, expected a probability in [0, 1]" in capsys.readouterr().err
