@@ -39,6 +39,7 @@ MOE_DEFAULTS = dict(
     topk_group=1,
     group_score="top2_sum",
     score_bias=False,
+    score_bias_in_weights=False,
     aux_loss_coef=0.0,
     z_loss_coef=0.0,
 )
@@ -69,8 +70,9 @@ def route(
     """Route N tokens: x [N, D], router_w [E, D], bias [E] (used only when cfg.score_bias).
 
     Returns idx [N, k] (long, torch.topk order), w [N, k] (the UNbiased scores of the chosen experts,
-    optionally renormalised, times routed_scaling_factor), logits [N, E], scores [N, E] (softmax or
-    sigmoid of the logits). Computed in float64 when x is float64, else float32.
+    optionally renormalised, times routed_scaling_factor; with cfg.score_bias_in_weights, LLaDA-MoE's
+    router, the BIASED scores scores + bias), logits [N, E], scores [N, E] (softmax or sigmoid of the
+    logits). Computed in float64 when x is float64, else float32.
     """
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     logits = x.to(dt) @ router_w.to(dt).t()
@@ -98,7 +100,12 @@ def route(
                 if g not in keep:
                     choice[n, g * size : (g + 1) * size] = float("-inf")
     idx = torch.topk(choice, cfg.top_k, dim=-1).indices
-    w = scores.gather(1, idx)
+    if cfg.score_bias_in_weights:
+        if not cfg.score_bias:
+            raise ValueError("cfg.score_bias_in_weights is set but cfg.score_bias is not")
+        w = (scores + bias.to(dt)).gather(1, idx)  # LLaDA-MoE: the biased probabilities are the weights
+    else:
+        w = scores.gather(1, idx)
     if cfg.norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     w = w * cfg.routed_scaling_factor

@@ -445,3 +445,24 @@ def test_route_takes_weights_from_unbiased_scores_in_the_kept_groups():
     # without the groups the choice would be [6, 4], without the bias [2, 4]
     assert idx.tolist() == [[6, 7]] and torch.equal(lg, logits)
     assert torch.allclose(w, torch.sigmoid(logits[:, [6, 7]]), rtol=0, atol=TOL)
+
+
+def test_route_with_bias_in_weights_takes_the_biased_softmax_values_as_weights():
+    """LLaDA-MoE's router by hand: softmax, + bias, top-k of the biased values, which are the weights."""
+    logits = [1.0, 0.5, 0.0, -0.5]
+    bias = [0.0, -0.3, 0.4, 0.0]
+    total = sum(math.exp(v) for v in logits)
+    p = [math.exp(v) / total for v in logits]  # .455 .276 .167 .102
+    biased = [a + b for a, b in zip(p, bias, strict=True)]  # .455 -.024 .567 .102: the bias picks 2 over 1
+    x, eye = torch.tensor([logits], dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+    b = torch.tensor(bias, dtype=torch.float64)
+    cfg = moe_cfg(n_experts=4, top_k=2, score_bias=True, score_bias_in_weights=True)
+    idx, w, _, scores = route(x, eye, b, cfg)
+    assert idx.tolist() == [[2, 0]]
+    assert torch.allclose(w, torch.tensor([[biased[2], biased[0]]], dtype=torch.float64), rtol=0, atol=TOL)
+    assert torch.allclose(scores, torch.tensor([p], dtype=torch.float64), rtol=0, atol=TOL)
+    # the same choice without the mode, but the plain probabilities as weights
+    idx_plain, w_plain, _, _ = route(x, eye, b, replace_cfg(cfg, score_bias_in_weights=False))
+    assert idx_plain.tolist() == [[2, 0]] and abs(w_plain[0, 0].item() - p[2]) <= TOL
+    with pytest.raises(ValueError, match=r"score_bias_in_weights is set but cfg\.score_bias is not"):
+        route(x, eye, b, replace_cfg(cfg, score_bias=False))

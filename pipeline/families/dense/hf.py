@@ -98,13 +98,18 @@ def hf_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """Every tensor a ``layout`` checkpoint of ``cfg`` holds (the head only when untied), with its shape;
     ``ffn_layers``: the layers with the dense FFN (None: all; a MoE model's others have experts)."""
+    out = embedding_shapes(global_names(layout), cfg)
+    for i in range(cfg.n_layers):
+        out.update(block_shapes(layer_names(layout, i), cfg, ffn_layers is None or i in ffn_layers))
+    return out
+
+
+def embedding_shapes(g: dict[str, str], cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The embedding, final norm and (untied) head named by ``g`` (:func:`global_names`), with their shapes."""
     d, v = cfg.d_model, cfg.vocab_size
-    g = global_names(layout)
     out = {g["embed"]: (v, d), g["norm"]: (d,)}
     if not cfg.tie_embeddings:
         out[g["head"]] = (v, d)
-    for i in range(cfg.n_layers):
-        out.update(block_shapes(layer_names(layout, i), cfg, ffn_layers is None or i in ffn_layers))
     return out
 
 
@@ -153,7 +158,16 @@ def to_ours(
 ) -> dict[str, torch.Tensor]:
     """Source tensors (``read(name)``) -> our full fp32 TP=1 state dict (names of DLMTransformer);
     ``ffn_layers`` as for :func:`hf_shapes`."""
-    g = global_names(layout)
+    state = embeddings_to_ours(global_names(layout), read, cfg)
+    for i in range(cfg.n_layers):
+        ffn = ffn_layers is None or i in ffn_layers
+        state.update(block_to_ours(layer_names(layout, i), read, cfg, f"layers.{i}.", ffn))
+    return state
+
+
+def embeddings_to_ours(g: dict[str, str], read: Read, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The embedding, final norm and (untied) head named by ``g`` -> ours, fp32, the vocabulary
+    rows zero-padded to ``cfg.padded_vocab_size``."""
     V = cfg.padded_vocab_size
     state = {
         "embedding.weight": pad_rows(read(g["embed"]).float(), V),
@@ -161,10 +175,18 @@ def to_ours(
     }
     if not cfg.tie_embeddings:
         state["head.weight"] = pad_rows(read(g["head"]).float(), V)
-    for i in range(cfg.n_layers):
-        ffn = ffn_layers is None or i in ffn_layers
-        state.update(block_to_ours(layer_names(layout, i), read, cfg, f"layers.{i}.", ffn))
     return state
+
+
+def embeddings_from_ours(
+    g: dict[str, str], state: dict[str, torch.Tensor], cfg: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`embeddings_to_ours` (the padded vocabulary rows dropped)."""
+    v = cfg.vocab_size
+    out = {g["embed"]: state["embedding.weight"][:v], g["norm"]: state["final_norm.weight"]}
+    if not cfg.tie_embeddings:
+        out[g["head"]] = state["head.weight"][:v]
+    return out
 
 
 def block_to_ours(
@@ -175,12 +197,12 @@ def block_to_ours(
     state = {prefix + "qkv.weight": fuse_qkv(*(read(ln[x]).float() for x in "qkv"), cfg)}
     if cfg.qkv_bias:
         state[prefix + "qkv.bias"] = fuse_qkv(*(read(ln[x + "_bias"]).float() for x in "qkv"), cfg)
-    for name in _plain(cfg, ffn):
+    for name in plain_weights(cfg, ffn):
         state[prefix + name + ".weight"] = read(ln[name]).float()
     return state
 
 
-def _plain(cfg: ModelConfig, ffn: bool) -> tuple[str, ...]:
+def plain_weights(cfg: ModelConfig, ffn: bool) -> tuple[str, ...]:
     """The block weights named alike on both sides and copied as they are: norms, output, the q/k
     norms (per head or over the whole projection) and, with ``ffn``, the dense FFN."""
     qk = ("q_norm", "k_norm") if cfg.qk_norm != "none" else ()
@@ -192,11 +214,7 @@ def from_ours(
 ) -> dict[str, torch.Tensor]:
     """Our full state dict -> the layout's tensor names (padded vocabulary rows dropped);
     ``ffn_layers`` as for :func:`hf_shapes`."""
-    g = global_names(layout)
-    v = cfg.vocab_size
-    out = {g["embed"]: state["embedding.weight"][:v], g["norm"]: state["final_norm.weight"]}
-    if not cfg.tie_embeddings:
-        out[g["head"]] = state["head.weight"][:v]
+    out = embeddings_from_ours(global_names(layout), state, cfg)
     for i in range(cfg.n_layers):
         ffn = ffn_layers is None or i in ffn_layers
         out.update(block_from_ours(layer_names(layout, i), state, cfg, f"layers.{i}.", ffn))
@@ -211,7 +229,7 @@ def block_from_ours(
     if cfg.qkv_bias:
         names = (ln["q_bias"], ln["k_bias"], ln["v_bias"])
         out.update(zip(names, split_qkv(state[prefix + "qkv.bias"], cfg), strict=True))
-    for ours in _plain(cfg, ffn):
+    for ours in plain_weights(cfg, ffn):
         out[ln[ours]] = state[prefix + ours + ".weight"]
     return out
 

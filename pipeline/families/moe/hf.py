@@ -1,4 +1,5 @@
-"""The mixture-of-experts family's Hugging Face layouts: Qwen3-MoE, Qwen2-MoE, OLMoE.
+"""The mixture-of-experts family's Hugging Face layouts: Qwen3-MoE, Qwen2-MoE, OLMoE (transformers'),
+and LLaDA2 MoE and LLaDA-MoE (pipeline/families/moe/hf_llada.py).
 
 Attention, norms, embedding, head and the dense layers' FFN are named as in the dense family's
 Llama-like layouts (pipeline/families/dense/hf.py, whose helpers this module calls). Per MoE layer
@@ -32,6 +33,10 @@ with a softmax, unscaled, ungrouped and without a score bias; the balancing-loss
 (``router_aux_loss_coef``) are training settings and are not read. Options none of the three can
 hold are refused on export (:func:`export_layout`), keys we do not model on import (sliding
 windows, a bias on o_proj, OLMoE's clip_qkv).
+
+An export goes to a transformers layout when one holds the model, else to LLaDA2 (sigmoid scores
+with a score bias: the only layout routing that way) or LLaDA-MoE (a bias in the weights, or what
+no transformers layout holds: partial rotary, an ungated shared expert, ...).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 import torch
 
 from pipeline.families.dense import hf as dense
+from pipeline.families.moe import hf_llada as llada
 from pipeline.families.moe.config import MoEConfig
 from pipeline.families.moe.experts import EXPERT_WEIGHTS
 from pipeline.model.hf_format import HFFormatError, HFLayout, KeyProblem, Read, Source, number, special_ids
@@ -262,7 +268,7 @@ def _layout(name: str, fused: bool) -> HFLayout:
 QWEN3_MOE, QWEN3_MOE_FUSED = _layout("qwen3_moe", False), _layout("qwen3_moe", True)
 QWEN2_MOE, QWEN2_MOE_FUSED = _layout("qwen2_moe", False), _layout("qwen2_moe", True)
 OLMOE, OLMOE_FUSED = _layout("olmoe", False), _layout("olmoe", True)
-LAYOUTS = (QWEN3_MOE, QWEN2_MOE, OLMOE, QWEN3_MOE_FUSED, QWEN2_MOE_FUSED, OLMOE_FUSED)
+LAYOUTS = (QWEN3_MOE, QWEN2_MOE, OLMOE, QWEN3_MOE_FUSED, QWEN2_MOE_FUSED, OLMOE_FUSED, *llada.LAYOUTS)
 
 
 def _check_routing(cfg: MoEConfig) -> None:
@@ -306,9 +312,32 @@ def _check_olmoe(cfg: MoEConfig) -> None:
 
 
 def export_layout(cfg: MoEConfig) -> HFLayout:
-    """The layout an export writes: OLMoE for q/k norms over the whole projection, Qwen2-MoE for a
-    (gated) shared expert, Qwen3-MoE for per-head q/k norms; HFFormatError naming the option that
-    none of them holds."""
+    """The layout an export writes: LLaDA2 for sigmoid scores with a score bias, LLaDA-MoE for a
+    bias in the weights; else a transformers layout (:func:`transformers_layout`) when one holds
+    the model, else LLaDA-MoE when it does; HFFormatError naming the option otherwise."""
+    if cfg.score_func == "sigmoid" and cfg.score_bias:
+        problem = llada.llada2_problem(cfg)
+        if problem:
+            raise HFFormatError(problem)
+        return llada.LLADA2_MOE
+    if cfg.score_bias_in_weights:
+        problem = llada.lladamoe_problem(cfg)
+        if problem:
+            raise HFFormatError(problem)
+        return llada.LLADA_MOE
+    try:
+        return transformers_layout(cfg)
+    except HFFormatError as exc:
+        problem = llada.llada2_problem(cfg) if cfg.score_func == "sigmoid" else llada.lladamoe_problem(cfg)
+        if problem is None:
+            return llada.LLADA_MOE
+        raise HFFormatError(f"{exc}; nor a LLaDA layout: {problem}") from None
+
+
+def transformers_layout(cfg: MoEConfig) -> HFLayout:
+    """The transformers layout that holds ``cfg``: OLMoE for q/k norms over the whole projection,
+    Qwen2-MoE for a (gated) shared expert, Qwen3-MoE for per-head q/k norms; HFFormatError naming
+    the option that none of them holds."""
     _check_routing(cfg)
     if cfg.qk_norm == "full":
         _check_olmoe(cfg)
