@@ -140,9 +140,10 @@ def _write_on_rank0(out_dir: Path, fill: Callable[[Path], None]) -> None:
         raise ConfigError(f"export to {out_dir} failed on rank 0 ({failure[0]})")
 
 
-# Keys that shape no weight: a fine-tuning run may train on another length (RoPE is computed)
-# and its init scale is irrelevant once weights are loaded.
-_WEIGHT_FREE_KEYS = ("seq_len", "init_std")
+# Keys that shape no weight: a fine-tuning run may train on another length (RoPE is computed),
+# its init scale is irrelevant once weights are loaded, and a mixture of experts' balancing
+# (the router bias's update rate, the aux and z loss weights) is a training choice.
+_WEIGHT_FREE_KEYS = ("seq_len", "init_std", "score_bias_rate", "aux_loss_coef", "z_loss_coef")
 
 
 def export_model_config(path: str | Path) -> dict[str, Any]:

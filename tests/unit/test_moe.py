@@ -5,15 +5,19 @@ fast weights; config errors naming the key; the memory's layout over MoE layers;
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from launch.pretrain import main as pretrain_main
 from pipeline.config import ConfigError
 from pipeline.diffusion.config import ObjectiveConfig
 from pipeline.diffusion.loss import mdlm_loss
 from pipeline.diffusion.noise import draw_noise, maskable_positions
+from pipeline.engine.checkpoint import persistent_buffers
+from pipeline.engine.export import load_initial_weights
 from pipeline.families import family_of
 from pipeline.families.moe.config import MoEConfig
 from pipeline.families.moe.model import MoEBlock, MoETransformer
@@ -381,3 +385,18 @@ def test_sampler_with_a_threshold_on_a_moe_model_commits_every_position_within_t
     for i, p in enumerate(prompts):
         alone = sampler.generate([p], sc)
         assert torch.equal(alone.tokens[0], batch.tokens[i]) and int(alone.steps[0]) == int(batch.steps[i])
+
+
+def test_init_from_accepts_other_balancing_settings_but_not_another_expert_count(dims1, tmp_path):
+    cfg = moe_config(**ROUTERS["llada2"])
+    model = float64_model(cfg, dims1).float()
+    state = {n: p.detach().contiguous() for n, p in model.named_parameters()} | persistent_buffers(model)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg)}))
+    frozen_bias = dataclasses.replace(cfg, score_bias_rate=0.0, aux_loss_coef=0.5, z_loss_coef=0.1)
+    fresh = MoETransformer(frozen_bias, dims1)
+    load_initial_weights(fresh, tmp_path, frozen_bias)
+    for name, value in state.items():
+        assert torch.equal(fresh.state_dict()[name], value), name  # weights and the router bias
+    with pytest.raises(ConfigError, match=r"model config differs \(n_experts: export 8 vs run 4\)"):
+        load_initial_weights(fresh, tmp_path, dataclasses.replace(cfg, n_experts=4))
