@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.common import machine, write
 from bench.scale import measure
-from bench.step import _trainer, alternate, bench_dataset
+from bench.step import alternate, bench_dataset, bench_trainer
 from data_prep.prepare import USER_ERRORS
 from pipeline.cli import run_main
 from pipeline.perf.cost import model_cost
@@ -50,7 +50,7 @@ def one_process(batch: int, steps: int, data: str, extra: list[str]) -> dict[str
     """Dense MDLM, MoE MDLM and MoE MemDLM through the trainer, alternating."""
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {
-            name: _trainer(preset, batch, data, memory, Path(tmp) / name, extra)
+            name: bench_trainer(preset, batch, data, memory, Path(tmp) / name, extra)
             for name, (preset, memory) in RUNS.items()
         }
         precision = trainers["moe-mdlm"].precision

@@ -45,7 +45,9 @@ def bench_dataset(preset: str, data: str | None, config: str) -> str:
     return prep.out_dir
 
 
-def _trainer(preset: str, batch: int, data: str, memory: bool, run_dir: Path, extra: list[str]) -> Trainer:
+def bench_trainer(
+    preset: str, batch: int, data: str, memory: bool, run_dir: Path, extra: list[str]
+) -> Trainer:
     cfg = load_train_config(
         None,
         [
@@ -70,7 +72,8 @@ def run(preset: str, batch: int, steps: int, data: str, extra: list[str]) -> dic
     """Both trainers, two warm-up steps each, then ``steps`` alternating timed steps."""
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {
-            m: _trainer(preset, batch, data, m == "memdlm", Path(tmp) / m, extra) for m in ("mdlm", "memdlm")
+            m: bench_trainer(preset, batch, data, m == "memdlm", Path(tmp) / m, extra)
+            for m in ("mdlm", "memdlm")
         }
         recs = alternate(trainers, steps)
     return summarize(preset, batch, steps, trainers, recs)

@@ -35,6 +35,7 @@ from pipeline.build import export_tracking_credentials
 from pipeline.cli import print_error, run_main
 from pipeline.config import ConfigError
 from pipeline.dataset.manifest import verify_manifest
+from pipeline.families.registry import count_label
 from pipeline.hardware.peak import known_peak_tflops
 from pipeline.loader.stream import TokenBatchLoader
 from pipeline.perf.cost import expected_step_work, model_cost, step_flops
@@ -81,13 +82,6 @@ def parser(
     return parser
 
 
-def _count(n: int) -> str:
-    """A parameter count for people: 8.02B, 49.3M, 210K."""
-    if n >= 1e9:
-        return f"{n / 1e9:.2f}B"
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
-
-
 ASSUMED_MFU = 0.4  # for the dry run's step time: what a tuned bf16 run of this size reaches
 
 
@@ -119,9 +113,9 @@ def _dry_run(cluster: ClusterConfig, cfg: TrainConfig, run_dir: Path) -> None:
     dp = cluster.world_size // par.tp
     cost = model_cost(cfg.model)
     layout = f"TP={par.tp} x DP={dp}" + (f" (EP={par.ep} within DP)" if par.ep > 1 else "")
-    params = f"{_count(cost.params_total)} parameters"
+    params = f"{count_label(cost.params_total)} parameters"
     if cost.params_active != cost.params_total:
-        params += f" ({_count(cost.params_active)} active per token)"
+        params += f" ({count_label(cost.params_active)} active per token)"
     print(
         f"# plan: {cluster.world_size} task(s) = {layout}, ZeRO-{par.zero_stage}, "
         f"{cfg.method}, {params}, {cfg.steps} steps "

@@ -49,7 +49,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from torch import nn
 
 from pipeline.config import ConfigError
-from pipeline.families.registry import family_of, param_count
+from pipeline.families.registry import count_label, family_of, param_count
 from pipeline.model.delta import COLUMN_TARGETS, ROW_TARGETS
 from pipeline.parallel.dims import ParallelDims
 
@@ -137,12 +137,8 @@ def lora_param_count(model_cfg, lora: LoraConfig) -> int:
 def lora_summary(model_cfg, lora: LoraConfig) -> str:
     """``LoRA: 75.5M trainable of 8.03B parameters (0.94 %), r=32 alpha=64 on qkv,out,...``."""
     n, total = lora_param_count(model_cfg, lora), param_count(model_cfg)
-
-    def fmt(x: int) -> str:
-        return f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.1f}M"
-
     return (
-        f"LoRA: {fmt(n)} trainable parameters on a frozen {fmt(total)} base ({100 * n / total:.2f} %), "
+        f"LoRA: {count_label(n)} trainable parameters on a frozen {count_label(total)} base ({100 * n / total:.2f} %), "
         f"r={lora.rank} alpha={lora.alpha:g} on {','.join(lora.targets)}"
     )
 

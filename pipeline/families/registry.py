@@ -122,6 +122,13 @@ def param_count(cfg: ModelConfig) -> int:
     return sum(layer.params for layer in layers) + embed * (1 if cfg.tie_embeddings else 2) + cfg.d_model
 
 
+def count_label(n: float) -> str:
+    """A parameter count for people: 8.02B, 49.3M, 210K."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
 _FAMILIES: dict[str, Family] = {}
 
 

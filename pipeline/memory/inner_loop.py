@@ -249,22 +249,23 @@ def inner_step(
     norms = sq.sqrt()
     coef = (cfg.clip_norm / (norms + 1e-6)).clamp(max=1.0)
     if sharded is not None:
-        return _step_sharded(fast, leaves, grads, units, norms, coef, sample_loss, positions, cfg, sharded)
-    finite = torch.isfinite(sample_loss) & torch.isfinite(norms).all(0)  # [1] or [B]
+        finite, stats = _sharded_verdict(fast, units, norms, coef, sample_loss, positions, cfg, sharded)
+    else:
+        finite = torch.isfinite(sample_loss) & torch.isfinite(norms).all(0)  # [1] or [B]
+        stats = InnerStats(
+            loss=torch.where(finite, sample_loss, torch.zeros_like(sample_loss)).sum().detach(),
+            grad_norm=sq.sum(0).sqrt().max().detach(),
+            skipped=(~finite).sum().float(),
+            # |phi_k - phi_{k-1}| per tensor is inner_lr * coef * |g| (0 where skipped): no pass over the weights
+            update_norm=torch.where(finite, (cfg.inner_lr * coef * norms).pow(2).sum(0).sqrt(), 0.0).mean(),
+            clipped=((norms + 1e-6 > cfg.clip_norm) & finite).float().mean().detach(),
+            positions=positions.sum(),
+        )
     new = []
     for name, p, g, (lo, hi) in zip(fast.names, leaves, grads, units, strict=True):
         c, ok = _per_tensor(coef[lo:hi], finite, g, fast.per_sample, name in fast.experts)
         stepped = p.detach() - cfg.inner_lr * c * torch.nan_to_num(g.detach())
         new.append(torch.where(ok, stepped, p.detach()).requires_grad_(True))
-    stats = InnerStats(
-        loss=torch.where(finite, sample_loss, torch.zeros_like(sample_loss)).sum().detach(),
-        grad_norm=sq.sum(0).sqrt().max().detach(),
-        skipped=(~finite).sum().float(),
-        # |phi_k - phi_{k-1}| per tensor is inner_lr * coef * |g| (0 where skipped): no pass over the weights
-        update_norm=torch.where(finite, (cfg.inner_lr * coef * norms).pow(2).sum(0).sqrt(), 0.0).mean(),
-        clipped=((norms + 1e-6 > cfg.clip_norm) & finite).float().mean().detach(),
-        positions=positions.sum(),
-    )
     return fast.with_values(new), stats
 
 
@@ -311,10 +312,8 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> l
     return [p.view_as(t) for p, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
-def _step_sharded(
+def _sharded_verdict(
     fast: FastWeights,
-    leaves: list[torch.Tensor],
-    grads: list[torch.Tensor],
     units: list[tuple[int, int]],
     norms: torch.Tensor,
     coef: torch.Tensor,
@@ -322,10 +321,11 @@ def _step_sharded(
     positions: torch.Tensor,
     cfg: MemoryConfig,
     groups: ExpertGroups,
-) -> tuple[FastWeights, InnerStats]:
-    """:func:`inner_step`'s update and statistics for a batch-scope memory sharded with its
-    experts: every EP rank clips its experts' slices itself, but skips (non-finite) and reports
-    (norms, clipped share) over all experts, summed over the EP group, so every rank agrees."""
+) -> tuple[torch.Tensor, InnerStats]:
+    """:func:`inner_step`'s skip decision (finite [1]) and statistics for a batch-scope memory
+    sharded with its experts: every EP rank clips its experts' slices itself, but skips
+    (non-finite) and reports (norms, clipped share) over all experts, summed over the EP group,
+    so every rank agrees."""
     rows = torch.zeros(norms.shape[0], dtype=torch.bool, device=norms.device)
     for (lo, hi), expert in zip(units, _expert_mask(fast), strict=True):
         rows[lo:hi] = expert
@@ -342,11 +342,6 @@ def _step_sharded(
     dist.all_reduce(routed, group=groups.ep)
     sums = per_unit[:, ~rows].sum(1) + routed
     finite = torch.isfinite(sample_loss) & (sums[4] == 0)  # [1]
-    new = []
-    for name, p, g, (lo, hi) in zip(fast.names, leaves, grads, units, strict=True):
-        c, ok = _per_tensor(coef[lo:hi], finite, g, False, name in fast.experts)
-        stepped = p.detach() - cfg.inner_lr * c * torch.nan_to_num(g.detach())
-        new.append(torch.where(ok, stepped, p.detach()).requires_grad_(True))
     stats = InnerStats(
         loss=torch.where(finite, sample_loss, torch.zeros_like(sample_loss)).sum().detach(),
         grad_norm=sums[0].sqrt().detach(),
@@ -355,7 +350,7 @@ def _step_sharded(
         clipped=(sums[1] * finite).sum().detach() / sums[3],
         positions=positions.sum(),
     )
-    return fast.with_values(new), stats
+    return finite, stats
 
 
 # ---------------------------------------------------------------- the whole MemDLM loss
